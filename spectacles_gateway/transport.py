@@ -1,0 +1,418 @@
+"""The thin asyncio layer around :class:`~spectacles_gateway.protocol.shard.ShardProtocol`.
+
+Each connection is an :class:`asyncio.Protocol` that feeds ``websockets``' sans-I/O client
+straight from ``data_received`` (no per-message task, queue or future: the library's own asyncio
+connection costs as much per message as the rest of our pipeline), decompresses with a context
+that lives exactly as long as the connection, and hands every message to the shard core. The
+:class:`ShardRunner` owns the reconnect loop: it asks the core where and when to connect, takes the
+identify gate when the connection will identify, and reports how each connection ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from .compression import DecompressError, Decompressor, make_decompressor
+from .protocol.closecodes import CloseAction, describe_close
+from .protocol.shard import Notice, Phase, ShardConfig, ShardProtocol
+
+if TYPE_CHECKING:
+    from .protocol.shard import Session
+
+__all__ = ["EventHandler", "GatewayConnection", "IdentifyGateLike", "ShardRunner"]
+
+log = logging.getLogger(__name__)
+
+_OP_TEXT = Opcode.TEXT
+_OP_BINARY = Opcode.BINARY
+_OP_CONT = Opcode.CONT
+#: How long we wait for the server's half of a closing handshake before dropping TCP.
+CLOSE_TIMEOUT = 2.0
+USER_AGENT = "DiscordBot (https://github.com/spec-tacles, 0.1) spectacles-gateway"
+
+
+class EventHandler(Protocol):
+    """Where a runner delivers what its shard produced (the worker implements it)."""
+
+    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+        """A dispatch that passed the filter. ``session`` is the session id it belongs to."""
+
+    def end_of_batch(self) -> None:
+        """All messages of one read were handed over: a good moment to flush buffers."""
+
+    def shard_notice(self, runner: ShardRunner, notice: Notice) -> None:
+        """A lifecycle event of the shard (ready, resumed, zombie, reconnect, ...)."""
+
+
+class IdentifyGateLike(Protocol):
+    async def acquire(self, shard_id: int) -> object: ...
+
+    def release(self, permit: object, sent_at: float | None) -> None: ...
+
+
+class GatewayConnection(asyncio.Protocol):
+    """One websocket connection of one shard."""
+
+    def __init__(
+        self, runner: ShardRunner, url: str, decompressor: Decompressor, *, identify: bool
+    ) -> None:
+        self.runner = runner
+        self.identify = identify
+        self.core = runner.core
+        self.shard_id = runner.core.config.shard_id
+        self.handler = runner.handler
+        self.loop = runner.loop
+        self.ws = ClientProtocol(parse_uri(url), max_size=None)  # no extensions: no deflate
+        self.request = self.ws.connect()
+        self.request.headers["User-Agent"] = USER_AGENT
+        self.decompressor = decompressor
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = self.loop.create_future()
+        self.closed: asyncio.Future[int | None] = self.loop.create_future()
+        self.is_open = False
+        self.closing = False
+        self._fragments: bytearray | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.runner.paused:
+            transport.pause_reading()
+        self.ws.send_request(self.request)
+        self._write_ws()
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        if events:
+            if not self.is_open:
+                events = self._handshake(events)
+            if events:
+                self._frames(events)
+        self.pump()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._write_ws()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        rcvd = self.ws.close_rcvd
+        code = rcvd.code if rcvd is not None else None
+        if not self.opened.done():
+            self.opened.set_exception(
+                ConnectionError(f"connection lost during the handshake: {exc or 'EOF'}")
+            )
+        if not self.closed.done():
+            self.closed.set_result(code)
+
+    # ---------------------------------------------------------------- websocket events
+
+    def _handshake(self, events: list[object]) -> list[object]:
+        first = events[0]
+        if isinstance(first, Response):
+            exc = self.ws.handshake_exc
+            if exc is not None:
+                if not self.opened.done():
+                    self.opened.set_exception(exc)
+                return []
+            self.is_open = True
+            # Tell the core before any frame of this read (HELLO often shares the packet).
+            self.core.connection_opened(self.loop.time(), identify_permitted=self.identify)
+            if not self.opened.done():
+                self.opened.set_result(None)
+            return events[1:]
+        return events
+
+    def _frames(self, events: list[object]) -> None:
+        now = self.loop.time()
+        for frame in events:
+            assert isinstance(frame, Frame)
+            opcode = frame.opcode
+            if opcode is _OP_BINARY or opcode is _OP_TEXT:
+                if frame.fin:
+                    self._message(frame.data, now)
+                else:
+                    self._fragments = bytearray(frame.data)
+            elif opcode is _OP_CONT and self._fragments is not None:
+                self._fragments += frame.data
+                if frame.fin:
+                    data = bytes(self._fragments)
+                    self._fragments = None
+                    self._message(data, now)
+            # Ping, pong and close frames are answered by the websockets protocol itself.
+
+    def _message(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        if self.closing:
+            return  # the connection is being dropped: what follows will be replayed on resume
+        try:
+            payload = self.decompressor.feed(bytes(data) if type(data) is not bytes else data)
+        except DecompressError as exc:
+            self.core.transport_error(f"corrupt compressed data from the gateway: {exc}")
+            return
+        if payload is None:
+            return
+        dispatch = self.core.receive(payload, now)
+        if dispatch is not None:
+            self.handler.publish(
+                self.shard_id, dispatch.event, dispatch.seq, dispatch.data, self.core.session_id or ""
+            )
+
+    # ---------------------------------------------------------------- outputs
+
+    def pump(self) -> None:
+        """Carry out what the core asks for after any input: writes, acks, close, timer."""
+        core = self.core
+        ws = self.ws
+        for payload in core.data_to_send():
+            if ws.state.name == "OPEN":
+                ws.send_text(payload)
+        tickets = core.take_sent_tickets()
+        if tickets:
+            self.runner.commands_sent(tickets)
+        request = core.pop_close_request()
+        if request is not None:
+            self._close(*request)
+        notices = core.take_notices()
+        if notices:
+            for notice in notices:
+                self.handler.shard_notice(self.runner, notice)
+        sent_at = core.take_identify_sent()
+        if sent_at is not None:
+            self.runner.identify_sent(sent_at)
+        self._write_ws()
+        self.handler.end_of_batch()
+        deadline = core.next_deadline()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None and self.transport is not None:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.tick(self.loop.time())
+        self.pump()
+
+    def _write_ws(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
+        if self.ws.close_expected() and self._close_timer is None:
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.abort)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.closing = True
+        if self.ws.state.name == "OPEN":
+            self.ws.send_close(code, reason)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+def _ssl_context(url: str) -> ssl.SSLContext | None:
+    if urlsplit(url).scheme == "wss":
+        return ssl.create_default_context()
+    return None
+
+
+class ShardRunner:
+    """Keeps one shard connected: the reconnect loop around the core."""
+
+    def __init__(
+        self,
+        config: ShardConfig,
+        handler: EventHandler,
+        gate: IdentifyGateLike,
+        *,
+        session: Session | None = None,
+        open_timeout: float = 10.0,
+        loop: asyncio.AbstractEventLoop | None = None,
+        rand: Callable[[], float] = random.random,
+        on_commands_sent: Callable[[list[object]], None] | None = None,
+    ) -> None:
+        self.core = ShardProtocol(config, rand=rand, session=session)
+        self.shard_id = config.shard_id
+        self.handler = handler
+        self.gate = gate
+        self.open_timeout = open_timeout
+        self.loop = loop or asyncio.get_running_loop()
+        self.connection: GatewayConnection | None = None
+        self.paused = False
+        self.task: asyncio.Task[int | None] | None = None
+        self._permit: object | None = None
+        self._stopping = False
+        self._on_commands_sent = on_commands_sent
+        self.connects = 0
+
+    # ---------------------------------------------------------------- control
+
+    def start(self) -> asyncio.Task[int | None]:
+        self.task = self.loop.create_task(self.run(), name=f"shard-{self.shard_id}")
+        return self.task
+
+    def stop(self, *, keep_session: bool) -> None:
+        """Close the shard: 1000 unless ``keep_session``; :attr:`task` ends when it is closed."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.core.stop(keep_session=keep_session)
+        conn = self.connection
+        if conn is not None and not conn.closed.done():
+            conn.pump()
+        elif self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def send(self, payload: bytes, ticket: object = None) -> None:
+        """Queue a command (raises CommandRejected when it can never be sent)."""
+        self.core.queue_command(payload, self.loop.time(), ticket)
+        conn = self.connection
+        if conn is not None:
+            conn.pump()
+
+    def commands_sent(self, tickets: list[object]) -> None:
+        if self._on_commands_sent is not None:
+            self._on_commands_sent(tickets)
+
+    def identify_sent(self, sent_at: float) -> None:
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            self.gate.release(permit, sent_at)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        if self.connection is not None:
+            self.connection.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        if self.connection is not None:
+            self.connection.resume_reading()
+
+    @property
+    def ready(self) -> bool:
+        return self.core.phase is Phase.READY
+
+    # ---------------------------------------------------------------- the loop
+
+    async def run(self) -> int | None:
+        """Connect, reconnect, until stopped (returns None) or a fatal close (returns its code)."""
+        core = self.core
+        loop = self.loop
+        try:
+            while True:
+                plan = core.plan_connect(loop.time())
+                if plan is None:
+                    break
+                delay = plan.at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if plan.identify:
+                    self._permit = await self.gate.acquire(self.shard_id)
+                try:
+                    await self._connect_once(plan.url, plan.identify)
+                finally:
+                    permit, self._permit = self._permit, None
+                    if permit is not None:
+                        self.gate.release(permit, None)
+                if core.phase is Phase.STOPPED:
+                    break
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        finally:
+            conn = self.connection
+            if conn is not None:
+                conn.abort()
+        return core.fatal_code
+
+    async def _connect_once(self, url: str, identify: bool) -> None:
+        core = self.core
+        loop = self.loop
+        try:
+            conn = GatewayConnection(
+                self, url, make_decompressor(core.config.compress), identify=identify
+            )
+        except InvalidURI as exc:
+            core.connect_failed(loop.time(), f"invalid gateway URL: {exc}")
+            self._drain_notices()
+            return
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self.connects += 1
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                await loop.create_connection(
+                    lambda: conn,
+                    parts.hostname,
+                    port,
+                    ssl=_ssl_context(url),
+                )
+                await conn.opened
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionError) as exc:
+            conn.abort()
+            core.connect_failed(loop.time(), f"{type(exc).__name__}: {exc}")
+            self._drain_notices()
+            return
+        self.connection = conn
+        conn.pump()
+        try:
+            code = await conn.closed
+        finally:
+            self.connection = None
+        action = core.connection_closed(loop.time(), code)
+        self._drain_notices()
+        if action is CloseAction.FATAL:
+            log.error(
+                "shard %d: Discord refused the session (%s); not reconnecting",
+                self.shard_id,
+                describe_close(code),
+            )
+
+    def _drain_notices(self) -> None:
+        for notice in self.core.take_notices():
+            self.handler.shard_notice(self, notice)

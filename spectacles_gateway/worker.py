@@ -1,0 +1,308 @@
+"""A worker: one event loop running a group of shards, one broker connection, one store.
+
+The worker wires the pieces: shard runners deliver dispatches here, we hand them to the broker;
+the broker's confirmations advance each shard's confirmed seq; commands from the broker are
+parsed, routed to a shard by Discord's rule and acknowledged once written to the websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .brokers.base import Broker
+from .brokers.wire import CommandError, parse_command, target_shard
+from .gate import LocalIdentifyGate
+from .protocol.closecodes import FATAL_CODES, describe_close
+from .protocol.shard import CommandRejected, Notice, ShardConfig
+from .store import MemoryStore
+from .transport import IdentifyGateLike, ShardRunner
+
+__all__ = ["EX_CONFIG", "Worker", "WorkerPlan"]
+
+log = logging.getLogger(__name__)
+
+EX_CONFIG = 78
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker needs to run its shards (built by the supervisor)."""
+
+    shard_ids: tuple[int, ...]
+    shard_count: int
+    token: str = field(repr=False)
+    intents: int
+    gateway_url: str
+    events: frozenset[str] | None = None  # None: every dispatch
+    version: int = 10
+    compress: str | None = "zstd-stream"
+    large_threshold: int = 250
+    presence: Mapping[str, Any] | None = None
+    hello_timeout: float = 20.0
+    open_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    max_concurrency: int = 1
+    worker_id: int = 0
+
+    def shard_config(self, shard_id: int) -> ShardConfig:
+        return ShardConfig(
+            shard_id=shard_id,
+            shard_count=self.shard_count,
+            token=self.token,
+            intents=self.intents,
+            gateway_url=self.gateway_url,
+            version=self.version,
+            compress=self.compress,
+            large_threshold=self.large_threshold,
+            presence=self.presence,
+            events=self.events,
+            hello_timeout=self.hello_timeout,
+        )
+
+
+_NOTICE_LEVELS = {
+    "ready": logging.INFO,
+    "resumed": logging.INFO,
+    "reconnect_requested": logging.INFO,
+    "invalid_session": logging.INFO,
+    "closed": logging.INFO,
+    "heartbeat_request": logging.DEBUG,
+    "unknown_opcode": logging.DEBUG,
+    "unexpected_hello": logging.WARNING,
+    "zombie": logging.WARNING,
+    "hello_timeout": logging.WARNING,
+    "decode_error": logging.WARNING,
+    "connect_failed": logging.WARNING,
+}
+_RECONNECT_REASONS = {
+    "reconnect_requested": "op7",
+    "invalid_session": "op9",
+    "zombie": "zombie",
+    "hello_timeout": "hello_timeout",
+    "decode_error": "decode_error",
+    "closed": "server_close",
+    "connect_failed": "connect_failed",
+}
+
+
+class Worker:
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        broker: Broker,
+        *,
+        store: MemoryStore | None = None,
+        gate: IdentifyGateLike | None = None,
+        keep_sessions: bool | None = None,
+    ) -> None:
+        self.plan = plan
+        self.broker = broker
+        self.store = store or MemoryStore()
+        self.gate = gate or LocalIdentifyGate(plan.max_concurrency)
+        # Close with a resumable code on shutdown only if someone can resume the session later.
+        self.keep_sessions = self.store.persistent if keep_sessions is None else keep_sessions
+        self.runners: dict[int, ShardRunner] = {}
+        self._stop_requested: asyncio.Event | None = None
+        self._fast = False
+        self._metrics_task: asyncio.Task[None] | None = None
+        self.fatal_code: int | None = None
+
+    # ------------------------------------------------------------------ EventHandler
+
+    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+        self.broker.publish(shard_id, event, seq, data, session)
+
+    def end_of_batch(self) -> None:
+        self.broker.flush()
+
+    def shard_notice(self, runner: ShardRunner, notice: Notice) -> None:
+        kind = notice.kind
+        shard_id = runner.shard_id
+        log.log(
+            _NOTICE_LEVELS.get(kind, logging.INFO),
+            "shard %d: %s: %s",
+            shard_id,
+            kind.replace("_", " "),
+            notice.detail,
+        )
+        shard = str(shard_id)
+        if kind == "ready":
+            metrics.identifies.labels(shard).inc()
+            metrics.shards_alive.labels(shard).set(1)
+        elif kind == "resumed":
+            metrics.resumes.labels(shard).inc()
+            metrics.shards_alive.labels(shard).set(1)
+        elif kind == "decode_error":
+            metrics.decode_errors.labels(shard, "payload").inc()
+        reason = _RECONNECT_REASONS.get(kind)
+        if reason is not None:
+            metrics.reconnects.labels(shard, reason).inc()
+            metrics.shards_alive.labels(shard).set(0)
+
+    # ------------------------------------------------------------------ broker callbacks
+
+    def _confirm(self, shard_id: int, session: str, seq: int) -> None:
+        runner = self.runners.get(shard_id)
+        if runner is not None:
+            runner.core.confirm(seq, session)
+
+    def _pause(self) -> None:
+        for runner in self.runners.values():
+            runner.pause_reading()
+
+    def _resume(self) -> None:
+        for runner in self.runners.values():
+            runner.resume_reading()
+
+    def handle_command(self, body: bytes, ack: Callable[[], None]) -> None:
+        """A ``SEND`` command body from any broker: parse, route, queue; ack once written."""
+        try:
+            command = parse_command(body)
+        except CommandError as exc:
+            self._reject(exc.reason, str(exc), ack)
+            return
+        if command.shard_id is not None:
+            targets = [command.shard_id]
+        elif command.guild_id is not None:
+            targets = [target_shard(command.guild_id, self.plan.shard_count)]
+        else:
+            targets = sorted(self.runners)
+        runners = []
+        for shard_id in targets:
+            runner = self.runners.get(shard_id)
+            if runner is None:
+                self._reject("unknown_shard", f"shard {shard_id} does not run in this worker", ack)
+                return
+            runners.append(runner)
+        remaining = [len(runners)]
+
+        def sent() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                ack()
+
+        for runner in runners:
+            try:
+                runner.send(command.packet, sent)
+            except CommandRejected as exc:
+                self._reject("too_large", str(exc), ack)
+                return
+
+    def _reject(self, reason: str, detail: str, ack: Callable[[], None]) -> None:
+        log.warning("rejected a command: %s", detail)
+        metrics.input_dropped.labels(self.broker.name, reason).inc()
+        ack()
+
+    def _commands_sent(self, tickets: list[object]) -> None:
+        for ticket in tickets:
+            if callable(ticket):
+                ticket()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        """Run until stopped by a signal or :meth:`request_stop`; return the exit code."""
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self.broker.bind(
+            confirm=self._confirm,
+            pause=self._pause,
+            resume=self._resume,
+            commands=self.handle_command,
+        )
+        await self.broker.start()
+        if install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
+        metrics.total_shards.set(len(self.plan.shard_ids))
+        for shard_id in self.plan.shard_ids:
+            session = await self.store.load(shard_id, self.plan.shard_count)
+            runner = ShardRunner(
+                self.plan.shard_config(shard_id),
+                self,
+                self.gate,
+                session=session,
+                open_timeout=self.plan.open_timeout,
+                on_commands_sent=self._commands_sent,
+            )
+            self.runners[shard_id] = runner
+            metrics.shards_alive.labels(str(shard_id)).set(0)
+        tasks = {runner.start(): runner for runner in self.runners.values()}
+        self._metrics_task = loop.create_task(self._metrics_loop())
+        stop_wait = loop.create_task(self._stop_requested.wait())
+        pending: set[asyncio.Future[Any]] = {*tasks, stop_wait}
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if stop_wait in done:
+                    break
+                for task in done:
+                    runner = tasks[task]  # type: ignore[index]
+                    code = task.result() if not task.cancelled() else None
+                    if code in FATAL_CODES:
+                        log.error(
+                            "shard %d stopped for good: %s",
+                            runner.shard_id,
+                            describe_close(code),
+                        )
+                        self.fatal_code = code
+                if self.fatal_code is not None or not any(t in pending for t in tasks):
+                    break
+        finally:
+            stop_wait.cancel()
+            await self._shutdown(list(tasks))
+            if install_signals:
+                loop.remove_signal_handler(signal.SIGTERM)
+                loop.remove_signal_handler(signal.SIGINT)
+        return EX_CONFIG if self.fatal_code is not None else 0
+
+    def request_stop(self, fast: bool = False) -> None:
+        """Stop: gracefully, or ``fast`` (a second request is always fast)."""
+        if self._stop_requested is None:
+            return
+        if self._stop_requested.is_set():
+            fast = True
+        self._fast = self._fast or fast
+        log.info("stopping (%s)", "fast" if self._fast else "graceful")
+        self._stop_requested.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[int | None]]) -> None:
+        for runner in self.runners.values():
+            runner.stop(keep_session=self.keep_sessions)
+        timeout = 1.0 if self._fast else self.plan.shutdown_timeout
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_task
+        self._flush_metrics()
+        await self.broker.aclose()
+        for shard_id, runner in self.runners.items():
+            session = runner.core.session() if self.keep_sessions else None
+            await self.store.save(shard_id, self.plan.shard_count, session)
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        for shard_id, runner in self.runners.items():
+            core = runner.core
+            if core.packets_received:
+                metrics.flush_shard_counts(shard_id, core.packets_received)
+            if core.latency is not None:
+                metrics.ping.labels(str(shard_id)).observe(core.latency * 1000.0)
+                core.latency = None

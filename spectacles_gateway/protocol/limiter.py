@@ -54,6 +54,15 @@ class SendLimiter:
         # The send that must leave the window is the (used - cap)-th oldest.
         return self._sent[used - cap] + self.period
 
+    def earliest_free(self, *, priority: bool = False) -> float | None:
+        """Like :meth:`next_free` without a clock: None if a slot is free now, else the time the
+        next slot frees (possibly already past: then :meth:`try_acquire` will succeed)."""
+        cap = self._cap(priority)
+        used = len(self._sent)
+        if used < cap:
+            return None
+        return self._sent[used - cap] + self.period
+
     def in_window(self, now: float) -> int:
         """How many sends count against the limit at ``now``."""
         self._expire(now)

@@ -23,6 +23,7 @@ jitter, backoff) comes from the ``rand`` callable given at construction.
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ class ShardProtocol:
         self.packets_received: dict[tuple[str, int], int] = {}
         # Commands.
         self._commands: deque[tuple[bytes, object]] = deque()
-        self._commands_at: float | None = None  # when the limiter lets the next command go
+        self._commands_waiting = False  # commands queued and held back by the send limit
         self._sent_tickets: list[object] = []
 
     # ------------------------------------------------------------------ helpers
@@ -224,7 +225,7 @@ class ShardProtocol:
     def _request_close(self, code: int, reason: str, action: CloseAction, delay: str) -> None:
         if self.phase in (Phase.CLOSING, Phase.STOPPED, Phase.DISCONNECTED):
             return
-        self._commands_at = None
+        self._commands_waiting = False
         self.phase = Phase.CLOSING
         self._close_request = (code, reason)
         self._after_close = action
@@ -384,6 +385,11 @@ class ShardProtocol:
             return
         self._hello_deadline = None
         self._heartbeat_interval = interval
+        # Keep enough of the send budget for every heartbeat of a window, plus identify/resume
+        # and one heartbeat request from the server.
+        c = self.config
+        beats = math.ceil(c.send_period / interval) + 2
+        self._limiter.reserved = min(c.send_limit - 1, max(c.heartbeat_reserve, beats))
         self._acked = True
         self._heartbeat_at = now + interval * self._rand()
         if self.session_id is not None:
@@ -478,7 +484,7 @@ class ShardProtocol:
             self._out.append(payload)
             if ticket is not None:
                 self._sent_tickets.append(ticket)
-        self._commands_at = limiter.next_free(now) if commands else None
+        self._commands_waiting = bool(commands)
 
     def data_to_send(self) -> list[bytes]:
         """Text payloads to write to the websocket now, in order. Call after every input."""
@@ -518,9 +524,10 @@ class ShardProtocol:
         hello = self._hello_deadline
         if hello is not None and (deadline is None or hello < deadline):
             deadline = hello
-        commands_at = self._commands_at
-        if commands_at is not None and (deadline is None or commands_at < deadline):
-            deadline = commands_at
+        if self._commands_waiting and self.phase is Phase.READY:
+            free = self._limiter.earliest_free()
+            if free is not None and (deadline is None or free < deadline):
+                deadline = free
         return deadline
 
     def tick(self, now: float) -> None:
@@ -563,7 +570,7 @@ class ShardProtocol:
         self._close_request = (code, "shutting down")
         self._heartbeat_at = None
         self._hello_deadline = None
-        self._commands_at = None
+        self._commands_waiting = False
         if not keep_session:
             self._drop_session()
 

@@ -15,7 +15,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
@@ -91,10 +91,9 @@ class GatewayConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         if self.runner.paused:
-            transport.pause_reading()
+            self.transport.pause_reading()
         self.ws.send_request(self.request)
         self._write_ws()
 

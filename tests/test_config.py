@@ -1,0 +1,1212 @@
+"""Configuration: file < environment < flags, every key and env name, errors and warnings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from spectacles_gateway.config import (
+    EX_CONFIG,
+    KEYS,
+    SIMULATED_TOKEN,
+    BrokerSettings,
+    CliArgs,
+    ConfigError,
+    HelpRequested,
+    Loaded,
+    Settings,
+    ShardsSettings,
+    SupervisorSettings,
+    load,
+    parse_args,
+    run_or_exit,
+)
+from spectacles_gateway.redact import redact_url
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "gateway.toml"
+TOKEN = "MTA0NTY3ODkw.GhIjKl.secret-token-value"
+BASE_ENV = {"DISCORD_TOKEN": TOKEN}
+
+Get = Callable[[Settings], object]
+
+
+@pytest.fixture(autouse=True)
+def _in_empty_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ./gateway.toml, so the default config file is missing (which is fine)."""
+    monkeypatch.chdir(tmp_path)
+
+
+def write_config(tmp_path: Path, text: str, name: str = "gw.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def load_with(
+    tmp_path: Path,
+    toml: str | None = None,
+    env: Mapping[str, str] | None = None,
+    argv: Sequence[str] = (),
+    *,
+    base_env: Mapping[str, str] = BASE_ENV,
+) -> Loaded:
+    args = list(argv)
+    if toml is not None:
+        args = ["--config", write_config(tmp_path, toml), *args]
+    return load(args, {**base_env, **(env or {})})
+
+
+def error_of(
+    tmp_path: Path,
+    toml: str | None = None,
+    env: Mapping[str, str] | None = None,
+    argv: Sequence[str] = (),
+    *,
+    base_env: Mapping[str, str] = BASE_ENV,
+) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_with(tmp_path, toml, env, argv, base_env=base_env)
+    message = str(info.value)
+    assert "\n" not in message
+    assert TOKEN not in message
+    return info.value
+
+
+def model_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the settings model (sub-models are TOML tables)."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from model_keys(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and the key table
+
+
+def test_defaults(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path)
+    s = loaded.settings
+    assert loaded.warnings == ()
+    assert loaded.cli == CliArgs()
+    assert s.token.get_secret_value() == TOKEN
+    assert s.events == frozenset()
+    assert not s.publish_all
+    assert (s.intents, s.raw_intents, s.gateway_version) == (0, 0, 10)
+    assert s.log_level == "info"
+    assert s.logging_level == logging.INFO
+    assert s.presence is None
+    assert (s.shards.count, s.shards.ids) == (0, ())
+    assert (s.broker.type, s.broker.group, s.broker.format) == ("stdio", "gateway", "msgpack")
+    assert s.broker.message_timeout == 120.0
+    assert s.stdio.format == "json"
+    assert (s.prometheus.address, s.prometheus.endpoint) == ("", "/metrics")
+    assert not s.prometheus.enabled
+    assert (s.shard_store.type, s.shard_store.prefix) == ("memory", "gateway")
+    assert s.amqp.url == "amqp://guest:guest@localhost:5672/%2F"
+    assert (s.redis.url, s.redis.pool_size, s.redis.dsn) == (
+        "localhost:6379",
+        5,
+        "redis://localhost:6379",
+    )
+    assert s.api.base_url == "https://discord.com/api/v10"
+    assert (s.gateway.url, s.gateway.compression, s.gateway.large_threshold) == (
+        "",
+        "zstd-stream",
+        250,
+    )
+    assert (s.gateway.hello_timeout, s.gateway.open_timeout, s.gateway.shutdown_timeout) == (
+        20.0,
+        10.0,
+        10.0,
+    )
+    assert (s.supervisor.workers, s.supervisor.shards_per_worker) == (0, 0)
+
+
+def test_loaded_defaults_equal_model_defaults(tmp_path: Path) -> None:
+    assert load_with(tmp_path).settings == Settings(token=SecretStr(TOKEN))
+
+
+def test_key_table_matches_the_model() -> None:
+    assert [spec.path for spec in KEYS] == list(model_keys(Settings))
+    envs = [spec.env for spec in KEYS]
+    assert len(set(envs)) == len(envs)
+
+
+# --------------------------------------------------------------------------------------------
+# Precedence: file < environment < flag
+
+PRECEDENCE = [
+    pytest.param(
+        '[broker]\ntype = "amqp"',
+        {"BROKER_TYPE": "redis"},
+        None,
+        lambda s: s.broker.type,
+        ("amqp", "redis", None),
+        id="broker.type",
+    ),
+    pytest.param(
+        'log_level = "debug"',
+        {"LOG_LEVEL": "error"},
+        ["-loglevel", "warn"],
+        lambda s: s.log_level,
+        ("debug", "error", "warn"),
+        id="log_level",
+    ),
+    pytest.param(
+        "[shards]\ncount = 4",
+        {"DISCORD_SHARD_COUNT": "8"},
+        ["--shard-count", "16"],
+        lambda s: s.shards.count,
+        (4, 8, 16),
+        id="shards.count",
+    ),
+    pytest.param(
+        "[shards]\nids = [0, 1]",
+        {"DISCORD_SHARD_IDS": "2-3"},
+        ["--shards", "4,5"],
+        lambda s: s.shards.ids,
+        ((0, 1), (2, 3), (4, 5)),
+        id="shards.ids",
+    ),
+    pytest.param(
+        'events = ["READY"]',
+        {"DISCORD_EVENTS": "MESSAGE_CREATE,GUILD_CREATE"},
+        ["--events", "TYPING_START"],
+        lambda s: s.events,
+        (
+            frozenset({"READY"}),
+            frozenset({"MESSAGE_CREATE", "GUILD_CREATE"}),
+            frozenset({"TYPING_START"}),
+        ),
+        id="events",
+    ),
+    pytest.param(
+        '[gateway]\nurl = "ws://file:1"',
+        {"DISCORD_GATEWAY_URL": "ws://env:2"},
+        ["--gateway-url", "wss://flag:3/"],
+        lambda s: s.gateway.url,
+        ("ws://file:1", "ws://env:2", "wss://flag:3/"),
+        id="gateway.url",
+    ),
+    pytest.param(
+        "[supervisor]\nworkers = 2",
+        {"SUPERVISOR_WORKERS": "3"},
+        ["--workers", "4"],
+        lambda s: s.supervisor.workers,
+        (2, 3, 4),
+        id="supervisor.workers",
+    ),
+    pytest.param(
+        '[broker]\nmessage_timeout = "1m"',
+        {"BROKER_MESSAGE_TIMEOUT": "1h30m"},
+        None,
+        lambda s: s.broker.message_timeout,
+        (60.0, 5400.0, None),
+        id="broker.message_timeout",
+    ),
+    pytest.param(
+        'intents = ["GUILDS"]',
+        {"DISCORD_INTENTS": "GUILD_MESSAGES"},
+        None,
+        lambda s: s.intents,
+        (1, 512, None),
+        id="intents",
+    ),
+]
+
+
+@pytest.mark.parametrize(("toml", "env", "flags", "get", "expected"), PRECEDENCE)
+def test_precedence(
+    tmp_path: Path,
+    toml: str,
+    env: dict[str, str],
+    flags: list[str] | None,
+    get: Get,
+    expected: tuple[object, object, object],
+) -> None:
+    from_file, from_env, from_flag = expected
+    assert get(load_with(tmp_path, toml).settings) == from_file
+    assert get(load_with(tmp_path, toml, env).settings) == from_env
+    if flags is not None:
+        assert get(load_with(tmp_path, toml, env, flags).settings) == from_flag
+        assert get(load_with(tmp_path, toml, None, flags).settings) == from_flag
+
+
+def test_token_precedence(tmp_path: Path) -> None:
+    toml = 'token = "file-token"'
+    assert load_with(tmp_path, toml, base_env={}).settings.token.get_secret_value() == (
+        "file-token"
+    )
+    assert load_with(tmp_path, toml).settings.token.get_secret_value() == TOKEN
+
+
+def test_empty_env_values_are_unset(tmp_path: Path) -> None:
+    toml = '[broker]\ntype = "amqp"\n[shards]\ncount = 4'
+    env = {"BROKER_TYPE": "", "DISCORD_SHARD_COUNT": "  "}
+    s = load_with(tmp_path, toml, env).settings
+    assert (s.broker.type, s.shards.count) == ("amqp", 4)
+
+
+def test_empty_strings_in_the_file_mean_default(tmp_path: Path) -> None:
+    toml = '[broker]\ntype = ""\ngroup = ""\n[api]\nhost = ""\n[shard_store]\nprefix = ""'
+    s = load_with(tmp_path, toml).settings
+    assert (s.broker.type, s.broker.group, s.api.host) == ("stdio", "gateway", "discord.com")
+    assert s.shard_store.prefix == ""  # the one key where "" is a value
+    assert load_with(tmp_path, toml, {"SHARD_STORE_PREFIX": ""}).settings.shard_store.prefix == ""
+
+
+def test_load_does_not_read_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("BROKER_TYPE", "amqp")
+    err = error_of(tmp_path, base_env={})
+    assert err.key == "token"
+    assert load_with(tmp_path).settings.broker.type == "stdio"
+
+
+# --------------------------------------------------------------------------------------------
+# Every environment name
+
+PRODUCT_ENV_NAMES = {  # the seed's names, from product.md
+    "DISCORD_TOKEN",
+    "DISCORD_EVENTS",
+    "DISCORD_INTENTS",
+    "DISCORD_RAW_INTENTS",
+    "DISCORD_GATEWAY_VERSION",
+    "DISCORD_SHARD_COUNT",
+    "DISCORD_SHARD_IDS",
+    "BROKER_TYPE",
+    "BROKER_GROUP",
+    "BROKER_MESSAGE_TIMEOUT",
+    "PROMETHEUS_ADDRESS",
+    "PROMETHEUS_ENDPOINT",
+    "SHARD_STORE_TYPE",
+    "SHARD_STORE_PREFIX",
+    "AMQP_URL",
+    "REDIS_URL",
+    "REDIS_POOL_SIZE",
+    "DISCORD_PRESENCE",
+    "DISCORD_API_PROTOCOL",
+    "DISCORD_API_HOST",
+    "DISCORD_API_VERSION",
+}
+
+ENV_CASES: list[tuple[str, str, Get, object]] = [
+    ("DISCORD_TOKEN", "abc.def.ghi", lambda s: s.token.get_secret_value(), "abc.def.ghi"),
+    (
+        "DISCORD_EVENTS",
+        " message_create, ,Guild_Create,MESSAGE_CREATE",
+        lambda s: s.events,
+        frozenset({"MESSAGE_CREATE", "GUILD_CREATE"}),
+    ),
+    ("DISCORD_INTENTS", "GUILDS, guild_messages,,GUILD_BANS", lambda s: s.intents, 517),
+    ("DISCORD_RAW_INTENTS", "513", lambda s: (s.intents, s.raw_intents), (513, 513)),
+    ("DISCORD_GATEWAY_VERSION", "9", lambda s: s.gateway_version, 9),
+    ("DISCORD_SHARD_COUNT", "16", lambda s: s.shards.count, 16),
+    ("DISCORD_SHARD_IDS", "8,0-3", lambda s: s.shards.ids, (0, 1, 2, 3, 8)),
+    ("BROKER_TYPE", "AMQP", lambda s: s.broker.type, "amqp"),
+    ("BROKER_GROUP", "mybot", lambda s: s.broker.group, "mybot"),
+    ("BROKER_MESSAGE_TIMEOUT", "90s", lambda s: s.broker.message_timeout, 90.0),
+    ("BROKER_FORMAT", "json", lambda s: s.broker.format, "json"),
+    ("STDIO_FORMAT", "msgpack", lambda s: s.stdio.format, "msgpack"),
+    (
+        "PROMETHEUS_ADDRESS",
+        ":8080",
+        lambda s: (s.prometheus.address, s.prometheus.host, s.prometheus.port),
+        (":8080", "0.0.0.0", 8080),
+    ),
+    ("PROMETHEUS_ENDPOINT", "/m", lambda s: s.prometheus.endpoint, "/m"),
+    ("SHARD_STORE_TYPE", "redis", lambda s: s.shard_store.type, "redis"),
+    ("SHARD_STORE_PREFIX", "bot:", lambda s: s.shard_store.prefix, "bot:"),
+    (
+        "DISCORD_PRESENCE",
+        '{"status": "dnd", "activities": [{"name": "x", "type": 3}]}',
+        lambda s: s.presence,
+        {"since": None, "activities": [{"name": "x", "type": 3}], "status": "dnd", "afk": False},
+    ),
+    ("AMQP_URL", "amqps://u:p@rabbit:5671/vh", lambda s: s.amqp.url, "amqps://u:p@rabbit:5671/vh"),
+    ("REDIS_URL", "redis-host:6380", lambda s: s.redis.dsn, "redis://redis-host:6380"),
+    ("REDIS_POOL_SIZE", "9", lambda s: s.redis.pool_size, 9),
+    ("DISCORD_API_PROTOCOL", "http", lambda s: s.api.scheme, "http"),
+    ("DISCORD_API_HOST", "127.0.0.1:8000", lambda s: s.api.host, "127.0.0.1:8000"),
+    ("DISCORD_API_VERSION", "9", lambda s: s.api.base_url, "https://discord.com/api/v9"),
+    ("DISCORD_GATEWAY_URL", "ws://127.0.0.1:9000", lambda s: s.gateway.url, "ws://127.0.0.1:9000"),
+    ("DISCORD_COMPRESSION", "none", lambda s: s.gateway.compression, "none"),
+    ("DISCORD_LARGE_THRESHOLD", "50", lambda s: s.gateway.large_threshold, 50),
+    ("DISCORD_HELLO_TIMEOUT", "5s", lambda s: s.gateway.hello_timeout, 5.0),
+    ("DISCORD_OPEN_TIMEOUT", "1500ms", lambda s: s.gateway.open_timeout, 1.5),
+    ("DISCORD_SHUTDOWN_TIMEOUT", "1m", lambda s: s.gateway.shutdown_timeout, 60.0),
+    ("SUPERVISOR_WORKERS", "3", lambda s: s.supervisor.workers, 3),
+    ("SUPERVISOR_SHARDS_PER_WORKER", "4", lambda s: s.supervisor.shards_per_worker, 4),
+    ("LOG_LEVEL", "warning", lambda s: (s.log_level, s.logging_level), ("warn", logging.WARNING)),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "get", "expected"), ENV_CASES, ids=[c[0] for c in ENV_CASES]
+)
+def test_env_name_maps_to_key(
+    tmp_path: Path, env: str, value: str, get: Get, expected: object
+) -> None:
+    assert get(load_with(tmp_path, env={env: value}).settings) == expected
+
+
+def test_every_env_name_is_covered() -> None:
+    tested = {case[0] for case in ENV_CASES}
+    assert tested == {spec.env for spec in KEYS}
+    assert tested >= PRODUCT_ENV_NAMES
+
+
+# --------------------------------------------------------------------------------------------
+# Bad values: one clear error naming the key, the env name, the value and what is allowed
+
+BAD_ENV = [
+    ("BROKER_TYPE", "kafka", "broker.type", "'kafka'"),
+    ("SHARD_STORE_TYPE", "disk", "shard_store.type", "'disk'"),
+    ("DISCORD_SHARD_COUNT", "abc", "shards.count", "'abc'"),
+    ("DISCORD_SHARD_COUNT", "-1", "shards.count", "'-1'"),
+    ("DISCORD_SHARD_COUNT", "1.5", "shards.count", "'1.5'"),
+    ("DISCORD_SHARD_IDS", "5-2", "shards.ids", "'5-2'"),
+    ("DISCORD_SHARD_IDS", "a", "shards.ids", "'a'"),
+    ("DISCORD_RAW_INTENTS", "131072", "raw_intents", "'131072'"),
+    ("DISCORD_RAW_INTENTS", "0x10", "raw_intents", "'0x10'"),
+    ("DISCORD_INTENTS", "GUILDS,GUILD_MESAGES", "intents", "'GUILD_MESAGES'"),
+    ("DISCORD_EVENTS", "MESSAGE CREATE", "events", "'MESSAGE CREATE'"),
+    ("DISCORD_GATEWAY_VERSION", "0", "gateway_version", "'0'"),
+    ("BROKER_MESSAGE_TIMEOUT", "2", "broker.message_timeout", "'2'"),
+    ("BROKER_MESSAGE_TIMEOUT", "-1s", "broker.message_timeout", "'-1s'"),
+    ("BROKER_MESSAGE_TIMEOUT", "2minutes", "broker.message_timeout", "'2minutes'"),
+    ("BROKER_MESSAGE_TIMEOUT", "1ns", "broker.message_timeout", "'1ns'"),
+    ("BROKER_FORMAT", "xml", "broker.format", "'xml'"),
+    ("BROKER_GROUP", "my group", "broker.group", "'my group'"),
+    ("STDIO_FORMAT", "text", "stdio.format", "'text'"),
+    ("PROMETHEUS_ADDRESS", "8080", "prometheus.address", "'8080'"),
+    ("PROMETHEUS_ADDRESS", "host:99999", "prometheus.address", "'host:99999'"),
+    ("PROMETHEUS_ADDRESS", "[zz]:80", "prometheus.address", "'[zz]:80'"),
+    ("PROMETHEUS_ADDRESS", "a b:80", "prometheus.address", "'a b:80'"),
+    ("PROMETHEUS_ENDPOINT", "metrics", "prometheus.endpoint", "'metrics'"),
+    ("REDIS_POOL_SIZE", "0", "redis.pool_size", "'0'"),
+    ("REDIS_URL", "ftp://host", "redis.url", "'ftp://host'"),
+    ("REDIS_URL", "host:port", "redis.url", "'host:port'"),
+    ("REDIS_URL", "host:70000", "redis.url", "'host:70000'"),
+    ("AMQP_URL", "http://rabbit/", "amqp.url", "'http://rabbit/'"),
+    ("AMQP_URL", "amqp://rabbit:port/", "amqp.url", "'amqp://rabbit:port/'"),
+    ("DISCORD_API_PROTOCOL", "ftp", "api.scheme", "'ftp'"),
+    ("DISCORD_API_HOST", "discord.com/api", "api.host", "'discord.com/api'"),
+    ("DISCORD_API_VERSION", "v10", "api.version", "'v10'"),
+    ("DISCORD_GATEWAY_URL", "http://gateway", "gateway.url", "'http://gateway'"),
+    ("DISCORD_GATEWAY_URL", "wss://", "gateway.url", "'wss://'"),
+    ("DISCORD_COMPRESSION", "gzip", "gateway.compression", "'gzip'"),
+    ("DISCORD_LARGE_THRESHOLD", "49", "gateway.large_threshold", "'49'"),
+    ("DISCORD_LARGE_THRESHOLD", "251", "gateway.large_threshold", "'251'"),
+    ("DISCORD_HELLO_TIMEOUT", "0", "gateway.hello_timeout", "'0'"),
+    ("DISCORD_OPEN_TIMEOUT", "1 s", "gateway.open_timeout", "'1 s'"),
+    ("DISCORD_SHUTDOWN_TIMEOUT", "ten", "gateway.shutdown_timeout", "'ten'"),
+    ("SUPERVISOR_WORKERS", "-2", "supervisor.workers", "'-2'"),
+    ("SUPERVISOR_SHARDS_PER_WORKER", "x", "supervisor.shards_per_worker", "'x'"),
+    ("LOG_LEVEL", "verbose", "log_level", "'verbose'"),
+    ("DISCORD_PRESENCE", "{bad", "presence", "'{bad'"),
+    ("DISCORD_PRESENCE", "[1]", "presence", "'[1]'"),
+    ("DISCORD_PRESENCE", '{"status": "away"}', "presence.status", "'away'"),
+    ("DISCORD_PRESENCE", '{"afk": "yes"}', "presence.afk", "'yes'"),
+    ("DISCORD_PRESENCE", '{"since": -5}', "presence.since", "-5"),
+    ("DISCORD_PRESENCE", '{"activities": {"name": "x"}}', "presence.activities", "{'name': 'x'}"),
+    (
+        "DISCORD_PRESENCE",
+        '{"activities": [{"name": "x", "type": 9}]}',
+        "presence.activities[0].type",
+        "9",
+    ),
+    ("DISCORD_PRESENCE", '{"game": {"type": 0}}', "presence.game.name", "None"),
+]
+
+
+@pytest.mark.parametrize(("env", "value", "key", "shown"), BAD_ENV)
+def test_bad_env_value(tmp_path: Path, env: str, value: str, key: str, shown: str) -> None:
+    err = error_of(tmp_path, env={env: value})
+    message = str(err)
+    assert message.startswith(f"config key {key!r} (env {env}): {shown} ")
+    assert "; expected " in message
+    assert (err.key, err.env) == (key, env)
+    assert err.allowed and err.allowed in message
+
+
+BAD_FILE = [
+    ('[shards]\ncount = "2"', "shards.count", "DISCORD_SHARD_COUNT", "'2'"),
+    ("[shards]\ncount = true", "shards.count", "DISCORD_SHARD_COUNT", "True"),
+    ("[shards]\ncount = 1.5", "shards.count", "DISCORD_SHARD_COUNT", "1.5"),
+    ("[shards]\ncount = -1", "shards.count", "DISCORD_SHARD_COUNT", "-1"),
+    ('[shards]\nids = [0, "a"]', "shards.ids", "DISCORD_SHARD_IDS", "[0, 'a']"),
+    ("[shards]\nids = [-1]", "shards.ids", "DISCORD_SHARD_IDS", "[-1]"),
+    ('[shards]\nids = "1--2"', "shards.ids", "DISCORD_SHARD_IDS", "'1--2'"),
+    ('events = "MESSAGE_CREATE"', "events", "DISCORD_EVENTS", "'MESSAGE_CREATE'"),
+    ("events = [1]", "events", "DISCORD_EVENTS", "[1]"),
+    ("[broker]\ngroup = 5", "broker.group", "BROKER_GROUP", "5"),
+    ('[broker]\ntype = "kafka"', "broker.type", "BROKER_TYPE", "'kafka'"),
+    ("[broker]\nmessage_timeout = 120", "broker.message_timeout", "BROKER_MESSAGE_TIMEOUT", "120"),
+    (
+        "[gateway]\nlarge_threshold = 300",
+        "gateway.large_threshold",
+        "DISCORD_LARGE_THRESHOLD",
+        "300",
+    ),
+    ("raw_intents = -1", "raw_intents", "DISCORD_RAW_INTENTS", "-1"),
+    ("rawintents = 131072", "raw_intents", "DISCORD_RAW_INTENTS", "131072"),
+    ('intents = ["NOPE"]', "intents", "DISCORD_INTENTS", "'NOPE'"),
+    ("[presence.game]\nname = 5", "presence.game.name", "DISCORD_PRESENCE", "5"),
+    ("[presence]\nafk = 1", "presence.afk", "DISCORD_PRESENCE", "1"),
+    ("[redis]\npool_size = 0", "redis.pool_size", "REDIS_POOL_SIZE", "0"),
+    ('log_level = "loud"', "log_level", "LOG_LEVEL", "'loud'"),
+]
+
+
+@pytest.mark.parametrize(("toml", "key", "env", "shown"), BAD_FILE)
+def test_bad_file_value(tmp_path: Path, toml: str, key: str, env: str, shown: str) -> None:
+    err = error_of(tmp_path, toml)
+    assert str(err).startswith(f"config key {key!r} (env {env}): {shown} ")
+    assert "; expected " in str(err)
+    assert (err.key, err.env) == (key, env)
+
+
+def test_broker_type_message_is_exact(tmp_path: Path) -> None:
+    err = error_of(tmp_path, env={"BROKER_TYPE": "kafka"})
+    assert str(err) == (
+        "config key 'broker.type' (env BROKER_TYPE): 'kafka' is not allowed; "
+        "expected one of stdio, amqp, redis"
+    )
+    assert (err.key, err.value, err.allowed) == (
+        "broker.type",
+        "kafka",
+        "one of stdio, amqp, redis",
+    )
+
+
+def test_unknown_intent_names_the_closest(tmp_path: Path) -> None:
+    err = error_of(tmp_path, env={"DISCORD_INTENTS": "guild_precenses"})
+    assert "did you mean 'GUILD_PRESENCES'?" in str(err)
+
+
+def test_undocumented_raw_bits_are_named(tmp_path: Path) -> None:
+    err = error_of(tmp_path, env={"DISCORD_RAW_INTENTS": str(513 | 1 << 17)})
+    assert "undocumented bits 131072" in str(err)
+    assert "53608447" in str(err)
+
+
+def test_shard_ids_outside_the_count(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "[shards]\ncount = 4\nids = [0, 5]")
+    assert str(err) == (
+        "config key 'shards.ids' (env DISCORD_SHARD_IDS): [0, 5] is not allowed "
+        "(id 5 is out of range); expected ids from 0 to 3 (shards.count = 4)"
+    )
+    err = error_of(tmp_path, argv=["--shards", "0-15", "--shard-count", "8"])
+    assert err.key == "shards.ids"
+    assert "'0-15'" in str(err)
+    # count 0 means "ask Discord": any ids are accepted here
+    assert load_with(tmp_path, argv=["--shards", "0-15"]).settings.shards.ids == tuple(range(16))
+
+
+def test_a_table_given_as_a_value(tmp_path: Path) -> None:
+    err = error_of(tmp_path, "shards = 4")
+    assert str(err) == "config key 'shards': 4 is not allowed; expected a table: [shards]"
+
+
+def test_presence_too_large(tmp_path: Path) -> None:
+    presence = '{"activities": [{"name": "%s", "type": 0}]}' % ("x" * 4000)
+    err = error_of(tmp_path, env={"DISCORD_PRESENCE": presence})
+    assert err.key == "presence"
+    assert "is too large" in str(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets never appear in errors
+
+SECRET = "hunter2-very-secret"
+
+SECRET_CASES = [
+    pytest.param(
+        None, {"DISCORD_TOKEN": f"Bot {TOKEN}"}, "token", "'***'", TOKEN, id="token-prefix"
+    ),
+    pytest.param(
+        None, {"DISCORD_TOKEN": f"{SECRET} x"}, "token", "'***'", SECRET, id="token-space"
+    ),
+    pytest.param(
+        f"token = [{SECRET!r}]", {"DISCORD_TOKEN": ""}, "token", "'***'", SECRET, id="token-type"
+    ),
+    pytest.param(
+        None,
+        {"AMQP_URL": f"http://user:{SECRET}@rabbit/"},
+        "amqp.url",
+        "'http://user:***@rabbit/'",
+        SECRET,
+        id="amqp-scheme",
+    ),
+    pytest.param(
+        None,
+        {"AMQP_URL": f"amqp://user:{SECRET}@rabbit:99999/"},
+        "amqp.url",
+        "'amqp://user:***@rabbit:99999/'",
+        SECRET,
+        id="amqp-port",
+    ),
+    pytest.param(
+        None,
+        {"REDIS_URL": f"ftp://:{SECRET}@redis/"},
+        "redis.url",
+        "'ftp://:***@redis/'",
+        SECRET,
+        id="redis-scheme",
+    ),
+    pytest.param(
+        f'[broker]\nurl = "http://u:{SECRET}@h/"',
+        None,
+        "amqp.url",
+        "'http://u:***@h/'",
+        SECRET,
+        id="broker.url-alias",
+    ),
+    pytest.param(
+        None,
+        {"DISCORD_SHARD_IDS": TOKEN},
+        "shards.ids",
+        "'***'",
+        TOKEN,
+        id="token-in-another-key",
+    ),
+    pytest.param(
+        None,
+        {"AMQP_URL": f"amqp://u:{SECRET}@h/", "BROKER_GROUP": f"a {SECRET}"},
+        "broker.group",
+        "'a ***'",
+        SECRET,
+        id="password-in-another-key",
+    ),
+    pytest.param(
+        None,
+        {"DISCORD_GATEWAY_URL": f"http://u:{SECRET}@h/"},
+        "gateway.url",
+        "'http://u:***@h/'",
+        SECRET,
+        id="any-url-password",
+    ),
+]
+
+
+@pytest.mark.parametrize(("toml", "env", "key", "shown", "secret"), SECRET_CASES)
+def test_secrets_are_masked_in_errors(
+    tmp_path: Path,
+    toml: str | None,
+    env: dict[str, str] | None,
+    key: str,
+    shown: str,
+    secret: str,
+) -> None:
+    err = error_of(tmp_path, toml, env)
+    assert err.key == key
+    assert f": {shown} " in str(err)
+    assert secret not in str(err)
+    assert secret not in repr(err.value)
+
+
+def test_missing_token(tmp_path: Path) -> None:
+    for env in ({}, {"DISCORD_TOKEN": ""}, {"DISCORD_TOKEN": "   "}):
+        err = error_of(tmp_path, base_env=env)
+        assert err.key == "token"
+        assert str(err).startswith("config key 'token' (env DISCORD_TOKEN): not set;")
+    assert error_of(tmp_path, 'token = ""', base_env={}).key == "token"
+
+
+def test_simulate_does_not_need_a_token(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path, argv=["--simulate"], base_env={})
+    assert loaded.cli.simulate
+    assert loaded.settings.token.get_secret_value() == SIMULATED_TOKEN
+    loaded = load_with(tmp_path, 'token = ""', argv=["-simulate"], base_env={})
+    assert loaded.settings.token.get_secret_value() == SIMULATED_TOKEN
+    assert load_with(tmp_path, argv=["--simulate"]).settings.token.get_secret_value() == TOKEN
+
+
+# --------------------------------------------------------------------------------------------
+# The file: malformed, missing, unknown keys, aliases
+
+
+def test_malformed_toml_names_file_and_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'token = "x"\n[broker]\ntype = \n')
+    with pytest.raises(ConfigError) as info:
+        load(["--config", path], BASE_ENV)
+    message = str(info.value)
+    assert message.startswith(f"config file {path!r} is not valid TOML: ")
+    assert "line 3" in message
+    assert "\n" not in message
+    assert info.value.key == ""
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'token = "x"\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match=r"is not UTF-8 \(at line 2\)"):
+        load(["--config", str(path)], BASE_ENV)
+
+
+def test_missing_default_file_is_fine(tmp_path: Path) -> None:
+    assert not (tmp_path / "gateway.toml").exists()
+    loaded = load([], BASE_ENV)
+    assert loaded.cli.config_path == "gateway.toml"
+    assert not loaded.cli.config_explicit
+    assert loaded.warnings == ()
+
+
+def test_default_file_is_read_when_present(tmp_path: Path) -> None:
+    (tmp_path / "gateway.toml").write_text('[broker]\ntype = "redis"\n')
+    assert load([], BASE_ENV).settings.broker.type == "redis"
+
+
+@pytest.mark.parametrize("argv", [["--config", "nope.toml"], ["-config", "gateway.toml"]])
+def test_missing_explicit_file_is_an_error(tmp_path: Path, argv: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(argv, BASE_ENV)
+    assert str(info.value) == f"config file {argv[1]!r} (--config) does not exist"
+
+
+def test_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load(["--config", str(tmp_path)], BASE_ENV)  # a directory
+
+
+def test_unknown_keys_are_warnings_with_suggestions(tmp_path: Path) -> None:
+    toml = (
+        'zzzz = 1\ntokne = "x"\n[shard]\ncount = 3\n[broker]\ntyp = "amqp"\n'
+        '[presence]\nstatuss = "idle"\n[unknown]\n'
+    )
+    path = write_config(tmp_path, toml, "gateway.toml")
+    loaded = load(["--config", "gateway.toml"], BASE_ENV)
+    assert path.endswith("gateway.toml")
+    assert loaded.warnings == (
+        "unknown config key 'zzzz' in gateway.toml (ignored)",
+        "unknown config key 'tokne' in gateway.toml; did you mean 'token'?",
+        "unknown config key 'shard.count' in gateway.toml; did you mean 'shards.count'?",
+        "unknown config key 'broker.typ' in gateway.toml; did you mean 'broker.type'?",
+        "unknown config key 'unknown' in gateway.toml (ignored)",
+        "unknown config key 'presence.statuss' in gateway.toml; did you mean 'presence.status'?",
+    )
+    assert loaded.settings.shards.count == 0
+    assert loaded.settings.presence is not None
+
+
+def test_unknown_presence_key_in_env_is_a_warning(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path, env={"DISCORD_PRESENCE": '{"statsu": "idle"}'})
+    assert loaded.warnings == (
+        "unknown config key 'presence.statsu' in DISCORD_PRESENCE; did you mean 'presence.status'?",
+    )
+
+
+def test_seed_spellings(tmp_path: Path) -> None:
+    toml = 'Token = "from-file"\nrawIntents = 513\n[Broker]\nType = "AMQP"\nurl = "amqp://h/"\n'
+    loaded = load_with(tmp_path, toml, base_env={})
+    s = loaded.settings
+    assert loaded.warnings == ()
+    assert s.token.get_secret_value() == "from-file"
+    assert (s.intents, s.raw_intents) == (513, 513)
+    assert (s.broker.type, s.amqp.url) == ("amqp", "amqp://h/")
+
+
+def test_an_old_and_a_new_name_that_disagree(tmp_path: Path) -> None:
+    toml = '[broker]\nurl = "amqp://u:pw1secret@a/"\n[amqp]\nurl = "amqp://u:pw2secret@b/"\n'
+    err = error_of(tmp_path, toml)
+    assert err.key == "amqp.url"
+    assert "pw1secret" not in str(err)
+    assert "pw2secret" not in str(err)
+    same = '[broker]\nurl = "amqp://a/"\n[amqp]\nurl = "amqp://a/"\n'
+    assert load_with(tmp_path, same).settings.amqp.url == "amqp://a/"
+
+
+# --------------------------------------------------------------------------------------------
+# Keys that choose between modes
+
+
+def test_raw_intents_win_over_names_at_the_same_level(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path, 'intents = ["GUILDS"]\nraw_intents = 512')
+    assert (loaded.settings.intents, loaded.settings.raw_intents) == (512, 512)
+    assert loaded.warnings == (
+        f"config key 'intents' in {tmp_path / 'gw.toml'} is ignored: "
+        "'raw_intents' is set too and wins",
+    )
+    env = {"DISCORD_INTENTS": "GUILDS", "DISCORD_RAW_INTENTS": "512"}
+    assert load_with(tmp_path, env=env).settings.intents == 512
+
+
+def test_names_at_a_higher_level_win_over_raw_intents(tmp_path: Path) -> None:
+    s = load_with(tmp_path, "raw_intents = 512", {"DISCORD_INTENTS": "GUILDS"}).settings
+    assert (s.intents, s.raw_intents) == (1, 0)
+    s = load_with(tmp_path, 'intents = ["GUILDS"]', {"DISCORD_RAW_INTENTS": "512"}).settings
+    assert (s.intents, s.raw_intents) == (512, 512)
+    s = load_with(tmp_path, 'intents = ["GUILDS"]\nraw_intents = 0').settings
+    assert s.intents == 1
+
+
+def test_workers_and_shards_per_worker(tmp_path: Path) -> None:
+    err = error_of(tmp_path, argv=["--workers", "2", "--shards-per-worker", "3"])
+    assert str(err) == (
+        "config key 'supervisor.shards_per_worker' (env SUPERVISOR_SHARDS_PER_WORKER): 3 is not "
+        "allowed together with supervisor.workers = 2; expected 0 when supervisor.workers is set "
+        "(choose one of the two)"
+    )
+    assert error_of(tmp_path, "[supervisor]\nworkers = 2\nshards_per_worker = 3").key == (
+        "supervisor.shards_per_worker"
+    )
+    s = load_with(tmp_path, "[supervisor]\nshards_per_worker = 8", argv=["--workers", "4"]).settings
+    assert (s.supervisor.workers, s.supervisor.shards_per_worker) == (4, 0)
+    env = {"SUPERVISOR_SHARDS_PER_WORKER": "8"}
+    s = load_with(tmp_path, "[supervisor]\nworkers = 4", env).settings
+    assert (s.supervisor.workers, s.supervisor.shards_per_worker) == (0, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[presence]\n", None),
+        (
+            '[presence]\nstatus = "IDLE"\n[presence.game]\nname = "test"\ntype = 0',
+            {
+                "since": None,
+                "activities": [{"name": "test", "type": 0}],
+                "status": "idle",
+                "afk": False,
+            },
+        ),
+        (
+            "[presence]\nsince = 5\nafk = true\n"
+            'activities = [{ name = "x", type = 4, state = "s" }]',
+            {
+                "since": 5,
+                "activities": [{"name": "x", "type": 4, "state": "s"}],
+                "status": "online",
+                "afk": True,
+            },
+        ),
+        (
+            '[presence]\nactivities = [{ name = "x" }]',
+            {
+                "since": None,
+                "activities": [{"name": "x", "type": 0}],
+                "status": "online",
+                "afk": False,
+            },
+        ),
+    ],
+)
+def test_presence(tmp_path: Path, toml: str, expected: dict[str, Any] | None) -> None:
+    assert load_with(tmp_path, toml).settings.presence == expected
+
+
+def test_presence_game_and_activities(tmp_path: Path) -> None:
+    toml = '[presence]\nactivities = [{ name = "a" }]\n[presence.game]\nname = "g"'
+    loaded = load_with(tmp_path, toml)
+    assert loaded.settings.presence is not None
+    assert loaded.settings.presence["activities"] == [{"name": "a", "type": 0}]
+    assert len(loaded.warnings) == 1
+    assert "'presence.game'" in loaded.warnings[0]
+
+
+def test_presence_null_json_is_none(tmp_path: Path) -> None:
+    assert load_with(tmp_path, env={"DISCORD_PRESENCE": "null"}).settings.presence is None
+
+
+def test_message_timeout_zero_means_default(tmp_path: Path) -> None:
+    assert (
+        load_with(tmp_path, env={"BROKER_MESSAGE_TIMEOUT": "0"}).settings.broker.message_timeout
+        == 120
+    )
+    assert (
+        load_with(tmp_path, '[broker]\nmessage_timeout = "0s"').settings.broker.message_timeout
+        == 120
+    )
+
+
+def test_events_star(tmp_path: Path) -> None:
+    s = load_with(tmp_path, env={"DISCORD_EVENTS": "*"}).settings
+    assert s.publish_all
+    assert s.events == frozenset({"*"})
+
+
+@pytest.mark.parametrize(
+    ("url", "dsn"),
+    [
+        ("localhost:6379", "redis://localhost:6379"),
+        ("redis-host", "redis://redis-host:6379"),
+        ("[::1]:7000", "redis://[::1]:7000"),
+        ("redis://:pw@h:1/2", "redis://:pw@h:1/2"),
+        ("rediss://h", "rediss://h"),
+        ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+    ],
+)
+def test_redis_dsn(tmp_path: Path, url: str, dsn: str) -> None:
+    assert load_with(tmp_path, env={"REDIS_URL": url}).settings.redis.dsn == dsn
+
+
+@pytest.mark.parametrize(
+    ("address", "host", "port"),
+    [(":8080", "0.0.0.0", 8080), ("127.0.0.1:9000", "127.0.0.1", 9000), ("[::1]:0", "::1", 0)],
+)
+def test_prometheus_address(tmp_path: Path, address: str, host: str, port: int) -> None:
+    p = load_with(tmp_path, env={"PROMETHEUS_ADDRESS": address}).settings.prometheus
+    assert (p.enabled, p.host, p.port) == (True, host, port)
+
+
+@pytest.mark.parametrize(
+    ("level", "value"),
+    [
+        ("suppress", logging.CRITICAL + 10),
+        ("error", logging.ERROR),
+        ("warn", logging.WARNING),
+        ("WARNING", logging.WARNING),
+        ("info", logging.INFO),
+        ("Debug", logging.DEBUG),
+    ],
+)
+def test_logging_level(tmp_path: Path, level: str, value: int) -> None:
+    assert load_with(tmp_path, env={"LOG_LEVEL": level}).settings.logging_level == value
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_seed_flags(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[broker]\ntype = "amqp"')
+    for argv in (["-config", path, "-loglevel", "debug"], [f"-config={path}", "-loglevel=debug"]):
+        loaded = load(argv, BASE_ENV)
+        assert loaded.cli.config_path == path
+        assert loaded.cli.config_explicit
+        assert loaded.settings.broker.type == "amqp"
+        assert loaded.settings.log_level == "debug"
+
+
+def test_parse_args_all_flags() -> None:
+    cli = parse_args(
+        [
+            "--config=c.toml",
+            "--log-level",
+            "warning",
+            "--shards",
+            "0-15",
+            "--shard-count",
+            "16",
+            "--workers",
+            "4",
+            "--simulate",
+            "--gateway-url",
+            "ws://127.0.0.1:1",
+            "--events",
+            "A,B",
+            "--print-config",
+        ]
+    )
+    assert cli == CliArgs(
+        config_path="c.toml",
+        config_explicit=True,
+        log_level="warn",
+        shards="0-15",
+        shard_count=16,
+        workers=4,
+        shards_per_worker=None,
+        simulate=True,
+        gateway_url="ws://127.0.0.1:1",
+        events="A,B",
+        print_config=True,
+    )
+    assert parse_args(["--shards-per-worker", "8"]).shards_per_worker == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bogus"], "command line: unknown flag '--bogus'"),
+        (["--token=abc"], "command line: unknown flag '--token'"),
+        ([TOKEN], "command line: unexpected argument (value not shown)"),
+        (["--config"], "command line: argument --config/-config: expected one argument"),
+        (
+            ["--shard-count", "abc"],
+            "config key 'shards.count' (env DISCORD_SHARD_COUNT): 'abc' is not allowed; "
+            "expected an integer >= 0",
+        ),
+        (
+            ["--workers", "-1"],
+            "config key 'supervisor.workers' (env SUPERVISOR_WORKERS): '-1' is not allowed; "
+            "expected an integer >= 0",
+        ),
+        (
+            ["-loglevel", "loud"],
+            "config key 'log_level' (env LOG_LEVEL): 'loud' is not allowed; "
+            "expected one of suppress, error, warn, info, debug",
+        ),
+    ],
+)
+def test_bad_flags_are_config_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    assert str(info.value) == message
+
+
+def test_help() -> None:
+    for flag in ("-h", "--help", "-help"):
+        with pytest.raises(HelpRequested) as info:
+            parse_args([flag])
+        assert "--shards SPEC" in info.value.text
+        assert "-config" in info.value.text
+
+
+# --------------------------------------------------------------------------------------------
+# Printed config and secrets
+
+
+RICH = f"""
+token = "{TOKEN}"
+events = ["MESSAGE_CREATE", "*"]
+intents = ["GUILDS", "GUILD_BANS"]
+log_level = "debug"
+[shards]
+count = 8
+ids = "0-3"
+[broker]
+type = "amqp"
+message_timeout = "1h30m0.5s"
+[prometheus]
+address = "[::1]:9000"
+[shard_store]
+prefix = ""
+[amqp]
+url = "amqp://user:{SECRET}@rabbit:5672/%2F"
+[redis]
+url = "redis://:p%40ss{SECRET}@redis:6379/0"
+[gateway]
+url = "wss://gw.example/?x=1"
+hello_timeout = "300ms"
+[supervisor]
+shards_per_worker = 2
+[presence]
+status = "dnd"
+since = 1700000000000
+activities = [{{ name = "quoted \\"name\\" \\u007f", type = 1, url = "https://twitch.tv/x" }}]
+"""
+
+
+def test_redacted_dump(tmp_path: Path) -> None:
+    settings = load_with(tmp_path, RICH, base_env={}).settings
+    dump = settings.redacted_dump()
+    assert TOKEN not in dump
+    assert SECRET not in dump
+    assert 'token = "***"' in dump
+    assert 'url = "amqp://user:***@rabbit:5672/%2F"' in dump
+    assert 'url = "redis://:***@redis:6379/0"' in dump
+    assert 'intents = ["GUILDS", "GUILD_MODERATION"]' in dump
+    assert 'message_timeout = "1h30m0.5s"' in dump
+    for key in model_keys(Settings):
+        assert f"{key.rpartition('.')[2]} = " in dump or key == "presence"
+    # valid TOML that loads back to the same settings
+    parsed = tomllib.loads(dump)
+    assert parsed["token"] == "***"
+    reloaded = load_with(tmp_path, dump.replace('token = "***"', f'token = "{TOKEN}"'), base_env={})
+    assert reloaded.warnings == ()
+    again = reloaded.settings
+    assert again.amqp.url == redact_url(settings.amqp.url)
+    assert again.redis.url == redact_url(settings.redis.url)
+    assert again.model_copy(update={"amqp": settings.amqp, "redis": settings.redis}) == settings
+
+
+def test_repr_shows_no_secret(tmp_path: Path) -> None:
+    settings = load_with(tmp_path, RICH, base_env={}).settings
+    for text in (repr(settings), str(settings), repr(settings.amqp), str(settings.redis)):
+        assert TOKEN not in text
+        assert SECRET not in text
+    assert "amqp://user:***@rabbit:5672/%2F" in repr(settings)
+
+
+def test_redacted_dump_without_presence(tmp_path: Path) -> None:
+    dump = load_with(tmp_path).settings.redacted_dump()
+    assert dump.endswith("[presence]\n# not set\n")
+    assert tomllib.loads(dump)["presence"] == {}
+
+
+def test_secrets(tmp_path: Path) -> None:
+    settings = load_with(tmp_path, RICH, base_env={}).settings
+    assert settings.secrets() == (TOKEN, SECRET, f"p%40ss{SECRET}", f"p@ss{SECRET}")
+    assert load_with(tmp_path, env={"AMQP_URL": "amqp://h/"}).settings.secrets() == (TOKEN,)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings built directly (as other modules' tests do)
+
+
+def test_settings_direct_construction() -> None:
+    t = SecretStr("t")
+    s = Settings(
+        token=t,
+        broker=BrokerSettings(type="amqp"),
+        shards=ShardsSettings(count=2, ids=(1,)),
+    )
+    assert s.broker.type == "amqp"
+    with pytest.raises(ValidationError):
+        s.gateway_version = 9
+    with pytest.raises(ValidationError):
+        Settings(token=SecretStr(""))
+    with pytest.raises(ValidationError):
+        Settings(token=t, shards=ShardsSettings(count=2, ids=(2,)))
+    with pytest.raises(ValidationError):
+        Settings(token=t, supervisor=SupervisorSettings(workers=1, shards_per_worker=1))
+    with pytest.raises(ValidationError):
+        BrokerSettings(type="kafka")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        Settings(token=t, intents=1 << 17)
+    with pytest.raises(ValidationError):
+        Settings(token=t, typo=1)  # type: ignore[call-arg]
+
+
+def test_config_error_is_one_line() -> None:
+    err = ConfigError("k", "a\nb", "x\ny", env="E")
+    assert str(err) == "config key 'k' (env E): 'a\\nb' is not allowed; expected x y"
+    long = ConfigError("k", "v" * 500, "x")
+    assert len(str(long)) < 200
+
+
+# --------------------------------------------------------------------------------------------
+# The example file
+
+
+def test_example_config_loads_without_warnings() -> None:
+    loaded = load(["--config", str(EXAMPLE)], BASE_ENV)
+    assert loaded.warnings == ()
+    assert loaded.settings.token.get_secret_value() == TOKEN
+
+
+def test_example_config_has_every_key() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    for key in model_keys(Settings):
+        node: Any = data
+        for part in key.split("."):
+            assert isinstance(node, dict)
+            assert part in node, f"{key} is missing from {EXAMPLE.name}"
+            node = node[part]
+    for spec in KEYS:
+        assert f"env: {spec.env}" in text, f"{spec.env} is not documented in {EXAMPLE.name}"
+
+
+def test_example_config_values_are_the_defaults() -> None:
+    settings = load(["--config", str(EXAMPLE)], BASE_ENV).settings
+    defaults = Settings(token=SecretStr(TOKEN))
+    changed = {
+        key for key, value in settings.model_dump().items() if value != defaults.model_dump()[key]
+    }
+    assert changed == {"events", "intents"}
+
+
+# --------------------------------------------------------------------------------------------
+# run_or_exit
+
+
+def test_run_or_exit_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_or_exit([], {"DISCORD_TOKEN": TOKEN, "BROKER_TYPE": "kafka"})
+    assert info.value.code == EX_CONFIG == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "spectacles-gateway: configuration error: config key 'broker.type' (env BROKER_TYPE): "
+        "'kafka' is not allowed; expected one of stdio, amqp, redis\n"
+    )
+    loaded = run_or_exit([], BASE_ENV)
+    assert loaded.settings.broker.type == "stdio"
+
+
+RUN = (
+    "from spectacles_gateway.config import run_or_exit; import os, sys; "
+    "run_or_exit(sys.argv[1:], os.environ)"
+)
+
+
+def run_cli(
+    tmp_path: Path, argv: Sequence[str], env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", RUN, *argv],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "line"),
+    [
+        (
+            [],
+            {"DISCORD_TOKEN": TOKEN, "BROKER_TYPE": "kafka"},
+            "config key 'broker.type' (env BROKER_TYPE): 'kafka' is not allowed; "
+            "expected one of stdio, amqp, redis",
+        ),
+        (
+            [],
+            {"DISCORD_TOKEN": f"Bot {TOKEN}"},
+            "config key 'token' (env DISCORD_TOKEN): '***' is not allowed; "
+            "expected the bare bot token (no 'Bot ' prefix, no spaces)",
+        ),
+        (["--bogus"], {"DISCORD_TOKEN": TOKEN}, "command line: unknown flag '--bogus'"),
+        (["-config", "missing.toml"], {}, "config file 'missing.toml' (--config) does not exist"),
+    ],
+)
+def test_run_or_exit_subprocess_exits_78(
+    tmp_path: Path, argv: list[str], env: dict[str, str], line: str
+) -> None:
+    proc = run_cli(tmp_path, argv, env)
+    assert proc.returncode == 78
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"spectacles-gateway: configuration error: {line}"]
+    assert TOKEN not in proc.stderr
+
+
+def test_run_or_exit_subprocess_malformed_toml(tmp_path: Path) -> None:
+    write_config(tmp_path, "[broker\ntype = 1\n", "gateway.toml")
+    proc = run_cli(tmp_path, [], {"DISCORD_TOKEN": TOKEN})
+    assert proc.returncode == 78
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("spectacles-gateway: configuration error: config file 'gateway.toml'")
+    assert "line 1" in line
+
+
+def test_run_or_exit_subprocess_print_config(tmp_path: Path) -> None:
+    write_config(tmp_path, "zzz = 1\n" + RICH.replace(f'token = "{TOKEN}"', ""), "gateway.toml")
+    proc = run_cli(tmp_path, ["--print-config", "--workers", "3"], {"DISCORD_TOKEN": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    parsed = tomllib.loads(proc.stdout)
+    assert parsed["supervisor"] == {"workers": 3, "shards_per_worker": 0}
+    assert (
+        proc.stderr
+        == "spectacles-gateway: warning: unknown config key 'zzz' in gateway.toml (ignored)\n"
+    )
+
+
+def test_run_or_exit_subprocess_help(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, ["--help"], {})
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: spectacles-supervise")
+    assert proc.stderr == ""

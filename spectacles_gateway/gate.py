@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 from .protocol.identify import IDENTIFY_WINDOW, SessionBudget, bucket_of
 
-__all__ = ["LocalIdentifyGate", "Permit"]
+__all__ = ["IDENTIFY_MARGIN", "LocalIdentifyGate", "Permit"]
+
+#: Added to every identify window: our clock reads the time an IDENTIFY was handed to the
+#: socket, Discord's the time it arrived; jitter between the two must never make two identifies
+#: of one bucket look closer than the window.
+IDENTIFY_MARGIN = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class LocalIdentifyGate:
     def release(self, permit: object, sent_at: float | None) -> None:
         assert isinstance(permit, Permit)
         if sent_at is not None:
-            self._next[permit.bucket] = sent_at + self.window
+            self._next[permit.bucket] = sent_at + self.window + IDENTIFY_MARGIN
             if self.budget is not None:
                 self.budget.spend(sent_at)
                 if self._on_spend is not None:

@@ -50,6 +50,8 @@ class WorkerPlan:
     shutdown_timeout: float = 10.0
     max_concurrency: int = 1
     worker_id: int = 0
+    send_limit: int = 120  # per connection per send_period (Discord: 120 per 60 s)
+    send_period: float = 60.0
 
     def shard_config(self, shard_id: int) -> ShardConfig:
         return ShardConfig(
@@ -64,6 +66,8 @@ class WorkerPlan:
             presence=self.presence,
             events=self.events,
             hello_timeout=self.hello_timeout,
+            send_limit=self.send_limit,
+            send_period=self.send_period,
         )
 
 

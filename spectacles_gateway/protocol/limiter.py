@@ -14,8 +14,12 @@ class SendLimiter:
     it can never trigger close code 4008. ``reserved`` slots are usable only by priority sends
     (heartbeats, identify, resume), so a flood of commands cannot starve the heartbeat.
 
-    Create one per connection (Discord resets its count on each new connection).
+    Create one per connection (Discord resets its count on each new connection). The window we
+    keep is ``period * (1 + SAFETY)``: we time a send when it leaves, the server when it
+    arrives, and uneven delivery must not squeeze ``limit + 1`` sends into the server's window.
     """
+
+    SAFETY = 0.025
 
     __slots__ = ("_sent", "limit", "period", "reserved")
 
@@ -23,7 +27,7 @@ class SendLimiter:
         if not 0 <= reserved < limit:
             raise ValueError("reserved must be in [0, limit)")
         self.limit = limit
-        self.period = period
+        self.period = period * (1.0 + self.SAFETY)
         self.reserved = reserved
         self._sent: deque[float] = deque()
 

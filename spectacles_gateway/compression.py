@@ -35,7 +35,7 @@ class ZstdStream:
 
     def feed(self, data: bytes) -> bytes | None:
         try:
-            return self._obj.decompress(data)  # type: ignore[no-any-return]
+            return self._obj.decompress(data)
         except zstandard.ZstdError as exc:
             raise DecompressError(f"zstd: {exc}") from exc
 

@@ -146,7 +146,7 @@ class ConfigError(Exception):
         return self.message
 
 
-class HelpRequested(Exception):  # noqa: N818 - not an error: the caller prints and exits 0
+class HelpRequested(Exception):
     """``-h``/``--help`` was given; ``text`` is the usage to print."""
 
     def __init__(self, text: str) -> None:
@@ -458,7 +458,7 @@ class _Raw:
 _GIVEN: Any = object()  # "the value as given" in _Bad
 
 
-class _Bad(Exception):  # noqa: N818 - internal signal, turned into a ConfigError by _convert
+class _Bad(Exception):
     def __init__(
         self,
         allowed: str,

@@ -69,7 +69,9 @@ def fetch_gateway_bot(
                 return _parse(response.read())
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
-                raise BadToken(f"{url} answered 401 Unauthorized: the bot token is invalid") from None
+                raise BadToken(
+                    f"{url} answered 401 Unauthorized: the bot token is invalid"
+                ) from None
             wait = delay
             if exc.code == 429:
                 try:

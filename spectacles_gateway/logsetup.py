@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Iterable
 
-from .redact import Redactor, RedactingFilter
+from .redact import RedactingFilter, Redactor
 
 __all__ = ["setup_logging"]
 

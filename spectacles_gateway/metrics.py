@@ -39,12 +39,8 @@ ping = Histogram(
 )
 
 # --- ours ---
-events_published = Counter(
-    "gateway_events_published", "Events handed to the broker.", ["event"]
-)
-events_confirmed = Counter(
-    "gateway_events_confirmed", "Events the broker confirmed.", ["broker"]
-)
+events_published = Counter("gateway_events_published", "Events handed to the broker.", ["event"])
+events_confirmed = Counter("gateway_events_confirmed", "Events the broker confirmed.", ["broker"])
 publish_failures = Counter(
     "gateway_publish_failures", "Events the broker refused or lost (retried).", ["reason"]
 )

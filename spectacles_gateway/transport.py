@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidURI
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
 from .compression import DecompressError, Decompressor, make_decompressor
@@ -35,6 +35,8 @@ __all__ = ["EventHandler", "GatewayConnection", "IdentifyGateLike", "ShardRunner
 
 log = logging.getLogger(__name__)
 
+Event = Request | Response | Frame
+
 _OP_TEXT = Opcode.TEXT
 _OP_BINARY = Opcode.BINARY
 _OP_CONT = Opcode.CONT
@@ -46,7 +48,9 @@ USER_AGENT = "DiscordBot (https://github.com/spec-tacles, 0.1) spectacles-gatewa
 class EventHandler(Protocol):
     """Where a runner delivers what its shard produced (the worker implements it)."""
 
-    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+    def publish(
+        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
+    ) -> None:
         """A dispatch that passed the filter. ``session`` is the session id it belongs to."""
 
     def end_of_batch(self) -> None:
@@ -131,7 +135,7 @@ class GatewayConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- websocket events
 
-    def _handshake(self, events: list[object]) -> list[object]:
+    def _handshake(self, events: list[Event]) -> list[Event]:
         first = events[0]
         if isinstance(first, Response):
             exc = self.ws.handshake_exc
@@ -147,7 +151,7 @@ class GatewayConnection(asyncio.Protocol):
             return events[1:]
         return events
 
-    def _frames(self, events: list[object]) -> None:
+    def _frames(self, events: list[Event]) -> None:
         now = self.loop.time()
         for frame in events:
             assert isinstance(frame, Frame)
@@ -178,7 +182,11 @@ class GatewayConnection(asyncio.Protocol):
         dispatch = self.core.receive(payload, now)
         if dispatch is not None:
             self.handler.publish(
-                self.shard_id, dispatch.event, dispatch.seq, dispatch.data, self.core.session_id or ""
+                self.shard_id,
+                dispatch.event,
+                dispatch.seq,
+                dispatch.data,
+                self.core.session_id or "",
             )
 
     # ---------------------------------------------------------------- outputs
@@ -387,7 +395,7 @@ class ShardRunner:
             async with asyncio.timeout(self.open_timeout):
                 await loop.create_connection(
                     lambda: conn,
-                    parts.hostname,
+                    parts.hostname or "",
                     port,
                     ssl=_ssl_context(url),
                 )

@@ -120,7 +120,9 @@ class Worker:
 
     # ------------------------------------------------------------------ EventHandler
 
-    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+    def publish(
+        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
+    ) -> None:
         self.broker.publish(shard_id, event, seq, data, session)
 
     def end_of_batch(self) -> None:

@@ -16,9 +16,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import start_http_server
+
+from spectacles_gateway import metrics
 from spectacles_gateway.brokers.base import Broker
 from spectacles_gateway.brokers.stdio import StdioBroker
-from spectacles_gateway.config import EX_CONFIG, Loaded, Settings, run_or_exit
+from spectacles_gateway.config import EX_CONFIG, SIMULATED_TOKEN, Loaded, Settings, run_or_exit
 from spectacles_gateway.discovery import BadToken, GatewayBot, fetch_gateway_bot
 from spectacles_gateway.gate import LocalIdentifyGate
 from spectacles_gateway.logsetup import setup_logging
@@ -51,8 +54,10 @@ class Simulated:
                 self.process.wait()
 
 
-def start_simulator(shard_count: int, token: str, rate: float) -> Simulated:
-    """Start the bundled gateway simulator on loopback and return where it listens."""
+def start_simulator(shard_count: int, rate: float) -> Simulated:
+    """Start the bundled gateway simulator on loopback and return where it listens.
+
+    It accepts only its own fake token (``simulated-token``): a real token never leaves us."""
     argv = [
         sys.executable,
         "-m",
@@ -66,8 +71,7 @@ def start_simulator(shard_count: int, token: str, rate: float) -> Simulated:
         "--rate",
         str(rate),
     ]
-    env = dict(os.environ, SIMULATOR_TOKEN=token)  # the token stays out of argv
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)  # noqa: S603
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE)  # noqa: S603
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
@@ -91,14 +95,14 @@ def _shard_ids(loaded: Loaded, count: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def plan_worker(settings: Settings, loaded: Loaded, bot: GatewayBot) -> WorkerPlan:
+def plan_worker(settings: Settings, loaded: Loaded, bot: GatewayBot, token: str) -> WorkerPlan:
     count = settings.shards.count or bot.shards
     ids = _shard_ids(loaded, count)
     events = None if settings.publish_all else settings.events
     return WorkerPlan(
         shard_ids=ids,
         shard_count=count,
-        token=settings.token.get_secret_value(),
+        token=token,
         intents=settings.intents,
         gateway_url=settings.gateway.url or bot.url,
         events=events,
@@ -124,8 +128,19 @@ def make_broker(settings: Settings) -> Broker:
 
 async def _run(plan: WorkerPlan, settings: Settings, bot: GatewayBot) -> int:
     loop = asyncio.get_running_loop()
+    if settings.prometheus.enabled:
+        start_http_server(settings.prometheus.port, settings.prometheus.host)
+        log.info(
+            "metrics on http://%s:%d%s",
+            settings.prometheus.host,
+            settings.prometheus.port,
+            settings.prometheus.endpoint,
+        )
+    metrics.session_starts_remaining.set(bot.remaining)
     budget = SessionBudget(bot.total, bot.remaining, loop.time() + bot.reset_after)
-    gate = LocalIdentifyGate(plan.max_concurrency, budget=budget)
+    gate = LocalIdentifyGate(
+        plan.max_concurrency, budget=budget, on_spend=metrics.session_starts_remaining.set
+    )
     worker = Worker(plan, make_broker(settings), gate=gate)
     return await worker.run()
 
@@ -149,20 +164,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings.redacted_dump())
         return 0
     simulated: Simulated | None = None
+    token = settings.token.get_secret_value()
     try:
         api_base = settings.api.base_url
         if loaded.cli.simulate:
+            token = SIMULATED_TOKEN
             count = settings.shards.count or (
                 max(parse_shard_spec(loaded.cli.shards)) + 1 if loaded.cli.shards else 1
             )
-            simulated = start_simulator(count, settings.token.get_secret_value(), rate=5.0)
+            simulated = start_simulator(count, rate=5.0)
             api_base = simulated.http_base
             log.info("simulating Discord at %s (no token needed)", simulated.gateway_url)
         try:
-            bot = fetch_gateway_bot(api_base, settings.token.get_secret_value())
+            bot = fetch_gateway_bot(api_base, token)
         except BadToken as exc:
             raise Fatal(str(exc)) from None
-        plan = plan_worker(settings, loaded, bot)
+        plan = plan_worker(settings, loaded, bot, token)
         log.info(
             "running shards %s of %d (max_concurrency %d, %d session starts left)",
             _describe_ids(plan.shard_ids),

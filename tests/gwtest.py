@@ -34,7 +34,9 @@ class RecordingBroker(Broker):
         self.events: list[tuple[int, str, int | None, bytes]] = []
         self._batch: dict[int, tuple[str, int]] = {}
 
-    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+    def publish(
+        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
+    ) -> None:
         self.events.append((shard_id, event, seq, data))
         if seq is not None:
             self._batch[shard_id] = (session, seq)

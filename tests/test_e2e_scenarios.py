@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,7 +51,7 @@ async def test_s1_hello_heartbeat_identify_ready_dispatches() -> None:
         # The first heartbeat comes after HELLO, within one interval (jitter), d = last seq.
         assert 0 <= first_beat.time - conn.opened_at <= 1.0 + t(0.2)
         beats = [h.time for h in sim.ledger.heartbeats if h.conn_id == conn.conn_id]
-        assert all(0.8 <= b - a <= 1.0 + t(0.3) for a, b in zip(beats[1:], beats[2:], strict=False))
+        assert all(0.8 <= b - a <= 1.0 + t(0.3) for a, b in itertools.pairwise(beats[1:]))
         # Dispatches in seq order; the stored READY seq was 1.
         seqs = [s for _, e, s, _ in broker.events if e == "MESSAGE_CREATE"]
         assert seqs == sorted(seqs) and seqs[0] > 1
@@ -108,7 +109,9 @@ async def test_s3_withheld_acks_zombie_resume_at_resume_url_with_query() -> None
         assert {k: [v] for k, v in second.query.items()} == QUERY
         resume = sim.ledger.resumes[0]
         assert resume.session_id == first.session_id
-        assert resume.seq == max(s for _, _, s, _ in broker.events if s is not None and s <= resume.seq)
+        assert resume.seq == max(
+            s for _, _, s, _ in broker.events if s is not None and s <= resume.seq
+        )
 
 
 async def test_s4_heartbeat_request_is_answered_at_once() -> None:
@@ -188,10 +191,22 @@ async def test_s8_op9_true_resumes_and_op9_false_identifies() -> None:
 @pytest.mark.parametrize(
     ("code", "outcome"),
     [
-        (4000, "resume"), (4001, "resume"), (4002, "resume"), (4003, "identify"),
-        (4004, "fatal"), (4005, "resume"), (4007, "identify"), (4008, "resume"),
-        (4009, "identify"), (4010, "fatal"), (4011, "fatal"), (4012, "fatal"),
-        (4013, "fatal"), (4014, "fatal"), (1000, "resume"), (1001, "resume"),
+        (4000, "resume"),
+        (4001, "resume"),
+        (4002, "resume"),
+        (4003, "identify"),
+        (4004, "fatal"),
+        (4005, "resume"),
+        (4007, "identify"),
+        (4008, "resume"),
+        (4009, "identify"),
+        (4010, "fatal"),
+        (4011, "fatal"),
+        (4012, "fatal"),
+        (4013, "fatal"),
+        (4014, "fatal"),
+        (1000, "resume"),
+        (1001, "resume"),
     ],
 )
 async def test_s9_close_codes(code: int, outcome: str) -> None:
@@ -228,10 +243,17 @@ async def test_s10_reconnect_paths_never_send_1000() -> None:
     async with simulator(rate=20, heartbeat_interval_ms=300, heartbeat_timeout_factor=0) as sim:
         async with running_worker(sim) as (worker, broker):
             await wait_until(lambda: ready(worker), 10, "ready")
-            faults = [Reconnect(), InvalidSession(resumable=True), CorruptCompressed(), MalformedJson()]
+            faults = [
+                Reconnect(),
+                InvalidSession(resumable=True),
+                CorruptCompressed(),
+                MalformedJson(),
+            ]
             for n, fault in enumerate(faults, start=1):
                 sim.inject(0, fault)
-                await wait_until(lambda n=n: len(sim.ledger.connections) > n, t(15), f"after {fault}")
+                await wait_until(
+                    lambda n=n: len(sim.ledger.connections) > n, t(15), f"after {fault}"
+                )
                 await wait_until(lambda: ready(worker), 10, "ready")
             sim.inject(0, WithholdAcks(True))
             await wait_until(lambda: len(sim.ledger.connections) > 5, t(5), "zombie reconnect")
@@ -250,7 +272,9 @@ async def test_s11_command_flood_stays_under_the_send_limit() -> None:
             await wait_until(lambda: ready(worker), 10, "ready")
             acked: list[int] = []
             for i in range(40):
-                body = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": {"status": "online", "n": i}}})
+                body = json.dumps(
+                    {"shard_id": 0, "packet": {"op": 3, "d": {"status": "online", "n": i}}}
+                )
                 worker.handle_command(body.encode(), lambda i=i: acked.append(i))
             await wait_until(lambda: len(sim.ledger.commands) == 40, t(20), "all commands")
         assert [c.d["n"] for c in sim.ledger.commands] == list(range(40))
@@ -317,9 +341,31 @@ async def test_commands_route_by_guild_shard_and_broadcast() -> None:
             await wait_until(lambda: ready(worker, 0) and ready(worker, 1), 15, "ready")
             guild_on_1 = (1 << 22) * 7  # (7) % 2 == 1
             sends = [
-                {"guild_id": str(guild_on_1), "packet": {"op": 4, "d": {"guild_id": str(guild_on_1), "channel_id": None, "self_mute": False, "self_deaf": False}}},
-                {"shard_id": 0, "packet": {"op": 3, "d": {"status": "idle", "afk": False, "since": None, "activities": []}}},
-                {"packet": {"op": 3, "d": {"status": "dnd", "afk": False, "since": None, "activities": []}}},
+                {
+                    "guild_id": str(guild_on_1),
+                    "packet": {
+                        "op": 4,
+                        "d": {
+                            "guild_id": str(guild_on_1),
+                            "channel_id": None,
+                            "self_mute": False,
+                            "self_deaf": False,
+                        },
+                    },
+                },
+                {
+                    "shard_id": 0,
+                    "packet": {
+                        "op": 3,
+                        "d": {"status": "idle", "afk": False, "since": None, "activities": []},
+                    },
+                },
+                {
+                    "packet": {
+                        "op": 3,
+                        "d": {"status": "dnd", "afk": False, "since": None, "activities": []},
+                    }
+                },
             ]
             for body in sends:
                 worker.handle_command(json.dumps(body).encode(), lambda: None)

@@ -36,7 +36,7 @@ def test_gateway_url_without_compression(compress: str | None) -> None:
 
 @pytest.mark.parametrize("bad", ["https://discord.com/", "gateway.discord.gg", "wss://"])
 def test_gateway_url_rejects_non_websocket_urls(bad: str) -> None:
-    with pytest.raises(ValueError, match="ws|host"):
+    with pytest.raises(ValueError, match=r"ws|host"):
         build_gateway_url(bad, version=10)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -27,7 +28,9 @@ def j(obj: Any) -> bytes:
 
 
 def hello(interval_ms: int = 41250) -> bytes:
-    return j({"t": None, "s": None, "op": 10, "d": {"heartbeat_interval": interval_ms, "_trace": ["x"]}})
+    return j(
+        {"t": None, "s": None, "op": 10, "d": {"heartbeat_interval": interval_ms, "_trace": ["x"]}}
+    )
 
 
 def ready(session: str = "sess-1", s: int = 1, resume: str | None = RESUME) -> bytes:
@@ -83,7 +86,12 @@ def test_first_connection_identifies_at_the_gateway_url_with_query() -> None:
 
 
 def test_identify_fields_and_heartbeat_jitter_after_hello() -> None:
-    presence = {"since": None, "activities": [{"name": "x", "type": 0}], "status": "online", "afk": False}
+    presence = {
+        "since": None,
+        "activities": [{"name": "x", "type": 0}],
+        "status": "online",
+        "afk": False,
+    }
     core = make(rand=0.25, presence=presence)
     core.connection_opened(10.0, identify_permitted=True)
     assert sent(core) == []  # nothing before HELLO: no heartbeat, no identify
@@ -160,7 +168,11 @@ def test_dispatch_keeps_d_raw_and_filters_events() -> None:
     raw = b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{"content":"h\\u00e9",  "n":1.50}}'
     out = core.receive(raw, 1.0)
     assert out is not None
-    assert (out.event, out.seq, out.data) == ("MESSAGE_CREATE", 2, b'{"content":"h\\u00e9",  "n":1.50}')
+    assert (out.event, out.seq, out.data) == (
+        "MESSAGE_CREATE",
+        2,
+        b'{"content":"h\\u00e9",  "n":1.50}',
+    )
     assert core.receive(dispatch(3, "TYPING_START"), 1.0) is None
     assert core.seq == 3
 
@@ -181,7 +193,9 @@ def test_unknown_opcodes_events_and_fields_are_tolerated() -> None:
     connected_ready(core)
     assert core.receive(j({"op": 99, "d": {"x": 1}}), 1.0) is None
     assert kinds(core) == ["unknown_opcode"]
-    out = core.receive(j({"op": 0, "t": "FUTURE_EVENT", "s": 2, "d": {"new": True}, "extra": 1}), 1.0)
+    out = core.receive(
+        j({"op": 0, "t": "FUTURE_EVENT", "s": 2, "d": {"new": True}, "extra": 1}), 1.0
+    )
     assert out is not None and out.event == "FUTURE_EVENT"
     assert core.phase is Phase.READY
 
@@ -507,7 +521,7 @@ def test_commands_wait_for_ready_then_respect_the_send_limit() -> None:
     for t in times:  # never more than 120 in any 60 s window, heartbeats included
         assert sum(1 for u in times if t <= u < t + 60.0) <= 120
     beats = [t for t, p in sends if p["op"] == 1]
-    gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert gaps and all(g == pytest.approx(41.25) for g in gaps)  # heartbeats never delayed
     assert commands[-1][0] == pytest.approx(0.5 + 61.5)  # the last ones waited for the window
 

@@ -50,7 +50,12 @@ def test_json_line_embeds_d_without_reserialising() -> None:
     d = b'{"a": [1, 2.50]}'
     line = json_line("MESSAGE_CREATE", 3, 17, d)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert json.loads(line) == {"event": "MESSAGE_CREATE", "shard_id": 3, "seq": 17, "data": {"a": [1, 2.5]}}
+    assert json.loads(line) == {
+        "event": "MESSAGE_CREATE",
+        "shard_id": 3,
+        "seq": 17,
+        "data": {"a": [1, 2.5]},
+    }
     assert d in line
     assert json.loads(json_line('WEIRD"NAME', 0, None, b"null"))["event"] == 'WEIRD"NAME'
 
@@ -93,7 +98,9 @@ PACKET = {"op": 3, "d": {"status": "online", "afk": False, "since": None, "activ
     [
         json.dumps({"guild_id": "81384788765712384", "packet": PACKET}).encode(),
         msgpack_string(json.dumps({"guild_id": "81384788765712384", "packet": PACKET}).encode()),
-        msgspec.msgpack.encode(json.dumps({"guild_id": "81384788765712384", "packet": PACKET}).encode()),
+        msgspec.msgpack.encode(
+            json.dumps({"guild_id": "81384788765712384", "packet": PACKET}).encode()
+        ),
         msgspec.msgpack.encode(json.dumps({"guild_id": 81384788765712384, "packet": PACKET})),
     ],
     ids=["json", "msgpack-str-legacy", "msgpack-bin", "msgpack-str8-int-guild"],
@@ -143,8 +150,14 @@ def test_unwrap_leaves_plain_json_alone() -> None:
 
 @pytest.mark.parametrize(
     ("guild_id", "count", "shard"),
-    [(81384788765712384, 1, 0), (81384788765712384, 2, 0), (81384788765712384, 16, 2),
-     (41771983423143937, 4, 2), (1 << 22, 4, 1), ((7 << 22) + 12345, 4, 3)],
+    [
+        (81384788765712384, 1, 0),
+        (81384788765712384, 2, 0),
+        (81384788765712384, 16, 2),
+        (41771983423143937, 4, 2),
+        (1 << 22, 4, 1),
+        ((7 << 22) + 12345, 4, 3),
+    ],
 )
 def test_routing_rule(guild_id: int, count: int, shard: int) -> None:
     assert target_shard(guild_id, count) == shard == (guild_id >> 22) % count

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 __all__ = ["Broker", "CommandHandler", "ConfirmHandler"]
 
-#: ``confirm(shard_id, session_id, seq)``: every event of that shard's session up to ``seq`` is safe.
+#: ``confirm(shard_id, session_id, seq)``: every event of that session up to ``seq`` is safe.
 ConfirmHandler = Callable[[int, str, int], None]
 #: ``handle(body, ack)``: a raw command body; call ``ack()`` once it was sent or rejected.
 CommandHandler = Callable[[bytes, Callable[[], None]], None]

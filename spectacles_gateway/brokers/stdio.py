@@ -77,7 +77,9 @@ class StdioBroker(Broker):
 
     # ------------------------------------------------------------------ output
 
-    def publish(self, shard_id: int, event: str, seq: int | None, data: bytes, session: str) -> None:
+    def publish(
+        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
+    ) -> None:
         if self.format == "json":
             self._buffer.append(json_line(event, shard_id, seq, data))
         else:
@@ -234,7 +236,7 @@ class StdioBroker(Broker):
                 os.close(in_fd)
                 log.info("stdin is not a pipe or terminal: not reading commands from it")
 
-    async def drain(self, timeout: float = 5.0) -> None:
+    async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until everything written has left our buffer (or ``timeout``)."""
         self.flush()
         transport = self._transport
@@ -242,7 +244,8 @@ class StdioBroker(Broker):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while transport.get_write_buffer_size() and loop.time() < deadline:
+        # Transports have no "buffer empty" callback: poll (only at shutdown).
+        while transport.get_write_buffer_size() and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
     async def aclose(self) -> None:

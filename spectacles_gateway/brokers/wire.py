@@ -167,7 +167,9 @@ def parse_command(body: bytes | str) -> Command:
     if obj.get("shard_id") is not None:
         shard_id = obj["shard_id"]
         if not isinstance(shard_id, int) or isinstance(shard_id, bool) or shard_id < 0:
-            raise CommandError("wrong_shape", f"shard_id must be a non-negative integer, got {shard_id!r}")
+            raise CommandError(
+                "wrong_shape", f"shard_id must be a non-negative integer, got {shard_id!r}"
+            )
     return Command(packet, guild_id, shard_id)
 
 

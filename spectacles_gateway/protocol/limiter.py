@@ -41,7 +41,7 @@ class SendLimiter:
         return self.limit if priority else self.limit - self.reserved
 
     def try_acquire(self, now: float, *, priority: bool = False) -> bool:
-        """Record a send at ``now`` and return True if it is allowed; False (nothing recorded) if not."""
+        """Record a send at ``now`` and return True if allowed; False (nothing recorded) if not."""
         self._expire(now)
         if len(self._sent) >= self._cap(priority):
             return False

@@ -79,7 +79,7 @@ class Dispatch(NamedTuple):
 
 
 class Notice(NamedTuple):
-    """Something worth a log line or a metric: ``kind`` is a short fixed word, ``detail`` free text."""
+    """Worth a log line or a metric: ``kind`` is a short fixed word, ``detail`` free text."""
 
     kind: str
     detail: str
@@ -306,9 +306,7 @@ class ShardProtocol:
         try:
             env = decode_envelope(data)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            self._request_close(
-                RESUMABLE_CLOSE, "malformed payload", CloseAction.RESUME, "backoff"
-            )
+            self._request_close(RESUMABLE_CLOSE, "malformed payload", CloseAction.RESUME, "backoff")
             self._notice("decode_error", f"malformed JSON from the gateway: {exc}")
             return None
         op = env.op
@@ -320,7 +318,7 @@ class ShardProtocol:
             if s is not None:
                 self.seq = s
             t = env.t
-            if t == "READY" or t == "RESUMED":
+            if t in ("READY", "RESUMED"):
                 self._on_session_event(t, env.d.copy() if t == "READY" else b"", now)
             if t is None:
                 return None

@@ -1,4 +1,4 @@
-"""Gateway URL building (discord.md §1): the query goes on both the gateway URL and the resume URL."""
+"""Gateway URL building (discord.md §1): the query goes on the gateway and the resume URL."""
 
 from __future__ import annotations
 

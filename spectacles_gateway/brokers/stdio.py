@@ -71,6 +71,7 @@ class StdioBroker(Broker):
         self._in_buffer = bytearray()
         self._skipping = False
         self._reader_transport: asyncio.ReadTransport | None = None
+        self._file_reader: asyncio.Future[None] | None = None
         self._paused = False
         self._drained: asyncio.Event | None = None
         self.published = 0
@@ -232,9 +233,17 @@ class StdioBroker(Broker):
                 self._reader_transport, _ = await loop.connect_read_pipe(
                     lambda: _Reader(self._feed, self._eof), pipe_in
                 )
-            else:
+            elif stat.S_ISREG(os.fstat(in_fd).st_mode):  # `< commands.jsonl`: read it aside
+                self._file_reader = loop.run_in_executor(None, self._read_file, in_fd, loop)
+            else:  # /dev/null and other devices that cannot be polled
                 os.close(in_fd)
-                log.info("stdin is not a pipe or terminal: not reading commands from it")
+                log.debug("stdin cannot be polled: not reading commands from it")
+
+    def _read_file(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                loop.call_soon_threadsafe(self._feed, chunk)
+        loop.call_soon_threadsafe(self._eof)
 
     async def drain(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until everything written has left our buffer (or ``timeout``)."""
@@ -265,8 +274,10 @@ def _no_ack() -> None:
 
 
 def _is_pipe_like(fd: int) -> bool:
+    """Pipes, sockets and terminals can be polled; /dev/null and regular files cannot (and
+    uvloop aborts the process if asked to watch them)."""
     mode = os.fstat(fd).st_mode
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,372 @@
+"""``spectacles-supervise`` as a real subprocess against the simulator: stdout, stdin, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from spectacles_gateway.simulator import (
+    Close,
+    CorruptCompressed,
+    Drop,
+    InvalidSession,
+    MalformedJson,
+    Reconnect,
+    Simulator,
+    WithholdAcks,
+)
+
+from .gwtest import TOKEN, simulator, t, wait_until
+
+BIN = Path(sys.executable).parent
+SECRET = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_env(sim: Simulator, **extra: str) -> dict[str, str]:
+    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DISCORD_TOKEN": TOKEN,
+        "DISCORD_API_PROTOCOL": "http",
+        "DISCORD_API_HOST": host,
+        "DISCORD_EVENTS": "MESSAGE_CREATE",
+        "DISCORD_HELLO_TIMEOUT": "5s",
+        "LOG_LEVEL": "info",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Gateway:
+    process: asyncio.subprocess.Process
+    lines: list[bytes] = field(default_factory=list)
+    stderr: list[bytes] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def records(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.lines]
+
+    def ids(self) -> list[str]:
+        return [r["data"]["id"] for r in self.records() if r["event"] == "MESSAGE_CREATE"]  # type: ignore[index]
+
+    def log(self) -> str:
+        return b"".join(self.stderr).decode(errors="replace")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), t(timeout))
+        await asyncio.gather(*self.tasks)
+        return code
+
+
+async def _pump(stream: asyncio.StreamReader, sink: list[bytes], lines: bool) -> None:
+    while True:
+        chunk = await (stream.readline() if lines else stream.read(65536))
+        if not chunk:
+            return
+        sink.append(chunk)
+
+
+@asynccontextmanager
+async def gateway(
+    env: dict[str, str], *args: str, stdin: bool = False, binary: bool = False
+) -> AsyncIterator[Gateway]:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "spectacles-supervise"),
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        limit=1 << 24,
+    )
+    gw = Gateway(process)
+    assert process.stdout is not None and process.stderr is not None
+    gw.tasks = [
+        asyncio.create_task(_pump(process.stdout, gw.lines, not binary)),
+        asyncio.create_task(_pump(process.stderr, gw.stderr, False)),
+    ]
+    try:
+        yield gw
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await asyncio.gather(*gw.tasks, return_exceptions=True)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+async def test_four_shards_a_minute_of_broken_connections_every_event_exactly_once() -> None:
+    rng = random.Random(20261128)
+    seconds = float(os.environ.get("CHAOS_SECONDS", "60"))
+    async with simulator(
+        shard_count=4,
+        rate=150,
+        heartbeat_interval_ms=1000,
+        heartbeat_timeout_factor=0,
+        big_guild_create_bytes=1_100_000,
+    ) as sim:
+        async with gateway(gateway_env(sim)) as gw:
+            await wait_until(lambda: len(gw.ids()) > 200, 20, "events on stdout")
+            loop = asyncio.get_running_loop()
+            end = loop.time() + seconds
+            withheld: dict[int, float] = {}
+            faults = 0
+            while loop.time() < end:
+                shard = rng.randrange(4)
+                kind = rng.choice(["drop", "op7", "acks", "close", "op9"])
+                if kind == "drop":
+                    sim.inject(shard, Drop())
+                elif kind == "op7":
+                    sim.inject(shard, Reconnect())
+                elif kind == "close":
+                    sim.inject(shard, Close(rng.choice([4000, 4001, 4002, 4005, 4008, 1001])))
+                elif kind == "op9":
+                    sim.inject(shard, InvalidSession(resumable=True))
+                elif shard not in withheld:
+                    sim.inject(shard, WithholdAcks(True))
+                    withheld[shard] = loop.time() + 2.5
+                faults += 1
+                for s, until in list(withheld.items()):
+                    if loop.time() >= until:
+                        sim.inject(s, WithholdAcks(False))
+                        del withheld[s]
+                await asyncio.sleep(rng.uniform(0.2, 0.8))
+            for s in withheld:
+                sim.inject(s, WithholdAcks(False))
+            sim.pause_dispatch()
+            expected = set(sim.ledger.events_sent())
+            await wait_until(lambda: set(gw.ids()) >= expected, 30, "every event on stdout")
+            await asyncio.sleep(0.5)
+            code = await gw.stop()
+        ids = gw.ids()
+        assert code == 0, gw.log()[-3000:]
+        assert len(ids) == len(set(ids)), "an event appeared twice on stdout"
+        assert set(ids) == set(sim.ledger.events_sent())
+        assert len(ids) > 200 * seconds
+        assert sim.ledger.identify_count() == 4, gw.log()[-3000:]
+        resumed = sim.ledger.resume_count(success=True)
+        assert resumed >= faults * 0.6, (resumed, faults)
+        assert not sim.ledger.violations
+        assert TOKEN not in gw.log()
+
+
+async def test_bad_input_is_logged_counted_and_survived() -> None:
+    port = free_port()
+    async with simulator(shard_count=2, rate=100) as sim:
+        env = gateway_env(
+            sim,
+            DISCORD_TOKEN=SECRET,
+            PROMETHEUS_ADDRESS=f"127.0.0.1:{port}",
+        )
+        sim.config.token = SECRET
+        async with gateway(env, "--shards", "0-1", "--shard-count", "2", stdin=True) as gw:
+            await wait_until(lambda: len(gw.ids()) > 100, 20, "events")
+            assert gw.process.stdin is not None
+            oversize = {"shard_id": 0, "packet": {"op": 3, "d": {"x": "y" * 5000}}}
+            garbage = [
+                b"this is not json\n",
+                b"\x00\xff\xfe binary garbage\n",
+                b'{"event":"SEND","data":"{not json"}\n',
+                b'{"event":"SEND","data":{"packet":{"op":3}}}\n',
+                b'{"event":"SEND","data":{"shard_id":7,"packet":{"op":3,"d":{}}}}\n',
+                b'{"event":"SEND","data":{"guild_id":"abc","packet":{"op":3,"d":{}}}}\n',
+                b'{"event":"NOPE","data":{}}\n',
+                json.dumps({"event": "SEND", "data": oversize}).encode() + b"\n",
+                b"[1,2,3]\n",
+            ]
+            for line in garbage:
+                gw.process.stdin.write(line)
+            good = {
+                "event": "SEND",
+                "data": {
+                    "shard_id": 1,
+                    "packet": {
+                        "op": 3,
+                        "d": {"status": "idle", "since": None, "activities": [], "afk": False},
+                    },
+                },
+            }
+            gw.process.stdin.write(json.dumps(good).encode() + b"\n")
+            await gw.process.stdin.drain()
+            await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the good command")
+            sim.inject(0, CorruptCompressed())
+            sim.inject(1, MalformedJson())
+            await wait_until(lambda: sim.ledger.resume_count(success=True) >= 2, 15, "resumes")
+            n = len(gw.ids())
+            await wait_until(lambda: len(gw.ids()) > n + 100, 10, "events still flowing")
+            await asyncio.sleep(1.2)  # metrics are moved over once a second
+            text = await asyncio.to_thread(scrape, port)
+            code = await gw.stop()
+        log = gw.log()
+        assert code == 0
+        assert sim.ledger.commands[0].shard_id == 1 and sim.ledger.commands[0].d["status"] == "idle"
+        for reason in ("not_json", "wrong_shape", "unknown_shard", "unknown_event", "too_large"):
+            assert metric(text, "gateway_input_dropped_total", reason=reason) >= 1, reason
+        assert metric(text, "gateway_input_dropped_total") == len(garbage)
+        assert metric(text, "gateway_decode_errors_total") >= 2
+        assert metric(text, "gateway_reconnects_total", reason="decode_error") >= 2
+        assert log.count("dropped input from stdin") + log.count("rejected a command") == len(
+            garbage
+        )
+        assert "corrupt compressed data" in log and "malformed JSON" in log
+        assert "Traceback" not in log
+        assert (
+            SECRET not in log and SECRET not in text and SECRET not in b"".join(gw.lines).decode()
+        )
+        assert sim.ledger.identify_count() == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "env", "args", "needle"),
+    [
+        (
+            {"gateway.toml": "token = 'x'\n[broker\ntype = 1"},
+            {},
+            ["--config", "gateway.toml"],
+            "line",
+        ),
+        ({}, {"BROKER_TYPE": "kafka"}, [], "broker.type"),
+        ({}, {"DISCORD_INTENTS": "GUILDS,GUILD_MESAGES"}, [], "GUILD_MESSAGES"),
+        ({}, {"BROKER_MESSAGE_TIMEOUT": "2 minutes"}, [], "message_timeout"),
+        ({}, {"DISCORD_TOKEN": ""}, [], "token"),
+        ({}, {"DISCORD_SHARD_COUNT": "2", "DISCORD_SHARD_IDS": "0-3"}, [], "shards.ids"),
+        ({}, {}, ["--shards", "5-2"], "shards.ids"),
+        ({}, {"AMQP_URL": f"ftp://guest:{SECRET}@host/"}, [], "amqp.url"),
+    ],
+    ids=[
+        "malformed-toml",
+        "broker-type",
+        "intent",
+        "duration",
+        "empty-token",
+        "shard-ids",
+        "spec",
+        "url",
+    ],
+)
+def test_bad_configuration_exits_78_with_one_line(
+    tmp_path: Path, files: dict[str, str], env: dict[str, str], args: list[str], needle: str
+) -> None:
+    import subprocess
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    full_env = {"PATH": os.environ.get("PATH", ""), "DISCORD_TOKEN": SECRET, **env}
+    result = subprocess.run(
+        [str(BIN / "spectacles-supervise"), *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err
+    assert SECRET not in err and not result.stdout
+
+
+async def test_bad_token_at_gateway_bot_exits_78_with_one_line() -> None:
+    async with simulator() as sim:
+        env = gateway_env(sim, DISCORD_TOKEN=SECRET)
+        async with gateway(env) as gw:
+            code = await asyncio.wait_for(gw.process.wait(), t(30))
+            await asyncio.gather(*gw.tasks)
+        log = gw.log()
+        assert code == 78
+        assert [line for line in log.splitlines() if "ERROR" in line] == [
+            line for line in log.splitlines() if "401" in line
+        ]
+        assert len([line for line in log.splitlines() if "ERROR" in line]) == 1
+        assert SECRET not in log
+
+
+async def test_disallowed_intents_close_4014_exits_78() -> None:
+    async with simulator(allowed_privileged=0) as sim:
+        env = gateway_env(sim, DISCORD_INTENTS="GUILDS,GUILD_MEMBERS")
+        async with gateway(env) as gw:
+            code = await asyncio.wait_for(gw.process.wait(), t(30))
+            await asyncio.gather(*gw.tasks)
+        assert code == 78
+        assert "4014" in gw.log()
+        assert len(sim.ledger.connections) == 1  # no reconnect loop
+
+
+async def test_sigint_and_sigterm_stop_cleanly_and_end_the_session() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        async with simulator(rate=50) as sim:
+            async with gateway(gateway_env(sim)) as gw:
+                await wait_until(lambda: len(gw.ids()) > 10, 20, "events")
+                code = await gw.stop(sig)
+            assert code == 0, gw.log()
+            assert sim.ledger.connections[-1].client_close_code == 1000
+            assert "Traceback" not in gw.log()
+
+
+async def test_simulate_flag_runs_without_a_token_or_any_service() -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "DISCORD_EVENTS": "MESSAGE_CREATE"}
+    async with gateway(env, "--simulate") as gw:
+        await wait_until(lambda: len(gw.ids()) >= 3, 20, "simulated events")
+        code = await gw.stop()
+    assert code == 0, gw.log()
+    record = gw.records()[0]
+    assert record["event"] == "MESSAGE_CREATE" and record["shard_id"] == 0
+
+
+async def test_msgpack_stdio_format_is_the_seed_stream() -> None:
+    import msgspec
+
+    from spectacles_gateway.brokers.stdio import msgpack_object_end
+
+    async with simulator(rate=100) as sim:
+        async with gateway(gateway_env(sim, STDIO_FORMAT="msgpack"), binary=True) as gw:
+            await wait_until(lambda: sum(map(len, gw.lines)) > 20000, 20, "output")
+            await gw.stop()
+        stream = b"".join(gw.lines)
+        records = []
+        pos = 0
+        while pos < len(stream):
+            end = msgpack_object_end(stream, pos)
+            assert end is not None
+            records.append(msgspec.msgpack.decode(stream[pos:end]))
+            pos = end
+        assert len(records) > 10
+        assert all(set(r) == {"event", "data"} and r["event"] == "MESSAGE_CREATE" for r in records)
+        assert all(isinstance(json.loads(r["data"])["id"], str) for r in records)

@@ -105,12 +105,17 @@ class GatewayConnection(asyncio.Protocol):
         ws = self.ws
         ws.receive_data(data)
         events = ws.events_received()
-        if events:
-            if not self.is_open:
-                events = self._handshake(events)
+        try:
             if events:
-                self._frames(events)
-        self.pump()
+                if not self.is_open:
+                    events = self._handshake(events)
+                if events:
+                    self._frames(events)
+            self.pump()
+        except Exception as exc:  # a bug of ours: never let it kill the loop or spin
+            log.exception("shard %d: internal error while handling gateway data", self.shard_id)
+            self.core.transport_error(f"internal error: {type(exc).__name__}: {exc}")
+            self.pump()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()

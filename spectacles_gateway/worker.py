@@ -29,6 +29,7 @@ __all__ = ["EX_CONFIG", "Worker", "WorkerPlan"]
 log = logging.getLogger(__name__)
 
 EX_CONFIG = 78
+EX_IOERR = 74  # the output (stdout) went away: restart us when a consumer is back
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class Worker:
         self._fast = False
         self._metrics_task: asyncio.Task[None] | None = None
         self.fatal_code: int | None = None
+        self.output_failed = False
 
     # ------------------------------------------------------------------ EventHandler
 
@@ -201,6 +203,11 @@ class Worker:
                 self._reject("too_large", str(exc), ack)
                 return
 
+    def _broker_failed(self, reason: str) -> None:
+        log.error("%s broker failed: %s; stopping", self.broker.name, reason)
+        self.output_failed = True
+        self.request_stop(fast=True)
+
     def _reject(self, reason: str, detail: str, ack: Callable[[], None]) -> None:
         log.warning("rejected a command: %s", detail)
         metrics.input_dropped.labels(self.broker.name, reason).inc()
@@ -222,6 +229,7 @@ class Worker:
             pause=self._pause,
             resume=self._resume,
             commands=self.handle_command,
+            fail=self._broker_failed,
         )
         await self.broker.start()
         if install_signals:
@@ -267,7 +275,9 @@ class Worker:
             if install_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
-        return EX_CONFIG if self.fatal_code is not None else 0
+        if self.fatal_code is not None:
+            return EX_CONFIG
+        return EX_IOERR if self.output_failed else 0
 
     def request_stop(self, fast: bool = False) -> None:
         """Stop: gracefully, or ``fast`` (a second request is always fast)."""

@@ -370,3 +370,27 @@ async def test_msgpack_stdio_format_is_the_seed_stream() -> None:
         assert len(records) > 10
         assert all(set(r) == {"event", "data"} and r["event"] == "MESSAGE_CREATE" for r in records)
         assert all(isinstance(json.loads(r["data"])["id"], str) for r in records)
+
+
+def test_closed_stdout_stops_the_gateway_with_74_not_a_reconnect_loop() -> None:
+    import subprocess
+
+    env = {"PATH": os.environ.get("PATH", ""), "DISCORD_EVENTS": "MESSAGE_CREATE"}
+    proc = subprocess.Popen(
+        [str(BIN / "spectacles-supervise"), "--simulate"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert b"MESSAGE_CREATE" in first
+    proc.stdout.close()  # the consumer goes away
+    code = proc.wait(timeout=t(20))
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 74, err
+    assert err.count("stdout was closed") == 1
+    assert "Traceback" not in err
+    assert err.count("resumed") == 0

@@ -24,6 +24,7 @@ class Broker(abc.ABC):
         self._pause: Callable[[], None] = lambda: None
         self._resume: Callable[[], None] = lambda: None
         self._commands: CommandHandler | None = None
+        self._fail: Callable[[str], None] = lambda reason: None
         self.connected = False
 
     def bind(
@@ -33,8 +34,12 @@ class Broker(abc.ABC):
         pause: Callable[[], None],
         resume: Callable[[], None],
         commands: CommandHandler,
+        fail: Callable[[str], None] | None = None,
     ) -> None:
+        """``fail(reason)``: the output is gone for good (not a reconnectable outage)."""
         self._confirm = confirm
+        if fail is not None:
+            self._fail = fail
         self._pause = pause
         self._resume = resume
         self._commands = commands

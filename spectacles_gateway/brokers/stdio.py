@@ -92,13 +92,23 @@ class StdioBroker(Broker):
         buffer = self._buffer
         if not buffer:
             return
+        if not self.connected:  # stdout is gone: nothing is confirmed, sessions replay it
+            metrics.publish_failures.labels("output_closed").inc(len(buffer))
+            buffer.clear()
+            self._last.clear()
+            return
         data = b"".join(buffer)
         self.published += len(buffer)
         buffer.clear()
         if self._transport is not None:
             self._transport.write(data)
         elif self._blocking_fd is not None:
-            _write_all(self._blocking_fd, data)
+            try:
+                _write_all(self._blocking_fd, data)
+            except OSError as exc:
+                self._last.clear()
+                self._writer_lost(exc)
+                return
         else:
             raise RuntimeError("stdio broker used before start()")
         last = self._last
@@ -118,9 +128,11 @@ class StdioBroker(Broker):
                 self._drained.set()
 
     def _writer_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            log.error("stdout closed: %s; events can no longer be written", exc)
+        if not self.connected:
+            return
         self.connected = False
+        reason = f"stdout was closed ({exc or 'EOF'}); events can no longer be written"
+        self._fail(reason)
 
     # ------------------------------------------------------------------ input
 

@@ -179,6 +179,8 @@ class BrokerSettings(BaseModel):
     """Seconds; the AMQP ``expiration`` in milliseconds."""
     format: BodyFormat = "msgpack"
     """Message body format for AMQP and Redis."""
+    buffer: int = Field(default=10000, ge=1)
+    """Events handed to the broker and not yet confirmed, at most; then shards stop reading."""
 
 
 class StdioSettings(BaseModel):
@@ -193,6 +195,8 @@ class PrometheusSettings(BaseModel):
     address: str = ""
     """``host:port`` to listen on; ``""`` = disabled, ``":8080"`` = every interface."""
     endpoint: str = "/metrics"
+    multiproc_dir: str = ""
+    """Directory for prometheus_client's multiprocess files; ``""`` = a private temp dir."""
 
     @property
     def enabled(self) -> bool:
@@ -215,6 +219,8 @@ class ShardStoreSettings(BaseModel):
 
     type: ShardStoreType = "memory"
     prefix: str = "gateway"
+    session_ttl: float = Field(default=300.0, gt=0)
+    """Seconds a stored session outlives its last save (then it cannot be resumed anyway)."""
 
 
 class _RedactedUrlRepr(BaseModel):
@@ -231,6 +237,10 @@ class AmqpSettings(_RedactedUrlRepr):
     model_config = _FROZEN
 
     url: str = "amqp://guest:guest@localhost:5672/%2F"
+    persistent: bool = False
+    """Publish with delivery mode 2 (persistent)."""
+    prefetch: int = Field(default=100, ge=1)
+    """Unacknowledged commands a worker holds at most."""
 
 
 _REDIS_HOST_PORT = re.compile(
@@ -244,6 +254,10 @@ class RedisSettings(_RedactedUrlRepr):
     url: str = "localhost:6379"
     """``host:port`` (the seed's form) or a ``redis://``, ``rediss://`` or ``unix://`` URL."""
     pool_size: int = Field(default=5, ge=1)
+    stream_prefix: str = ""
+    """Prefix of the event streams of the Redis broker (the stream key is prefix + event)."""
+    maxlen: int = Field(default=100_000, ge=1)
+    """Approximate length each event stream is trimmed to (``XADD ... MAXLEN ~ N``)."""
 
     @property
     def dsn(self) -> str:
@@ -653,6 +667,19 @@ def _convert_group(value: object, raw: _Raw, warnings: list[str]) -> str:
     return group
 
 
+def _bool(value: object, raw: _Raw, warnings: list[str]) -> bool:
+    allowed = "true or false"
+    if isinstance(value, bool):
+        return value
+    if raw.text and isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    raise _Bad(allowed)
+
+
 def _convert_prefix(value: object, raw: _Raw, warnings: list[str]) -> str:
     return _string(value, "a string (may be empty)")
 
@@ -862,14 +889,21 @@ KEYS: tuple[KeySpec, ...] = (
         kind="duration",
     ),
     KeySpec("broker.format", "BROKER_FORMAT", _choice("msgpack", "json")),
+    KeySpec("broker.buffer", "BROKER_BUFFER", _int(1)),
     KeySpec("stdio.format", "STDIO_FORMAT", _choice("json", "msgpack")),
     KeySpec("prometheus.address", "PROMETHEUS_ADDRESS", _convert_listen_address),
     KeySpec("prometheus.endpoint", "PROMETHEUS_ENDPOINT", _convert_endpoint),
+    KeySpec("prometheus.multiproc_dir", "PROMETHEUS_MULTIPROC_DIR", _convert_prefix),
     KeySpec("shard_store.type", "SHARD_STORE_TYPE", _choice("memory", "redis")),
     KeySpec("shard_store.prefix", "SHARD_STORE_PREFIX", _convert_prefix, empty_is_value=True),
+    KeySpec("shard_store.session_ttl", "SHARD_STORE_SESSION_TTL", _duration(), kind="duration"),
     KeySpec("amqp.url", "AMQP_URL", _convert_amqp_url, kind="url"),
+    KeySpec("amqp.persistent", "AMQP_PERSISTENT", _bool),
+    KeySpec("amqp.prefetch", "AMQP_PREFETCH", _int(1)),
     KeySpec("redis.url", "REDIS_URL", _convert_redis_url, kind="url"),
     KeySpec("redis.pool_size", "REDIS_POOL_SIZE", _int(1)),
+    KeySpec("redis.stream_prefix", "REDIS_STREAM_PREFIX", _convert_prefix, empty_is_value=True),
+    KeySpec("redis.maxlen", "REDIS_STREAM_MAXLEN", _int(1)),
     KeySpec("api.scheme", "DISCORD_API_PROTOCOL", _choice("https", "http")),
     KeySpec("api.host", "DISCORD_API_HOST", _convert_api_host),
     KeySpec("api.version", "DISCORD_API_VERSION", _int(1)),

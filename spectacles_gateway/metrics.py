@@ -61,6 +61,9 @@ broker_buffered = Gauge(
     "Events waiting for the broker (not yet confirmed).",
     multiprocess_mode="livesum",
 )
+broker_reconnects = Counter(
+    "gateway_broker_reconnects", "Broker connections re-established after a loss.", ["broker"]
+)
 broker_connected = Gauge(
     "gateway_broker_connected", "1 when the broker connection is up.", multiprocess_mode="livemin"
 )

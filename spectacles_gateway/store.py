@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from .protocol.shard import Session
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "ShardStore"]
+
+
+class ShardStore(Protocol):
+    """Per shard: session id, confirmed seq, resume URL, and the shard count it was made with.
+
+    ``load`` returns None for an unknown session, an expired one, or one made with another shard
+    count (resuming it would put the session into the wrong topology). ``save(..., None)``
+    forgets the shard's session (a dead session). Implementations must not raise on an outage:
+    the worker keeps the last state in memory and saves again on its next round.
+    """
+
+    #: True when a session saved here outlives this process (then shutdown keeps sessions).
+    persistent: bool
+
+    async def start(self) -> None: ...
+
+    async def load(self, shard_id: int, shard_count: int) -> Session | None: ...
+
+    async def save(self, shard_id: int, shard_count: int, session: Session | None) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class MemoryStore:
     """Sessions in this process only (the default). Survives reconnects, not restarts."""
 
-    def __init__(self) -> None:
-        self._sessions: dict[int, tuple[Session, int]] = {}
+    persistent = False
+
+    def __init__(self, sessions: dict[int, tuple[Session, int]] | None = None) -> None:
+        self._sessions: dict[int, tuple[Session, int]] = dict(sessions or {})
+
+    async def start(self) -> None:
+        return None
 
     async def load(self, shard_id: int, shard_count: int) -> Session | None:
         entry = self._sessions.get(shard_id)
@@ -25,6 +53,5 @@ class MemoryStore:
         else:
             self._sessions[shard_id] = (session, shard_count)
 
-    @property
-    def persistent(self) -> bool:
-        return False
+    async def aclose(self) -> None:
+        return None

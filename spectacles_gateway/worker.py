@@ -15,13 +15,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import metrics
 from .brokers.base import Broker
-from .brokers.wire import CommandError, parse_command, target_shard
+from .brokers.wire import (
+    CommandError,
+    parse_command,
+    parse_packet,
+    target_shard,
+    unwrap_msgpack_string,
+)
 from .gate import LocalIdentifyGate
 from .protocol.closecodes import FATAL_CODES, describe_close
-from .protocol.shard import CommandRejected, Notice, ShardConfig
-from .store import MemoryStore
+from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Notice, Session, ShardConfig
+from .store import MemoryStore, ShardStore
 from .transport import IdentifyGateLike, ShardRunner
 
 __all__ = ["EX_CONFIG", "Worker", "WorkerPlan"]
@@ -103,13 +111,13 @@ class Worker:
         plan: WorkerPlan,
         broker: Broker,
         *,
-        store: MemoryStore | None = None,
+        store: ShardStore | None = None,
         gate: IdentifyGateLike | None = None,
         keep_sessions: bool | None = None,
     ) -> None:
         self.plan = plan
         self.broker = broker
-        self.store = store or MemoryStore()
+        self.store: ShardStore = store or MemoryStore()
         self.gate = gate or LocalIdentifyGate(plan.max_concurrency)
         # Close with a resumable code on shutdown only if someone can resume the session later.
         self.keep_sessions = self.store.persistent if keep_sessions is None else keep_sessions
@@ -117,6 +125,10 @@ class Worker:
         self._stop_requested: asyncio.Event | None = None
         self._fast = False
         self._metrics_task: asyncio.Task[None] | None = None
+        self._persist_task: asyncio.Task[None] | None = None
+        self._saved: dict[int, Session | None] = {}
+        #: How often sessions (with their confirmed seq) are written to the store.
+        self.persist_interval = 1.0
         self.fatal_code: int | None = None
         self.output_failed = False
 
@@ -182,13 +194,10 @@ class Worker:
             targets = [target_shard(command.guild_id, self.plan.shard_count)]
         else:
             targets = sorted(self.runners)
-        runners = []
-        for shard_id in targets:
-            runner = self.runners.get(shard_id)
-            if runner is None:
-                self._reject("unknown_shard", f"shard {shard_id} does not run in this worker", ack)
-                return
-            runners.append(runner)
+        if len(targets) == 1 and targets[0] not in self.runners:
+            self._forward(targets[0], command.packet, ack)
+            return
+        runners = [self.runners[shard_id] for shard_id in targets]
         remaining = [len(runners)]
 
         def sent() -> None:
@@ -202,6 +211,34 @@ class Worker:
             except CommandRejected as exc:
                 self._reject("too_large", str(exc), ack)
                 return
+
+    def handle_shard_command(self, shard_id: int, body: bytes, ack: Callable[[], None]) -> None:
+        """A bare packet ``{"op", "d"}`` for one shard (AMQP per-shard queues)."""
+        try:
+            packet = parse_packet(msgspec.json.decode(unwrap_msgpack_string(body)))
+        except CommandError as exc:
+            self._reject(exc.reason, str(exc), ack)
+            return
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            self._reject("not_json", f"not_json: {exc}", ack)
+            return
+        runner = self.runners.get(shard_id)
+        if runner is None:
+            self._forward(shard_id, packet, ack)
+            return
+        try:
+            runner.send(packet, ack)
+        except CommandRejected as exc:
+            self._reject("too_large", str(exc), ack)
+
+    def _forward(self, shard_id: int, packet: bytes, ack: Callable[[], None]) -> None:
+        count = self.plan.shard_count
+        if not 0 <= shard_id < count:
+            self._reject("unknown_shard", f"shard {shard_id} is outside 0..{count - 1}", ack)
+        elif len(packet) > MAX_PAYLOAD_BYTES:
+            self._reject("too_large", f"payload of {len(packet)} bytes is over the limit", ack)
+        elif not self.broker.forward(shard_id, packet, ack):
+            self._reject("unknown_shard", f"shard {shard_id} does not run in this worker", ack)
 
     def _broker_failed(self, reason: str) -> None:
         log.error("%s broker failed: %s; stopping", self.broker.name, reason)
@@ -229,8 +266,10 @@ class Worker:
             pause=self._pause,
             resume=self._resume,
             commands=self.handle_command,
+            shard_commands=self.handle_shard_command,
             fail=self._broker_failed,
         )
+        await self.store.start()
         await self.broker.start()
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
@@ -238,6 +277,14 @@ class Worker:
         metrics.total_shards.set(len(self.plan.shard_ids))
         for shard_id in self.plan.shard_ids:
             session = await self.store.load(shard_id, self.plan.shard_count)
+            self._saved[shard_id] = session
+            if session is not None:
+                log.info(
+                    "shard %d: stored session %s… at seq %s: will resume",
+                    shard_id,
+                    session.session_id[:8],
+                    session.seq,
+                )
             runner = ShardRunner(
                 self.plan.shard_config(shard_id),
                 self,
@@ -250,6 +297,7 @@ class Worker:
             metrics.shards_alive.labels(str(shard_id)).set(0)
         tasks = {runner.start(): runner for runner in self.runners.values()}
         self._metrics_task = loop.create_task(self._metrics_loop())
+        self._persist_task = loop.create_task(self._persist_loop())
         stop_wait = loop.create_task(self._stop_requested.wait())
         pending: set[asyncio.Future[Any]] = {*tasks, stop_wait}
         try:
@@ -299,15 +347,35 @@ class Worker:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_task
+        for background in (self._metrics_task, self._persist_task):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
         self._flush_metrics()
-        await self.broker.aclose()
+        await self.broker.aclose()  # flushes: the last confirmations advance the seqs
+        await self.persist_sessions(final=True)
+        await self.store.aclose()
+
+    async def persist_sessions(self, *, final: bool = False) -> None:
+        """Write every shard's session whose confirmed seq (or anything else) changed."""
         for shard_id, runner in self.runners.items():
-            session = runner.core.session() if self.keep_sessions else None
-            await self.store.save(shard_id, self.plan.shard_count, session)
+            session = runner.core.session()
+            if final and not self.keep_sessions:
+                session = None
+            if session == self._saved.get(shard_id):
+                continue
+            try:
+                await self.store.save(shard_id, self.plan.shard_count, session)
+            except Exception as exc:
+                log.warning("shard %d: could not save the session (%s); will retry", shard_id, exc)
+                continue
+            self._saved[shard_id] = session
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.persist_interval)
+            await self.persist_sessions()
 
     async def _metrics_loop(self) -> None:
         while True:

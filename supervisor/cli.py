@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import start_http_server
 
 from spectacles_gateway import metrics
-from spectacles_gateway.brokers.base import Broker
-from spectacles_gateway.brokers.stdio import StdioBroker
+from spectacles_gateway.factory import make_broker, make_gate, make_store
 from spectacles_gateway.config import EX_CONFIG, SIMULATED_TOKEN, Loaded, Settings, run_or_exit
 from spectacles_gateway.discovery import BadToken, GatewayBot, fetch_gateway_bot
 from spectacles_gateway.gate import LocalIdentifyGate
@@ -117,15 +116,6 @@ def plan_worker(settings: Settings, loaded: Loaded, bot: GatewayBot, token: str)
     )
 
 
-def make_broker(settings: Settings) -> Broker:
-    kind = settings.broker.type
-    if kind == "stdio":
-        return StdioBroker(settings.stdio.format)
-    raise Fatal(
-        f"config key 'broker.type' (env BROKER_TYPE): {kind!r} is not available in this build yet"
-    )
-
-
 async def _run(plan: WorkerPlan, settings: Settings, bot: GatewayBot) -> int:
     loop = asyncio.get_running_loop()
     if settings.prometheus.enabled:
@@ -138,10 +128,15 @@ async def _run(plan: WorkerPlan, settings: Settings, bot: GatewayBot) -> int:
         )
     metrics.session_starts_remaining.set(bot.remaining)
     budget = SessionBudget(bot.total, bot.remaining, loop.time() + bot.reset_after)
-    gate = LocalIdentifyGate(
+    local = LocalIdentifyGate(
         plan.max_concurrency, budget=budget, on_spend=metrics.session_starts_remaining.set
     )
-    worker = Worker(plan, make_broker(settings), gate=gate)
+    worker = Worker(
+        plan,
+        make_broker(settings, plan),
+        store=make_store(settings),
+        gate=make_gate(settings, plan, local),
+    )
     return await worker.run()
 
 

@@ -350,6 +350,13 @@ ENV_CASES: list[tuple[str, str, Get, object]] = [
     ("DISCORD_SHUTDOWN_TIMEOUT", "1m", lambda s: s.gateway.shutdown_timeout, 60.0),
     ("SUPERVISOR_WORKERS", "3", lambda s: s.supervisor.workers, 3),
     ("SUPERVISOR_SHARDS_PER_WORKER", "4", lambda s: s.supervisor.shards_per_worker, 4),
+    ("BROKER_BUFFER", "500", lambda s: s.broker.buffer, 500),
+    ("AMQP_PERSISTENT", "true", lambda s: s.amqp.persistent, True),
+    ("AMQP_PREFETCH", "7", lambda s: s.amqp.prefetch, 7),
+    ("REDIS_STREAM_PREFIX", "discord:", lambda s: s.redis.stream_prefix, "discord:"),
+    ("REDIS_STREAM_MAXLEN", "1000", lambda s: s.redis.maxlen, 1000),
+    ("SHARD_STORE_SESSION_TTL", "90s", lambda s: s.shard_store.session_ttl, 90.0),
+    ("PROMETHEUS_MULTIPROC_DIR", "/run/gw", lambda s: s.prometheus.multiproc_dir, "/run/gw"),
     ("LOG_LEVEL", "warning", lambda s: (s.log_level, s.logging_level), ("warn", logging.WARNING)),
 ]
 
@@ -416,6 +423,9 @@ BAD_ENV = [
     ("DISCORD_SHUTDOWN_TIMEOUT", "ten", "gateway.shutdown_timeout", "'ten'"),
     ("SUPERVISOR_WORKERS", "-2", "supervisor.workers", "'-2'"),
     ("SUPERVISOR_SHARDS_PER_WORKER", "x", "supervisor.shards_per_worker", "'x'"),
+    ("AMQP_PERSISTENT", "maybe", "amqp.persistent", "'maybe'"),
+    ("BROKER_BUFFER", "0", "broker.buffer", "'0'"),
+    ("SHARD_STORE_SESSION_TTL", "soon", "shard_store.session_ttl", "'soon'"),
     ("LOG_LEVEL", "verbose", "log_level", "'verbose'"),
     ("DISCORD_PRESENCE", "{bad", "presence", "'{bad'"),
     ("DISCORD_PRESENCE", "[1]", "presence", "'[1]'"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-__all__ = ["Broker", "CommandHandler", "ConfirmHandler"]
+__all__ = ["Broker", "CommandHandler", "ConfirmHandler", "ShardCommandHandler"]
 
 #: ``confirm(shard_id, session_id, seq)``: every event of that session up to ``seq`` is safe.
 ConfirmHandler = Callable[[int, str, int], None]
 #: ``handle(body, ack)``: a raw command body; call ``ack()`` once it was sent or rejected.
 CommandHandler = Callable[[bytes, Callable[[], None]], None]
+#: ``handle(shard_id, body, ack)``: a bare packet ``{"op", "d"}`` for one shard.
+ShardCommandHandler = Callable[[int, bytes, Callable[[], None]], None]
 
 
 class Broker(abc.ABC):
@@ -24,6 +26,7 @@ class Broker(abc.ABC):
         self._pause: Callable[[], None] = lambda: None
         self._resume: Callable[[], None] = lambda: None
         self._commands: CommandHandler | None = None
+        self._shard_commands: ShardCommandHandler | None = None
         self._fail: Callable[[str], None] = lambda reason: None
         self.connected = False
 
@@ -34,10 +37,12 @@ class Broker(abc.ABC):
         pause: Callable[[], None],
         resume: Callable[[], None],
         commands: CommandHandler,
+        shard_commands: ShardCommandHandler | None = None,
         fail: Callable[[str], None] | None = None,
     ) -> None:
         """``fail(reason)``: the output is gone for good (not a reconnectable outage)."""
         self._confirm = confirm
+        self._shard_commands = shard_commands
         if fail is not None:
             self._fail = fail
         self._pause = pause
@@ -49,6 +54,12 @@ class Broker(abc.ABC):
         self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
     ) -> None:
         """Hand one event over. ``data`` is the raw JSON of ``d``."""
+
+    def forward(self, shard_id: int, packet: bytes, ack: Callable[[], None]) -> bool:
+        """Hand a packet for a shard this worker does not run to whoever runs it (AMQP: the
+        per-shard queue). Return False when this broker cannot (the command is rejected);
+        call ``ack()`` once it was handed on."""
+        return False
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """End of a batch of events from one read."""

@@ -302,6 +302,8 @@ class SupervisorSettings(BaseModel):
     """Number of worker processes; 0 = automatic."""
     shards_per_worker: int = Field(default=0, ge=0)
     """Shards per worker process; 0 = automatic. Exclusive with ``workers``."""
+    stall_timeout: float = Field(default=15.0, gt=0)
+    """A worker that sends no heartbeat for this long has a stuck event loop: it is killed."""
 
 
 class Settings(BaseSettings):
@@ -919,6 +921,9 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("gateway.shutdown_timeout", "DISCORD_SHUTDOWN_TIMEOUT", _duration(), kind="duration"),
     KeySpec("supervisor.workers", "SUPERVISOR_WORKERS", _int(0)),
     KeySpec("supervisor.shards_per_worker", "SUPERVISOR_SHARDS_PER_WORKER", _int(0)),
+    KeySpec(
+        "supervisor.stall_timeout", "SUPERVISOR_STALL_TIMEOUT", _duration(), kind="duration"
+    ),
 )
 
 _BY_PATH: dict[str, KeySpec] = {spec.path: spec for spec in KEYS}

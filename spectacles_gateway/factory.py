@@ -39,9 +39,10 @@ def make_store(settings: Settings) -> ShardStore:
 
 def make_gate(settings: Settings, plan: WorkerPlan, local: IdentifyGateLike) -> IdentifyGateLike:
     """With the Redis shard store, identifies are paced through Redis, across every process
-    and host that shares it; otherwise ``local`` (this process, or its supervisor) paces them."""
+    and host that shares it (after ``local``, which keeps the session start budget);
+    otherwise ``local`` (this process, or its supervisor) paces them."""
     if settings.shard_store.type == "redis":
         from .redis_gate import RedisIdentifyGate
 
-        return RedisIdentifyGate.from_settings(settings, plan)
+        return RedisIdentifyGate.from_settings(settings, plan, local=local)
     return local

@@ -19,7 +19,7 @@ __all__ = ["IDENTIFY_MARGIN", "LocalIdentifyGate", "Permit"]
 #: Added to every identify window: our clock reads the time an IDENTIFY was handed to the
 #: socket, Discord's the time it arrived; jitter between the two must never make two identifies
 #: of one bucket look closer than the window.
-IDENTIFY_MARGIN = 0.25
+IDENTIFY_MARGIN = 0.15
 
 log = logging.getLogger(__name__)
 

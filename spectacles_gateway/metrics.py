@@ -74,6 +74,22 @@ session_starts_remaining = Gauge(
 )
 
 
+worker_restarts = Counter(
+    "gateway_worker_restarts", "Worker processes restarted, by how they died.", ["worker", "reason"]
+)
+identify_progress = Gauge(
+    "gateway_identify_progress",
+    "Share of this supervisor's shards that are READY (1 when all are).",
+    multiprocess_mode="liveall",
+)
+publish_latency = Histogram(
+    "gateway_publish_latency_seconds",
+    "Time from an event's arrival to the broker's confirmation.",
+    ["broker"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
 def flush_shard_counts(shard_id: int, counts: dict[tuple[str, int], int]) -> None:
     """Move a shard core's ``packets_received`` tallies into the metric and clear them."""
     shard = str(shard_id)

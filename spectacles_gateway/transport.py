@@ -266,6 +266,16 @@ class GatewayConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+_FATAL_HINTS = {
+    4004: "the bot token is invalid or was reset",
+    4010: "a shard id is not below the shard count",
+    4011: "this bot needs more shards (raise the shard count or use 0 to ask Discord)",
+    4012: "the gateway version is not supported",
+    4013: "the intents contain an invalid bit",
+    4014: "a privileged intent is not enabled for this bot in the developer portal",
+}
+
+
 def _ssl_context(url: str) -> ssl.SSLContext | None:
     if urlsplit(url).scheme == "wss":
         return ssl.create_default_context()
@@ -420,9 +430,10 @@ class ShardRunner:
         self._drain_notices()
         if action is CloseAction.FATAL:
             log.error(
-                "shard %d: Discord refused the session (%s); not reconnecting",
+                "shard %d: Discord refused the session for good (%s): %s; not reconnecting",
                 self.shard_id,
                 describe_close(code),
+                _FATAL_HINTS.get(code or 0, "check the configuration"),
             )
 
     def _drain_notices(self) -> None:

@@ -27,7 +27,7 @@ from .brokers.wire import (
     unwrap_msgpack_string,
 )
 from .gate import LocalIdentifyGate
-from .protocol.closecodes import FATAL_CODES, describe_close
+from .protocol.closecodes import FATAL_CODES
 from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Notice, Session, ShardConfig
 from .store import MemoryStore, ShardStore
 from .transport import IdentifyGateLike, ShardRunner
@@ -306,14 +306,8 @@ class Worker:
                 if stop_wait in done:
                     break
                 for task in done:
-                    runner = tasks[task]  # type: ignore[index]
                     code = task.result() if not task.cancelled() else None
                     if code in FATAL_CODES:
-                        log.error(
-                            "shard %d stopped for good: %s",
-                            runner.shard_id,
-                            describe_close(code),
-                        )
                         self.fatal_code = code
                 if self.fatal_code is not None or not any(t in pending for t in tasks):
                     break

@@ -1,32 +1,31 @@
-"""``spectacles-supervise``: read the configuration, plan the shards, run them.
+"""``spectacles-supervise``: read the configuration, plan the shards, run and heal the workers.
 
 Exit codes: 0 clean stop; 78 (EX_CONFIG) bad configuration or a fatal refusal from Discord (bad
-token, invalid shard, sharding required, invalid version, invalid or disallowed intents).
+token, invalid shard, sharding required, invalid version, invalid or disallowed intents); 74 the
+stdio output was closed; 1 Discord's API could not be reached at start-up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prometheus_client import start_http_server
-
-from spectacles_gateway import metrics
-from spectacles_gateway.factory import make_broker, make_gate, make_store
 from spectacles_gateway.config import EX_CONFIG, SIMULATED_TOKEN, Loaded, Settings, run_or_exit
-from spectacles_gateway.discovery import BadToken, GatewayBot, fetch_gateway_bot
-from spectacles_gateway.gate import LocalIdentifyGate
+from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
 from spectacles_gateway.logsetup import setup_logging
 from spectacles_gateway.protocol.identify import SessionBudget
 from spectacles_gateway.shardspec import parse_shard_spec
-from spectacles_gateway.worker import Worker, WorkerPlan
+
+from .plan import describe_ids, group_shards, worker_count
 
 __all__ = ["main"]
 
@@ -51,6 +50,8 @@ class Simulated:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def start_simulator(shard_count: int, rate: float) -> Simulated:
@@ -67,10 +68,12 @@ def start_simulator(shard_count: int, rate: float) -> Simulated:
         "0",
         "--shards",
         str(shard_count),
+        "--max-concurrency",
+        str(shard_count),
         "--rate",
         str(rate),
     ]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE)  # noqa: S603
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, start_new_session=True)  # noqa: S603
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
@@ -94,70 +97,36 @@ def _shard_ids(loaded: Loaded, count: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def plan_worker(settings: Settings, loaded: Loaded, bot: GatewayBot, token: str) -> WorkerPlan:
-    count = settings.shards.count or bot.shards
-    ids = _shard_ids(loaded, count)
-    events = None if settings.publish_all else settings.events
-    return WorkerPlan(
-        shard_ids=ids,
-        shard_count=count,
-        token=token,
-        intents=settings.intents,
-        gateway_url=settings.gateway.url or bot.url,
-        events=events,
-        version=settings.gateway_version,
-        compress=None if settings.gateway.compression == "none" else settings.gateway.compression,
-        large_threshold=settings.gateway.large_threshold,
-        presence=settings.presence,
-        hello_timeout=settings.gateway.hello_timeout,
-        open_timeout=settings.gateway.open_timeout,
-        shutdown_timeout=settings.gateway.shutdown_timeout,
-        max_concurrency=bot.max_concurrency,
-    )
+def _metrics_dir(settings: Settings) -> str | None:
+    """Prepare prometheus_client's multiprocess directory (wiped before the first fork).
+
+    Must run before prometheus_client is imported anywhere in this process."""
+    if not settings.prometheus.enabled:
+        return None
+    path = settings.prometheus.multiproc_dir or tempfile.mkdtemp(prefix="spectacles-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
-async def _run(plan: WorkerPlan, settings: Settings, bot: GatewayBot) -> int:
-    loop = asyncio.get_running_loop()
-    if settings.prometheus.enabled:
-        start_http_server(settings.prometheus.port, settings.prometheus.host)
-        log.info(
-            "metrics on http://%s:%d%s",
-            settings.prometheus.host,
-            settings.prometheus.port,
-            settings.prometheus.endpoint,
-        )
-    metrics.session_starts_remaining.set(bot.remaining)
-    budget = SessionBudget(bot.total, bot.remaining, loop.time() + bot.reset_after)
-    local = LocalIdentifyGate(
-        plan.max_concurrency, budget=budget, on_spend=metrics.session_starts_remaining.set
-    )
-    worker = Worker(
-        plan,
-        make_broker(settings, plan),
-        store=make_store(settings),
-        gate=make_gate(settings, plan, local),
-    )
-    return await worker.run()
-
-
-def _run_loop(coro_factory: object) -> int:
+def _notifier() -> object | None:
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro_factory())  # type: ignore[operator,no-any-return]
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro_factory())  # type: ignore[operator,no-any-return]
+        from .sdnotify import Notifier
+    except ImportError:  # pragma: no cover - shipped with the package
+        return None
+    return Notifier.from_env(os.environ)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    loaded = run_or_exit(sys.argv[1:] if argv is None else argv, os.environ)
+def run(loaded: Loaded, argv: list[str]) -> int:
     settings = loaded.settings
-    setup_logging(settings.logging_level, settings.secrets())
-    for warning in loaded.warnings:
-        log.warning("%s", warning)
-    if loaded.cli.print_config:
-        print(settings.redacted_dump())
-        return 0
+    metrics_dir = _metrics_dir(settings)
+    from spectacles_gateway.worker import WorkerPlan  # imports prometheus_client: after the env
+
+    from .arbiter import Supervisor, SupervisorOptions, plan_fields
+
     simulated: Simulated | None = None
     token = settings.token.get_secret_value()
     try:
@@ -174,20 +143,74 @@ def main(argv: Sequence[str] | None = None) -> int:
             bot = fetch_gateway_bot(api_base, token)
         except BadToken as exc:
             raise Fatal(str(exc)) from None
-        plan = plan_worker(settings, loaded, bot, token)
+        count = settings.shards.count or bot.shards
+        ids = _shard_ids(loaded, count)
+        n_workers = worker_count(
+            len(ids),
+            workers=settings.supervisor.workers,
+            shards_per_worker=settings.supervisor.shards_per_worker,
+            cpus=os.cpu_count() or 1,
+        )
+        groups = group_shards(ids, n_workers, bot.max_concurrency)
+        plan = WorkerPlan(
+            shard_ids=ids,
+            shard_count=count,
+            token=token,
+            intents=settings.intents,
+            gateway_url=settings.gateway.url or bot.url,
+            events=None if settings.publish_all else settings.events,
+            version=settings.gateway_version,
+            compress=None
+            if settings.gateway.compression == "none"
+            else settings.gateway.compression,
+            large_threshold=settings.gateway.large_threshold,
+            presence=settings.presence,
+            hello_timeout=settings.gateway.hello_timeout,
+            open_timeout=settings.gateway.open_timeout,
+            shutdown_timeout=settings.gateway.shutdown_timeout,
+            max_concurrency=bot.max_concurrency,
+        )
+        from spectacles_gateway.protocol.shard import ShardProtocol
+
+        ShardProtocol(plan.shard_config(ids[0]), rand=lambda: 0.0)  # identify size etc.: now
         log.info(
-            "running shards %s of %d (max_concurrency %d, %d session starts left)",
-            _describe_ids(plan.shard_ids),
-            plan.shard_count,
+            "running shards %s of %d in %d workers (max_concurrency %d, %d session starts left)",
+            describe_ids(ids),
+            count,
+            len(groups),
             bot.max_concurrency,
             bot.remaining,
         )
-        return _run_loop(lambda: _run(plan, settings, bot))
+        if bot.remaining < len(ids):
+            log.warning(
+                "only %d of Discord's daily session starts are left for %d shards: the rest "
+                "will wait for the budget to reset in %.0f s rather than run it out",
+                bot.remaining,
+                len(ids),
+                bot.reset_after,
+            )
+        address = settings.prometheus
+        options = SupervisorOptions(
+            groups=groups,
+            shard_count=count,
+            max_concurrency=bot.max_concurrency,
+            plan=plan_fields(plan),
+            argv=argv,
+            stdio=settings.stdio.format if settings.broker.type == "stdio" else None,
+            shutdown_timeout=settings.gateway.shutdown_timeout,
+            stall_timeout=settings.supervisor.stall_timeout,
+            metrics_dir=metrics_dir,
+            http=(address.host, address.port) if address.enabled else None,
+            metrics_path=address.endpoint,
+            budget=SessionBudget(bot.total, bot.remaining, time.monotonic() + bot.reset_after),
+            notifier=_notifier(),
+        )
+        return Supervisor(options).run()
     except Fatal as exc:
         log.error("%s", exc)
         return EX_CONFIG
     except ValueError as exc:  # shard specs and protocol limits checked at start-up
-        print(f"spectacles-gateway: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)
         return EX_CONFIG
     except RuntimeError as exc:
         log.error("%s", exc)
@@ -195,12 +218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if simulated is not None:
             simulated.stop()
+        if metrics_dir is not None and not settings.prometheus.multiproc_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _describe_ids(ids: Sequence[int]) -> str:
-    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)):
-        return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
-    return ",".join(map(str, ids))
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    loaded = run_or_exit(args, os.environ)
+    settings = loaded.settings
+    setup_logging(settings.logging_level, settings.secrets())
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    return run(loaded, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,12 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
-import sys
-import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,110 +18,11 @@ from spectacles_gateway.simulator import (
     InvalidSession,
     MalformedJson,
     Reconnect,
-    Simulator,
     WithholdAcks,
 )
 
-from .gwtest import TOKEN, simulator, t, wait_until
-
-BIN = Path(sys.executable).parent
-SECRET = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gateway_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "DISCORD_TOKEN": TOKEN,
-        "DISCORD_API_PROTOCOL": "http",
-        "DISCORD_API_HOST": host,
-        "DISCORD_EVENTS": "MESSAGE_CREATE",
-        "DISCORD_HELLO_TIMEOUT": "5s",
-        "LOG_LEVEL": "info",
-    }
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Gateway:
-    process: asyncio.subprocess.Process
-    lines: list[bytes] = field(default_factory=list)
-    stderr: list[bytes] = field(default_factory=list)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def records(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.lines]
-
-    def ids(self) -> list[str]:
-        return [r["data"]["id"] for r in self.records() if r["event"] == "MESSAGE_CREATE"]  # type: ignore[index]
-
-    def log(self) -> str:
-        return b"".join(self.stderr).decode(errors="replace")
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-        code = await asyncio.wait_for(self.process.wait(), t(timeout))
-        await asyncio.gather(*self.tasks)
-        return code
-
-
-async def _pump(stream: asyncio.StreamReader, sink: list[bytes], lines: bool) -> None:
-    while True:
-        chunk = await (stream.readline() if lines else stream.read(65536))
-        if not chunk:
-            return
-        sink.append(chunk)
-
-
-@asynccontextmanager
-async def gateway(
-    env: dict[str, str], *args: str, stdin: bool = False, binary: bool = False
-) -> AsyncIterator[Gateway]:
-    process = await asyncio.create_subprocess_exec(
-        str(BIN / "spectacles-supervise"),
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        limit=1 << 24,
-    )
-    gw = Gateway(process)
-    assert process.stdout is not None and process.stderr is not None
-    gw.tasks = [
-        asyncio.create_task(_pump(process.stdout, gw.lines, not binary)),
-        asyncio.create_task(_pump(process.stderr, gw.stderr, False)),
-    ]
-    try:
-        yield gw
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await asyncio.gather(*gw.tasks, return_exceptions=True)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from .gwproc import BIN, SECRET, free_port, gateway, gateway_env, metric, scrape
+from .gwtest import TOKEN, ready_count, simulator, t, wait_until
 
 
 @pytest.mark.slow
@@ -142,6 +37,7 @@ async def test_four_shards_a_minute_of_broken_connections_every_event_exactly_on
         big_guild_create_bytes=1_100_000,
     ) as sim:
         async with gateway(gateway_env(sim)) as gw:
+            await wait_until(lambda: ready_count(sim.ledger) == 4, 30, "4 shards ready")
             await wait_until(lambda: len(gw.ids()) > 200, 20, "events on stdout")
             loop = asyncio.get_running_loop()
             end = loop.time() + seconds
@@ -329,14 +225,21 @@ async def test_disallowed_intents_close_4014_exits_78() -> None:
         assert len(sim.ledger.connections) == 1  # no reconnect loop
 
 
-async def test_sigint_and_sigterm_stop_cleanly_and_end_the_session() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        async with simulator(rate=50) as sim:
-            async with gateway(gateway_env(sim)) as gw:
+async def test_sigterm_and_sigint_stop_in_time_and_keep_sessions_resumable() -> None:
+    for sig, deadline in ((signal.SIGTERM, 10.0), (signal.SIGINT, 3.0)):
+        async with simulator(rate=50, shard_count=2, max_concurrency=2) as sim:
+            env = gateway_env(sim, DISCORD_SHUTDOWN_TIMEOUT="10s")
+            async with gateway(env) as gw:
                 await wait_until(lambda: len(gw.ids()) > 10, 20, "events")
-                code = await gw.stop(sig)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                code = await gw.stop(sig, timeout=deadline + 2)
+                took = loop.time() - started
             assert code == 0, gw.log()
-            assert sim.ledger.connections[-1].client_close_code == 1000
+            assert took < deadline, took
+            for conn in sim.ledger.connections:
+                assert conn.client_close_code not in (1000, 1001)  # sessions stay resumable
+                assert conn.session_id is not None and sim.is_resumable(conn.session_id)
             assert "Traceback" not in gw.log()
 
 

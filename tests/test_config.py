@@ -351,6 +351,7 @@ ENV_CASES: list[tuple[str, str, Get, object]] = [
     ("SUPERVISOR_WORKERS", "3", lambda s: s.supervisor.workers, 3),
     ("SUPERVISOR_SHARDS_PER_WORKER", "4", lambda s: s.supervisor.shards_per_worker, 4),
     ("BROKER_BUFFER", "500", lambda s: s.broker.buffer, 500),
+    ("SUPERVISOR_STALL_TIMEOUT", "3s", lambda s: s.supervisor.stall_timeout, 3.0),
     ("AMQP_PERSISTENT", "true", lambda s: s.amqp.persistent, True),
     ("AMQP_PREFETCH", "7", lambda s: s.amqp.prefetch, 7),
     ("REDIS_STREAM_PREFIX", "discord:", lambda s: s.redis.stream_prefix, "discord:"),
@@ -1208,7 +1209,7 @@ def test_run_or_exit_subprocess_print_config(tmp_path: Path) -> None:
     assert TOKEN not in proc.stdout + proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
     parsed = tomllib.loads(proc.stdout)
-    assert parsed["supervisor"] == {"workers": 3, "shards_per_worker": 0}
+    assert parsed["supervisor"] == {"workers": 3, "shards_per_worker": 0, "stall_timeout": "15s"}
     assert (
         proc.stderr
         == "spectacles-gateway: warning: unknown config key 'zzz' in gateway.toml (ignored)\n"

@@ -72,6 +72,7 @@ class StdioBroker(Broker):
         self._skipping = False
         self._reader_transport: asyncio.ReadTransport | None = None
         self._file_reader: asyncio.Future[None] | None = None
+        self._confirm_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._drained: asyncio.Event | None = None
         self.published = 0
@@ -102,6 +103,11 @@ class StdioBroker(Broker):
         buffer.clear()
         if self._transport is not None:
             self._transport.write(data)
+            if self._transport.get_write_buffer_size():
+                # Still in our buffer, not yet in the pipe: confirm once it has left, so a
+                # crash now replays these events instead of losing them.
+                self._hold_confirms()
+                return
         elif self._blocking_fd is not None:
             try:
                 _write_all(self._blocking_fd, data)
@@ -111,12 +117,30 @@ class StdioBroker(Broker):
                 return
         else:
             raise RuntimeError("stdio broker used before start()")
+        self._release_confirms()
+
+    def _release_confirms(self) -> None:
         last = self._last
         if last:
             confirm = self._confirm
             for shard_id, (session, seq) in last.items():
                 confirm(shard_id, session, seq)
             last.clear()
+
+    def _hold_confirms(self) -> None:
+        if self._confirm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._confirm_timer = loop.call_later(0.02, self._check_drained)
+
+    def _check_drained(self) -> None:
+        self._confirm_timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            self._hold_confirms()
+        else:
+            self._release_confirms()
 
     def _writer_paused(self, paused: bool) -> None:
         self._paused = paused

@@ -178,7 +178,8 @@ class ShardProtocol:
         self._hello_deadline: float | None = None
         self._acked = True
         self._heartbeat_sent_at: float | None = None
-        self.latency: float | None = None
+        self.latency: float | None = None  # last heartbeat round trip; metrics consume it
+        self.ping_ms: float | None = None  # the same, kept for status reports
         self._identify_permitted = False
         self._reached_ready = False
         self._after_close: CloseAction | None = None
@@ -332,6 +333,7 @@ class ShardProtocol:
             self._acked = True
             if self._heartbeat_sent_at is not None:
                 self.latency = now - self._heartbeat_sent_at
+                self.ping_ms = self.latency * 1000.0
             return None
         if op == Opcode.HELLO:
             self._on_hello(env.d, now)

@@ -53,12 +53,19 @@ class RecordingBroker(Broker):
         return [json.loads(d) for _, e, _, d in self.events if e == event]
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "") -> None:
+async def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str = "",
+    context: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``predicate``; on timeout fail with ``what`` and the tail of ``context()``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + t(timeout)
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {t(timeout):.1f} s waiting for {what}")
+            tail = context()[-4000:] if context is not None else ""
+            raise AssertionError(f"timed out after {t(timeout):.1f} s waiting for {what}\n{tail}")
         await asyncio.sleep(0.01)
 
 

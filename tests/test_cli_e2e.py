@@ -92,6 +92,7 @@ async def test_bad_input_is_logged_counted_and_survived() -> None:
         )
         sim.config.token = SECRET
         async with gateway(env, "--shards", "0-1", "--shard-count", "2", stdin=True) as gw:
+            await wait_until(lambda: ready_count(sim.ledger) == 2, 30, "both shards ready")
             await wait_until(lambda: len(gw.ids()) > 100, 20, "events")
             assert gw.process.stdin is not None
             oversize = {"shard_id": 0, "packet": {"op": 3, "d": {"x": "y" * 5000}}}
@@ -123,7 +124,9 @@ async def test_bad_input_is_logged_counted_and_survived() -> None:
             await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the good command")
             sim.inject(0, CorruptCompressed())
             sim.inject(1, MalformedJson())
-            await wait_until(lambda: sim.ledger.resume_count(success=True) >= 2, 15, "resumes")
+            await wait_until(
+                lambda: sim.ledger.resume_count(success=True) >= 2, 15, "resumes", gw.log
+            )
             n = len(gw.ids())
             await wait_until(lambda: len(gw.ids()) > n + 100, 10, "events still flowing")
             await asyncio.sleep(1.2)  # metrics are moved over once a second

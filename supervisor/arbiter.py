@@ -126,6 +126,7 @@ class Supervisor:
         self._rolling: deque[WorkerSlot] = deque()
         self._rolling_current: WorkerSlot | None = None
         self._rolling_since = 0.0
+        self._reloading = False
         self.http: HttpServer | None = None
         self._relay_out = bytearray()
         self._stdout_fd: int | None = None
@@ -134,6 +135,7 @@ class Supervisor:
         self._stdin_buffer = bytearray()
         self._next_progress = 0.0
         self._ready_notified = False
+        self._last_ready_count = -1
         self._next_watchdog = 0.0
         self.started = time.monotonic()
         self.ready_since: float | None = None
@@ -732,6 +734,8 @@ class Supervisor:
         for slot in self.slots:
             if slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
+        if self._next_watchdog:
+            timeout = min(timeout, max(0.0, self._next_watchdog - now))
         if self._signals:
             timeout = 0.0
         return timeout
@@ -772,6 +776,9 @@ class Supervisor:
             return
         self._rolling = deque(s for s in self.slots if not s.fatal)
         log.info("rolling restart of %d workers, one at a time", len(self._rolling))
+        self._reloading = True
+        if self.options.notifier is not None:
+            self.options.notifier.reloading("rolling restart")
 
     def _step_rolling(self, now: float) -> None:
         current = self._rolling_current
@@ -785,6 +792,11 @@ class Supervisor:
                 log.warning("worker %d not ready 120 s into its restart; going on", current.index)
             self._rolling_current = None
         if not self._rolling:
+            if self._reloading:
+                self._reloading = False
+                log.info("rolling restart done")
+                if self.options.notifier is not None:
+                    self.options.notifier.ready("rolling restart done")
             return
         slot = self._rolling.popleft()
         if slot.proc is None:
@@ -839,6 +851,10 @@ class Supervisor:
             log.info("all %d shards are ready (%.1f s after start)", total, now - self.started)
             if self.options.notifier is not None:
                 self.options.notifier.ready(f"{total} shards ready")
+        if ready != self._last_ready_count:
+            self._last_ready_count = ready
+            if self.options.notifier is not None:
+                self.options.notifier.status(f"{ready}/{total} shards ready")
         if ready < total and now >= self._next_progress and now - self.started > 1.0:
             self._next_progress = now + PROGRESS_EVERY
             p = self.progress(now)

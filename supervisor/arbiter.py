@@ -468,10 +468,12 @@ class Supervisor:
             return
         try:
             if self._stdout_blocking:
-                view = memoryview(self._relay_out)
-                while view:
-                    view = view[os.write(fd, view) :]
+                data = bytes(self._relay_out)
                 self._relay_out.clear()
+                with memoryview(data) as view:
+                    done = 0
+                    while done < len(data):
+                        done += os.write(fd, view[done:])
             else:
                 written = os.write(fd, self._relay_out)
                 del self._relay_out[:written]

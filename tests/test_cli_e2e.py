@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,30 @@ def test_closed_stdout_stops_the_gateway_with_74_not_a_reconnect_loop() -> None:
     assert err.count("stdout was closed") == 1
     assert "Traceback" not in err
     assert err.count("resumed") == 0
+
+
+def test_stdout_to_a_regular_file(tmp_path: Path) -> None:
+    import subprocess
+
+    out = tmp_path / "events.jsonl"
+    env = {"PATH": os.environ.get("PATH", ""), "DISCORD_EVENTS": "MESSAGE_CREATE"}
+    with out.open("wb") as f:
+        proc = subprocess.Popen(
+            [str(BIN / "spectacles-supervise"), "--simulate"],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + t(20)
+        while out.read_bytes().count(b"\n") < 15 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=t(20))
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 0, err
+    lines = out.read_bytes().splitlines()
+    assert len(lines) >= 15
+    assert all(json.loads(line)["event"] == "MESSAGE_CREATE" for line in lines)

@@ -60,6 +60,20 @@ uvloop.run(main(sys.argv[1]))
 """
 
 
+def gateway_env(sim: Simulator) -> dict[str, str]:
+    """The environment that points one worker of ``spectacles-supervise`` at ``sim``."""
+    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
+    return dict(
+        os.environ,
+        DISCORD_TOKEN="simulated-token",
+        SUPERVISOR_WORKERS="1",
+        DISCORD_API_PROTOCOL="http",
+        DISCORD_API_HOST=host,
+        DISCORD_EVENTS="MESSAGE_CREATE",
+        LOG_LEVEL="warn",
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
@@ -98,16 +112,7 @@ async def run_client(
 ) -> tuple[float, float, float]:
     """(events/s, CPU µs per event of the process doing the work, CPU µs per event of the
     supervisor relaying stdout; 0 for the baseline) for one burst."""
-    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
-    env = dict(
-        os.environ,
-        DISCORD_TOKEN="simulated-token",
-        SUPERVISOR_WORKERS="1",
-        DISCORD_API_PROTOCOL="http",
-        DISCORD_API_HOST=host,
-        DISCORD_EVENTS="MESSAGE_CREATE",
-        LOG_LEVEL="warn",
-    )
+    env = gateway_env(sim)
     if kind == "worker":
         argv = [str(BIN / "spectacles-supervise")]
     else:
@@ -145,16 +150,7 @@ async def memory(shards: int) -> tuple[float, float, float]:
     for n in (1, shards):
         config = SimulatorConfig(shard_count=n, max_concurrency=n, identify_window=0.0)
         async with Simulator(config) as sim:
-            host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
-            env = dict(
-                os.environ,
-                DISCORD_TOKEN="simulated-token",
-                SUPERVISOR_WORKERS="1",
-                DISCORD_API_PROTOCOL="http",
-                DISCORD_API_HOST=host,
-                DISCORD_EVENTS="MESSAGE_CREATE",
-                LOG_LEVEL="warn",
-            )
+            env = gateway_env(sim)
             proc = await asyncio.create_subprocess_exec(
                 str(BIN / "spectacles-supervise"),
                 stdout=asyncio.subprocess.DEVNULL,

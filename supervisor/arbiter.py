@@ -405,18 +405,26 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stdio relay
 
-    def _read_worker_out(self, slot: WorkerSlot) -> None:
-        if slot.out is None:
-            return
+    def _read_or_unregister(self, source: Any, size: int) -> bytes | None:
+        """Read what a non-blocking pipe has; at EOF (or error) stop watching it: None."""
+        fd = source if isinstance(source, int) else source.fileno()
         try:
-            data = os.read(slot.out.fileno(), 1 << 18)
+            data = os.read(fd, size)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
             data = b""
         if not data:
             with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(slot.out)
+                self.selector.unregister(source)
+            return None
+        return data
+
+    def _read_worker_out(self, slot: WorkerSlot) -> None:
+        if slot.out is None:
+            return
+        data = self._read_or_unregister(slot.out, 1 << 18)
+        if data is None:
             return
         partial = slot.out_partial
         partial += data
@@ -512,16 +520,8 @@ class Supervisor:
                 )
 
     def _read_stdin(self, mask: int) -> None:
-        fd = sys.stdin.fileno()
-        try:
-            data = os.read(fd, 1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(fd)
+        data = self._read_or_unregister(sys.stdin.fileno(), 1 << 16)
+        if data is None:
             return
         self._stdin_buffer += data
         self._route_stdin()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from spectacles_gateway.shardspec import format_shard_spec
+
 __all__ = ["describe_ids", "group_shards", "worker_count"]
 
 
@@ -48,15 +50,4 @@ def group_shards(
     return [tuple(sorted(g)) for g in groups if g]
 
 
-def describe_ids(ids: Sequence[int]) -> str:
-    """``0-3,8,10-11``: shard ids as a compact spec (for logs and process titles)."""
-    out: list[str] = []
-    sorted_ids = sorted(set(ids))
-    i = 0
-    while i < len(sorted_ids):
-        j = i
-        while j + 1 < len(sorted_ids) and sorted_ids[j + 1] == sorted_ids[j] + 1:
-            j += 1
-        out.append(str(sorted_ids[i]) if i == j else f"{sorted_ids[i]}-{sorted_ids[j]}")
-        i = j + 1
-    return ",".join(out)
+describe_ids = format_shard_spec  # ``0-3,8,10-11``: for logs and process titles

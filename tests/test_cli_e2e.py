@@ -328,3 +328,24 @@ def test_stdout_to_a_regular_file(tmp_path: Path) -> None:
     lines = out.read_bytes().splitlines()
     assert len(lines) >= 15
     assert all(json.loads(line)["event"] == "MESSAGE_CREATE" for line in lines)
+
+
+async def test_proxy_variables_in_the_environment_are_not_picked_up() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proxies = {
+        k: dead
+        for k in (
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        )
+    }
+    async with simulator(rate=50) as sim:
+        async with gateway(gateway_env(sim, **proxies)) as gw:
+            await wait_until(lambda: len(gw.ids()) > 10, 20, "events without a proxy", gw.log)
+            code = await gw.stop()
+    assert code == 0
+    assert sim.ledger.http and sim.ledger.identify_count() == 1

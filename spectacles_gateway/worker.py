@@ -124,6 +124,7 @@ class Worker:
         self.runners: dict[int, ShardRunner] = {}
         self._stop_requested: asyncio.Event | None = None
         self._fast = False
+        self._stop_early = False
         self._metrics_task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._saved: dict[int, Session | None] = {}
@@ -261,6 +262,8 @@ class Worker:
         """Run until stopped by a signal or :meth:`request_stop`; return the exit code."""
         loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
+        if self._stop_early:
+            self._stop_requested.set()
         self.broker.bind(
             confirm=self._confirm,
             pause=self._pause,
@@ -270,7 +273,6 @@ class Worker:
             fail=self._broker_failed,
         )
         await self.store.start()
-        await self.broker.start()
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
             loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
@@ -295,6 +297,9 @@ class Worker:
             )
             self.runners[shard_id] = runner
             metrics.shards_alive.labels(str(shard_id)).set(0)
+        # After the runners exist: a command that arrives at once finds its shard (and is
+        # queued until the shard is connected) instead of being handed on to itself.
+        await self.broker.start()
         tasks = {runner.start(): runner for runner in self.runners.values()}
         self._metrics_task = loop.create_task(self._metrics_loop())
         self._persist_task = loop.create_task(self._persist_loop())
@@ -323,7 +328,9 @@ class Worker:
 
     def request_stop(self, fast: bool = False) -> None:
         """Stop: gracefully, or ``fast`` (a second request is always fast)."""
-        if self._stop_requested is None:
+        if self._stop_requested is None:  # before run(): run() stops as soon as it starts
+            self._stop_early = True
+            self._fast = self._fast or fast
             return
         if self._stop_requested.is_set():
             fast = True

@@ -921,9 +921,7 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("gateway.shutdown_timeout", "DISCORD_SHUTDOWN_TIMEOUT", _duration(), kind="duration"),
     KeySpec("supervisor.workers", "SUPERVISOR_WORKERS", _int(0)),
     KeySpec("supervisor.shards_per_worker", "SUPERVISOR_SHARDS_PER_WORKER", _int(0)),
-    KeySpec(
-        "supervisor.stall_timeout", "SUPERVISOR_STALL_TIMEOUT", _duration(), kind="duration"
-    ),
+    KeySpec("supervisor.stall_timeout", "SUPERVISOR_STALL_TIMEOUT", _duration(), kind="duration"),
 )
 
 _BY_PATH: dict[str, KeySpec] = {spec.path: spec for spec in KEYS}

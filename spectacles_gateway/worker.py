@@ -357,6 +357,9 @@ class Worker:
         await self.broker.aclose()  # flushes: the last confirmations advance the seqs
         await self.persist_sessions(final=True)
         await self.store.aclose()
+        close_gate = getattr(self.gate, "aclose", None)
+        if close_gate is not None:
+            await close_gate()
 
     async def persist_sessions(self, *, final: bool = False) -> None:
         """Write every shard's session whose confirmed seq (or anything else) changed."""

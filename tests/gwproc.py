@@ -119,8 +119,6 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-
-
 def status(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]

@@ -332,17 +332,9 @@ def test_stdout_to_a_regular_file(tmp_path: Path) -> None:
 
 async def test_proxy_variables_in_the_environment_are_not_picked_up() -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proxies = {
-        k: dead
-        for k in (
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-        )
-    }
+    proxies = dict.fromkeys(
+        ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"), dead
+    )
     async with simulator(rate=50) as sim:
         async with gateway(gateway_env(sim, **proxies)) as gw:
             await wait_until(lambda: len(gw.ids()) > 10, 20, "events without a proxy", gw.log)

@@ -62,10 +62,10 @@ async def test_hup_rolling_restart_no_identify_no_loss() -> None:
             before = await asyncio.to_thread(worker_pids, port)
             gw.process.send_signal(signal.SIGHUP)
             await wait_until(
-                lambda: all(
-                    worker_pids(port).get(w) not in (None, pid) for w, pid in before.items()
-                )
-                and all_ready(port, 4),
+                lambda: (
+                    all(worker_pids(port).get(w) not in (None, pid) for w, pid in before.items())
+                    and all_ready(port, 4)
+                ),
                 60,
                 "every worker replaced",
             )
@@ -98,8 +98,10 @@ async def test_sixteen_shards_four_buckets_start_as_fast_as_discord_allows() -> 
         assert not sim.ledger.violations, sim.ledger.violations
         assert len(info["workers"]) == 4
         times = sorted(r.time for r in sim.ledger.identifies)
-        print(f"16 shards, max_concurrency 4, 4 workers: all READY {took:.2f} s after start; "
-              f"identifies span {times[-1] - times[0]:.2f} s")
+        print(
+            f"16 shards, max_concurrency 4, 4 workers: all READY {took:.2f} s after start; "
+            f"identifies span {times[-1] - times[0]:.2f} s"
+        )
         assert 15.0 <= took <= 18.0 + t(1.0) - 1.0, took
         assert "identified" in gw.log()  # progress lines
 
@@ -108,7 +110,7 @@ async def test_bad_token_at_identify_no_respawn_loop_exit_78_one_error_line() ->
     async with simulator() as sim:
         async with gateway(gateway_env(sim)) as gw:
             await wait_until(lambda: len(sim.ledger.http) >= 1, 20, "/gateway/bot")
-            sim.config.token = "the-token-was-reset"  # noqa: S105 - identify now fails 4004
+            sim.config.token = "the-token-was-reset"
             code = await asyncio.wait_for(gw.process.wait(), t(30))
             await asyncio.gather(*gw.tasks)
         log = gw.log()

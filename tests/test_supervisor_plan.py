@@ -48,7 +48,9 @@ def test_groups_spread_each_identify_window_across_workers() -> None:
         (list(range(8)), 2, 4, [(0, 2, 4, 6), (1, 3, 5, 7)]),
     ],
 )
-def test_group_table(ids: list[int], workers: int, mc: int, expected: list[tuple[int, ...]]) -> None:
+def test_group_table(
+    ids: list[int], workers: int, mc: int, expected: list[tuple[int, ...]]
+) -> None:
     assert group_shards(ids, workers, mc) == expected
 
 
@@ -65,7 +67,9 @@ def test_describe_ids(ids: list[int], text: str) -> None:
     assert describe_ids(ids) == text
 
 
-def drive(scheduler: IdentifyScheduler, shards: list[int], latency: float = 0.1) -> dict[int, float]:
+def drive(
+    scheduler: IdentifyScheduler, shards: list[int], latency: float = 0.1
+) -> dict[int, float]:
     """Request every shard at t=0; each granted shard sends its IDENTIFY ``latency`` later."""
     for shard in shards:
         scheduler.request(shard)

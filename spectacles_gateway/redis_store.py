@@ -1,0 +1,410 @@
+"""The Redis shard store: sessions that outlive processes and hosts.
+
+Key layout, per shard (``prefix`` is ``[shard_store] prefix``, default ``gateway``)::
+
+    <prefix><id>session      session id            (the seed's key)
+    <prefix><id>seq          last confirmed seq    (the seed's key; absent while there is none)
+    <prefix><id>resume_url   resume_gateway_url    (absent while there is none)
+    <prefix><id>shard_count  shard count the session was identified with
+
+All four are written in one MULTI/EXEC with a TTL of ``[shard_store] session_ttl``: a gateway that
+stays away longer than that re-identifies, as Discord would refuse the resume anyway. A
+background task rewrites every live session every third of the TTL, so a quiet shard (whose seq
+does not move, so the worker does not save it) keeps its keys, and keys that a restarted Redis
+lost come back.
+
+Outages never stop shards: :meth:`RedisStore.save` keeps the latest state in memory and returns;
+the background task writes it once Redis answers again (one warning per outage, with backoff).
+:meth:`RedisStore.load` retries for a few seconds after start-up, then gives up (None: the shard
+identifies). The helpers :func:`redis_client` and :class:`Outage` are shared with the Redis
+identify gate and the Redis streams broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from .protocol.backoff import backoff_delay
+from .protocol.shard import Session
+from .redact import redact_url
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["REDIS_ERRORS", "Outage", "RedisStore", "redis_client"]
+
+log = logging.getLogger(__name__)
+
+#: What a Redis outage looks like to a caller (refused, reset, timed out, loading, ...).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+#: Seconds to open a TCP connection to Redis.
+CONNECT_TIMEOUT = 2.0
+#: Seconds a (non-blocking) command may take before the connection counts as dead.
+SOCKET_TIMEOUT = 5.0
+#: Seconds to wait for a free pooled connection.
+POOL_TIMEOUT = 5.0
+#: Idle connections are checked with a PING before use after this many seconds.
+HEALTH_CHECK_INTERVAL = 15
+
+
+def redis_client(
+    settings: Settings, *, max_connections: int | None = None, name: str | None = None
+) -> Redis:
+    """A client for ``settings.redis`` with a pool of ``redis.pool_size`` connections (or
+    ``max_connections``). Nothing connects until the first command.
+
+    A command that meets a dead pooled connection (Redis restarted) reconnects and retries twice
+    with a short jittered backoff; anything longer is an outage for the caller to handle.
+    """
+    dsn = settings.redis.dsn
+    options: dict[str, Any] = {}
+    if not dsn.startswith("unix:"):
+        options["socket_keepalive"] = True  # TCP only
+    pool = BlockingConnectionPool.from_url(
+        dsn,
+        max_connections=max_connections or settings.redis.pool_size,
+        timeout=POOL_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=SOCKET_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        client_name=name,
+        **options,
+    )
+    return Redis.from_pool(pool)
+
+
+@dataclass
+class Outage:
+    """Tracks whether Redis is reachable for one component, with one warning per outage and a
+    backoff before the next attempt (:func:`~spectacles_gateway.protocol.backoff.backoff_delay`).
+    """
+
+    what: str  # "shard store", "identify gate", "broker": the start of every log line
+    url: str  # for logs; redacted here
+    base: float = 0.25
+    cap: float = 5.0
+    failures: int = 0
+    down_since: float | None = None
+    retry_at: float = 0.0
+    rand: random.Random = field(default_factory=random.Random)
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, now: float, exc: BaseException, detail: str = "") -> float:
+        """Record a failure; returns the delay before the next attempt."""
+        self.failures += 1
+        if self.down_since is None:
+            self.down_since = now
+            log.warning(
+                "%s: Redis at %s is unreachable (%s)%s",
+                self.what,
+                redact_url(self.url),
+                describe_error(exc),
+                detail,
+            )
+        delay = backoff_delay(self.failures, self.rand.random(), base=self.base, cap=self.cap)
+        self.retry_at = now + delay
+        return delay
+
+    def succeeded(self, now: float, detail: str = "") -> bool:
+        """Record a success; True when it ends an outage."""
+        self.failures = 0
+        self.retry_at = 0.0
+        since, self.down_since = self.down_since, None
+        if since is None:
+            return False
+        log.info(
+            "%s: Redis at %s is reachable again after %.1f s%s",
+            self.what,
+            redact_url(self.url),
+            now - since,
+            detail,
+        )
+        return True
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
+@dataclass
+class _Entry:
+    shard_count: int
+    session: Session | None  # None: delete the keys
+    version: int = 0
+    dirty: bool = True
+
+
+class RedisStore:
+    """Sessions in Redis (``[shard_store] type = "redis"``); see the module docstring."""
+
+    persistent = True
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "gateway",
+        session_ttl: float = 300.0,
+        url: str = "",
+        startup_retry: float = 5.0,
+        op_timeout: float = 3.0,
+        refresh_interval: float | None = None,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_ms = max(1, round(session_ttl * 1000))
+        #: Seconds after :meth:`start` during which :meth:`load` keeps retrying an outage.
+        self.startup_retry = startup_retry
+        self.op_timeout = op_timeout
+        self.refresh_interval = (
+            refresh_interval
+            if refresh_interval is not None
+            else min(60.0, max(0.1, session_ttl / 3))
+        )
+        self.outage = Outage("shard store", url)
+        self._entries: dict[int, _Entry] = {}
+        self._lock = asyncio.Lock()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._startup_deadline: float | None = None
+        self._gave_up = False
+        self._closing = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        return cls(
+            redis_client(settings, name="spectacles-store"),
+            prefix=settings.shard_store.prefix,
+            session_ttl=settings.shard_store.session_ttl,
+            url=settings.redis.url,
+        )
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def keys(self, shard_id: int) -> tuple[str, str, str, str]:
+        """``(session, seq, resume_url, shard_count)`` keys of a shard."""
+        base = f"{self.prefix}{shard_id}"
+        return f"{base}session", f"{base}seq", f"{base}resume_url", f"{base}shard_count"
+
+    # ------------------------------------------------------------------ ShardStore
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._startup_deadline = loop.time() + self.startup_retry
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._keeper(), name="redis-store-keeper")
+
+    async def load(self, shard_id: int, shard_count: int) -> Session | None:
+        """The shard's stored session, or None (none, expired, other shard count, or Redis
+        unreachable for the start-up grace period)."""
+        loop = asyncio.get_running_loop()
+        deadline = self._startup_deadline if self._startup_deadline is not None else loop.time()
+        keys = self.keys(shard_id)
+        while True:
+            now = loop.time()
+            # After the grace period, a shard does not wait for an outage already known.
+            late = now >= deadline and self.outage.down
+            if now >= self.outage.retry_at and not late:
+                try:
+                    async with asyncio.timeout(self.op_timeout):
+                        values = await self.client.mget(keys)
+                except REDIS_ERRORS as exc:
+                    self.outage.failed(
+                        loop.time(), exc, "; shards without a stored session identify"
+                    )
+                else:
+                    self.outage.succeeded(loop.time())
+                    self._gave_up = False
+                    return await self._parse(shard_id, shard_count, values)
+            now = loop.time()
+            if now >= deadline:
+                level = logging.DEBUG if self._gave_up else logging.WARNING
+                self._gave_up = True
+                log.log(
+                    level,
+                    "shard %d: stored session unknown (no answer from Redis): it identifies",
+                    shard_id,
+                )
+                return None
+            await asyncio.sleep(max(0.01, min(self.outage.retry_at, deadline) - now))
+
+    async def save(self, shard_id: int, shard_count: int, session: Session | None) -> None:
+        """Remember the shard's session (None: forget it) and write it; during an outage the
+        write happens when Redis is back. Never raises for an outage."""
+        entry = self._entries.get(shard_id)
+        if entry is None:
+            if session is None:
+                # Nothing of ours to delete, but another process (or our previous life) may
+                # have left keys behind: delete them once.
+                entry = _Entry(shard_count, None)
+                self._entries[shard_id] = entry
+            else:
+                entry = self._entries[shard_id] = _Entry(shard_count, session)
+        else:
+            entry.shard_count = shard_count
+            entry.session = session
+            entry.dirty = True
+            entry.version += 1
+        if self.outage.down:
+            self._kick()
+            return
+        await self._write([shard_id])
+
+    async def aclose(self) -> None:
+        """Write what is still unwritten (one try, bounded) and disconnect."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            self._kick()
+            _, pending = await asyncio.wait({task}, timeout=self.op_timeout + 1.0)
+            for late in pending:  # a flag first: redis-py can swallow a cancellation
+                late.cancel()
+                await asyncio.wait({late}, timeout=1.0)
+        if any(e.dirty for e in self._entries.values()):
+            self.outage.retry_at = 0.0
+            await self._write(None)
+            unwritten = [i for i, e in self._entries.items() if e.dirty]
+            if unwritten:
+                log.warning(
+                    "shard store: sessions of shards %s could not be written before exit",
+                    ",".join(map(str, unwritten)),
+                )
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _parse(
+        self, shard_id: int, shard_count: int, values: list[bytes | str | None]
+    ) -> Session | None:
+        raw_session, raw_seq, raw_url, raw_count = (_text(v) for v in values)
+        if raw_session is None:
+            return None
+        session_id = raw_session
+        try:
+            seq = int(raw_seq) if raw_seq is not None else None
+            count = int(raw_count) if raw_count is not None else None
+        except ValueError:
+            log.warning("shard %d: stored session is malformed; it will identify", shard_id)
+            await self.save(shard_id, shard_count, None)
+            return None
+        if count is not None and count != shard_count:
+            log.info(
+                "shard %d: stored session %s… was made with %d shards, not %d: it will identify",
+                shard_id,
+                session_id[:8],
+                count,
+                shard_count,
+            )
+            await self.save(shard_id, shard_count, None)
+            return None
+        session = Session(session_id, seq, raw_url)
+        # Keep refreshing its TTL even if the shard never saves it again (no new events).
+        self._entries[shard_id] = _Entry(shard_count, session, dirty=count is None)
+        if count is None:  # written by the seed: add our keys and the TTL
+            self._kick()
+        return session
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _write(self, shard_ids: list[int] | None) -> bool:
+        """Write the entries of ``shard_ids`` (None: every dirty one), all in one MULTI/EXEC.
+        Returns False on an outage (the entries stay dirty)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if shard_ids is None:
+                shard_ids = [i for i, e in self._entries.items() if e.dirty]
+            todo = [(i, self._entries[i]) for i in shard_ids if i in self._entries]
+            if not todo:
+                return True
+            versions = [e.version for _, e in todo]
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    for shard_id, entry in todo:
+                        self._queue_write(pipe, shard_id, entry)
+                    async with asyncio.timeout(self.op_timeout):
+                        await pipe.execute()
+            except REDIS_ERRORS as exc:
+                self.outage.failed(
+                    loop.time(), exc, "; sessions are kept in memory until it is back"
+                )
+                self._kick()
+                return False
+            self.outage.succeeded(loop.time())
+            for (shard_id, entry), version in zip(todo, versions, strict=True):
+                if entry.version == version:
+                    entry.dirty = False
+                    if entry.session is None and self._entries.get(shard_id) is entry:
+                        del self._entries[shard_id]
+            return True
+
+    def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
+        k_session, k_seq, k_url, k_count = self.keys(shard_id)
+        session = entry.session
+        if session is None:
+            pipe.delete(k_session, k_seq, k_url, k_count)
+            return
+        ttl = self.ttl_ms
+        pipe.set(k_session, session.session_id, px=ttl)
+        if session.seq is None:
+            pipe.delete(k_seq)
+        else:
+            pipe.set(k_seq, session.seq, px=ttl)
+        if session.resume_url is None:
+            pipe.delete(k_url)
+        else:
+            pipe.set(k_url, session.resume_url, px=ttl)
+        pipe.set(k_count, entry.shard_count, px=ttl)
+
+    async def _keeper(self) -> None:
+        """Write dirty entries after an outage (with backoff) and refresh every live session's
+        TTL every :attr:`refresh_interval` seconds."""
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        next_refresh = loop.time() + self.refresh_interval
+        while not self.closing:
+            now = loop.time()
+            dirty = any(e.dirty for e in self._entries.values())
+            wake_at = next_refresh
+            if dirty:
+                wake_at = min(wake_at, max(now, self.outage.retry_at))
+            if wake_at > now:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wake_at - now):
+                        await self._wake.wait()
+                continue
+            if now >= next_refresh:
+                for entry in self._entries.values():
+                    entry.dirty = True
+                next_refresh = now + self.refresh_interval
+            if now < self.outage.retry_at:
+                continue
+            was_down = self.outage.down
+            if await self._write(None) and was_down:
+                log.info("shard store: stored sessions are up to date again")

@@ -81,6 +81,10 @@ async def test_four_shards_a_minute_of_broken_connections_every_event_exactly_on
         assert resumed >= faults * 0.6, (resumed, faults)
         assert not sim.ledger.violations
         assert TOKEN not in gw.log()
+        print(
+            f"chaos {seconds:.0f} s: {faults} faults, {resumed} resumes, "
+            f"{len(sim.ledger.connections)} connections, {len(ids)} events, each exactly once"
+        )
 
 
 async def test_bad_input_is_logged_counted_and_survived() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,11 @@ class Worker:
         self._stop_requested: asyncio.Event | None = None
         self._fast = False
         self._stop_early = False
+        self._published: dict[str, int] = {}
+        self._latency_probe: dict[int, tuple[str, int, float]] = {}
+        self._latencies: list[float] = []
+        self._reported: dict[int, tuple[int, int, dict[int, int]]] = {}
+        self._clock = time.monotonic
         self._metrics_task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._saved: dict[int, Session | None] = {}
@@ -138,6 +144,11 @@ class Worker:
     def publish(
         self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
     ) -> None:
+        published = self._published
+        published[event] = published.get(event, 0) + 1
+        if seq is not None and shard_id not in self._latency_probe:
+            # One event per shard at a time is timed from here to the broker's confirmation.
+            self._latency_probe[shard_id] = (session, seq, self._clock())
         self.broker.publish(shard_id, event, seq, data, session)
 
     def end_of_batch(self) -> None:
@@ -173,6 +184,10 @@ class Worker:
         runner = self.runners.get(shard_id)
         if runner is not None:
             runner.core.confirm(seq, session)
+        probe = self._latency_probe.get(shard_id)
+        if probe is not None and probe[0] == session and probe[1] <= seq:
+            del self._latency_probe[shard_id]
+            self._latencies.append(self._clock() - probe[2])
 
     def _pause(self) -> None:
         for runner in self.runners.values():
@@ -387,10 +402,37 @@ class Worker:
             self._flush_metrics()
 
     def _flush_metrics(self) -> None:
+        if self._published:
+            for event, count in self._published.items():
+                metrics.events_published.labels(event).inc(count)
+            self._published.clear()
+        if self._latencies:
+            histogram = metrics.publish_latency.labels(self.broker.name)
+            for seconds in self._latencies:
+                histogram.observe(seconds)
+            self._latencies.clear()
+        confirmed = 0
         for shard_id, runner in self.runners.items():
             core = runner.core
+            shard = str(shard_id)
+            last_confirmed, last_commands, last_sent = self._reported.get(shard_id, (0, 0, {}))
+            confirmed += core.confirmed_events - last_confirmed
+            if core.commands_sent > last_commands:
+                metrics.commands_sent.labels(shard).inc(core.commands_sent - last_commands)
+            for op, count in core.packets_sent.items():
+                if count > last_sent.get(op, 0):
+                    metrics.packets_sent.labels("", str(op), shard).inc(
+                        count - last_sent.get(op, 0)
+                    )
+            self._reported[shard_id] = (
+                core.confirmed_events,
+                core.commands_sent,
+                dict(core.packets_sent),
+            )
             if core.packets_received:
                 metrics.flush_shard_counts(shard_id, core.packets_received)
             if core.latency is not None:
-                metrics.ping.labels(str(shard_id)).observe(core.latency * 1000.0)
+                metrics.ping.labels(shard).observe(core.latency * 1000.0)
                 core.latency = None
+        if confirmed:
+            metrics.events_confirmed.labels(self.broker.name).inc(confirmed)

@@ -144,6 +144,14 @@ async def test_bad_input_is_logged_counted_and_survived() -> None:
             assert metric(text, "gateway_input_dropped_total", reason=reason) >= 1, reason
         assert metric(text, "gateway_input_dropped_total") == len(garbage)
         assert metric(text, "gateway_decode_errors_total") >= 2
+        assert metric(text, "gateway_packets_sent", op="2") == 2  # one IDENTIFY per shard
+        assert metric(text, "gateway_packets_sent", op="6") >= 2  # the RESUMEs
+        assert metric(text, "gateway_packets_sent", op="3", shard="1") == 1  # the command
+        assert metric(text, "gateway_commands_sent_total", shard="1") == 1
+        published = metric(text, "gateway_events_published_total", event="MESSAGE_CREATE")
+        assert published >= 100
+        assert metric(text, "gateway_events_confirmed_total", broker="stdio") >= published - 50
+        assert metric(text, "gateway_publish_latency_seconds_count", broker="stdio") >= 1
         assert metric(text, "gateway_reconnects_total", reason="decode_error") >= 2
         assert log.count("dropped input from stdin") + log.count("rejected a command") == len(
             garbage

@@ -532,3 +532,21 @@ def test_oversize_command_is_rejected_before_queueing() -> None:
     with pytest.raises(CommandRejected, match="4096"):
         core.queue_command(b'{"op":3,"d":"' + b"x" * 4100 + b'"}', 1.0)
     assert core.pending_commands() == 0
+
+
+def test_sent_and_confirmed_tallies_for_metrics() -> None:
+    core = make(rand=0.0)
+    core.connection_opened(0.0, identify_permitted=True)
+    core.receive(hello(), 0.0)
+    core.receive(ready(), 0.1)
+    core.tick(0.1)  # first heartbeat
+    core.queue_command(b'{"op":3,"d":{}}', 0.2)
+    core.queue_command(b'{"op":8,"d":{"guild_id":"1","query":"","limit":0}}', 0.2)
+    for s in (2, 3, 4):
+        core.receive(dispatch(s), 0.3)
+    core.confirm(3, "sess-1")
+    assert core.packets_sent == {2: 1, 1: 1, 3: 1, 8: 1}
+    assert core.commands_sent == 2
+    assert core.confirmed_events == 2
+    with pytest.raises(CommandRejected, match="not a gateway payload"):
+        core.queue_command(b"nope", 0.3)

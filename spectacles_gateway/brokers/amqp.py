@@ -433,8 +433,6 @@ class AmqpBroker(Broker):
         self._retry_handle: asyncio.TimerHandle | None = None
         self._nack_streak = 0
         self._returned: dict[str, tuple[float, int]] = {}
-        self._by_event: dict[str, int] = {}
-        self._reported_confirmed = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, plan: WorkerPlan) -> AmqpBroker:
@@ -456,8 +454,6 @@ class AmqpBroker(Broker):
     ) -> None:
         frames = self.builder.event(event, shard_id, seq, session, data)
         self.tracker.add(shard_id, seq, session, event, frames)
-        by_event = self._by_event
-        by_event[event] = by_event.get(event, 0) + 1
 
     def flush(self) -> None:
         tracker = self.tracker
@@ -894,14 +890,7 @@ class AmqpBroker(Broker):
     def _flush_metrics(self) -> None:
         tracker = self.tracker
         metrics.broker_buffered.set(tracker.unconfirmed)
-        confirmed = tracker.confirmed - self._reported_confirmed
-        if confirmed:
-            metrics.events_confirmed.labels(self.name).inc(confirmed)
-            self._reported_confirmed = tracker.confirmed
-        if self._by_event:
-            for event, count in self._by_event.items():
-                metrics.events_published.labels(event).inc(count)
-            self._by_event.clear()
+        # events_published / events_confirmed are counted by the worker for every broker.
 
     async def aclose(self) -> None:
         self.flush()

@@ -195,8 +195,13 @@ class ShardProtocol:
         #: Packets received by (t, op), for the seed's ``gateway_packets_received`` metric; the
         #: driver reads and clears it periodically.
         self.packets_received: dict[tuple[str, int], int] = {}
+        #: Payloads sent by op, commands sent, and dispatches the broker confirmed: running
+        #: totals the driver reads for metrics.
+        self.packets_sent: dict[int, int] = {}
+        self.commands_sent = 0
+        self.confirmed_events = 0
         # Commands.
-        self._commands: deque[tuple[bytes, object]] = deque()
+        self._commands: deque[tuple[bytes, object, int]] = deque()
         self._commands_waiting = False  # commands queued and held back by the send limit
         self._sent_tickets: list[object] = []
 
@@ -409,10 +414,11 @@ class ShardProtocol:
                     }
                 ),
                 now,
+                Opcode.RESUME,
             )
         elif self._identify_permitted:
             self.phase = Phase.IDENTIFYING
-            self._send_priority(self._identify_payload, now)
+            self._send_priority(self._identify_payload, now, Opcode.IDENTIFY)
             self._identify_sent_at = now
         else:
             # Planned a resume but the session vanished meanwhile: identify on a new connection.
@@ -441,16 +447,18 @@ class ShardProtocol:
 
     # ------------------------------------------------------------------ sending
 
-    def _send_priority(self, payload: bytes, now: float) -> bool:
+    def _send_priority(self, payload: bytes, now: float, op: int) -> bool:
         if self._limiter.try_acquire(now, priority=True):
             self._out.append(payload)
+            sent = self.packets_sent
+            sent[op] = sent.get(op, 0) + 1
             return True
         return False
 
     def _send_heartbeat(self, now: float) -> None:
         seq = self.seq
         payload = b'{"op":1,"d":null}' if seq is None else b'{"op":1,"d":%d}' % seq
-        if self._send_priority(payload, now):
+        if self._send_priority(payload, now, Opcode.HEARTBEAT):
             self._acked = False
             self._heartbeat_sent_at = now
             if self._heartbeat_interval:
@@ -468,7 +476,11 @@ class ShardProtocol:
             raise CommandRejected(
                 f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
             )
-        self._commands.append((payload, ticket))
+        try:
+            op = decode_envelope(payload).op
+        except msgspec.DecodeError as exc:
+            raise CommandRejected(f"not a gateway payload: {exc}") from None
+        self._commands.append((payload, ticket, op))
         self._flush_commands(now)
 
     def pending_commands(self) -> int:
@@ -479,9 +491,12 @@ class ShardProtocol:
             return
         commands = self._commands
         limiter = self._limiter
+        sent = self.packets_sent
         while commands and limiter.try_acquire(now):
-            payload, ticket = commands.popleft()
+            payload, ticket, op = commands.popleft()
             self._out.append(payload)
+            sent[op] = sent.get(op, 0) + 1
+            self.commands_sent += 1
             if ticket is not None:
                 self._sent_tickets.append(ticket)
         self._commands_waiting = bool(commands)
@@ -553,8 +568,11 @@ class ShardProtocol:
         if session_id != self.session_id:
             return
         pending = self._pending
+        popped = 0
         while pending and pending[0] <= seq:
             pending.popleft()
+            popped += 1
+        self.confirmed_events += popped
 
     def stop(self, *, keep_session: bool) -> None:
         """Shut this shard down. ``keep_session``: close with a resumable code (the session is

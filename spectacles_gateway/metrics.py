@@ -54,7 +54,11 @@ decode_errors = Counter(
     "gateway_decode_errors", "Gateway messages that could not be decoded.", ["shard", "reason"]
 )
 reconnects = Counter("gateway_reconnects", "Gateway reconnects, by reason.", ["shard", "reason"])
-identifies = Counter("gateway_identifies", "IDENTIFY payloads sent.", ["shard"])
+identifies = Counter(
+    "gateway_identifies",
+    "New sessions (READY after an IDENTIFY); see packets_sent op 2.",
+    ["shard"],
+)
 resumes = Counter("gateway_resumes", "Sessions resumed (RESUMED received).", ["shard"])
 broker_buffered = Gauge(
     "gateway_broker_buffered_events",

@@ -152,6 +152,7 @@ async def test_bad_input_is_logged_counted_and_survived() -> None:
         assert published >= 100
         assert metric(text, "gateway_events_confirmed_total", broker="stdio") >= published - 50
         assert metric(text, "gateway_publish_latency_seconds_count", broker="stdio") >= 1
+        assert metric(text, "gateway_broker_connected") == 1
         assert metric(text, "gateway_reconnects_total", reason="decode_error") >= 2
         assert log.count("dropped input from stdin") + log.count("rejected a command") == len(
             garbage

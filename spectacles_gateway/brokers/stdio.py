@@ -155,6 +155,7 @@ class StdioBroker(Broker):
         if not self.connected:
             return
         self.connected = False
+        metrics.broker_connected.set(0)
         reason = f"stdout was closed ({exc or 'EOF'}); events can no longer be written"
         self._fail(reason)
 
@@ -258,6 +259,7 @@ class StdioBroker(Broker):
         else:  # a regular file: writes do not block for long, and pipes would refuse it
             self._blocking_fd = out_fd
         self.connected = True
+        metrics.broker_connected.set(1)
         if self._stdin_fd is not None and self._commands is not None:
             try:
                 in_fd = os.dup(self._stdin_fd)

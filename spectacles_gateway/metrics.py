@@ -74,7 +74,7 @@ broker_connected = Gauge(
 session_starts_remaining = Gauge(
     "gateway_session_starts_remaining",
     "Identifies left in Discord's daily session start budget.",
-    multiprocess_mode="livemin",
+    multiprocess_mode="livemax",  # the supervisor knows it; workers' files stay at 0
 )
 
 

@@ -193,6 +193,9 @@ class Supervisor:
             "gateway_workers", "Worker processes running.", multiprocess_mode="liveall"
         )
         metrics.total_shards.set(sum(len(s.shards) for s in self.slots))
+        # "livemin" over every live process: the supervisor has no broker, so it must not be
+        # the 0 that hides the workers' value.
+        metrics.broker_connected.set(1)
         if self.options.budget is not None:
             metrics.session_starts_remaining.set(self.options.budget.remaining)
 

@@ -133,6 +133,8 @@ async def test_metrics_aggregate_workers_and_do_not_double_count_after_a_restart
                 assert metric(text, "gateway_shards_alive", id=str(shard)) == 1
                 assert metric(text, "gateway_packets_received", shard=str(shard), op="0") > 0
             assert metric(text, "gateway_total_shards") == 4
+            assert metric(text, "gateway_session_starts_remaining") == 1000 - 4
+            assert metric(text, "gateway_broker_connected") == 1
             assert metric(text, "gateway_workers") == 4
             pids = await asyncio.to_thread(worker_pids, port)
             os.kill(pids[2], signal.SIGKILL)

@@ -84,7 +84,7 @@ worker_restarts = Counter(
 identify_progress = Gauge(
     "gateway_identify_progress",
     "Share of this supervisor's shards that are READY (1 when all are).",
-    multiprocess_mode="liveall",
+    multiprocess_mode="livemax",  # set by the supervisor only
 )
 publish_latency = Histogram(
     "gateway_publish_latency_seconds",

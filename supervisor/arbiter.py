@@ -190,7 +190,7 @@ class Supervisor:
 
         self._metrics = metrics
         self._workers_gauge = Gauge(
-            "gateway_workers", "Worker processes running.", multiprocess_mode="liveall"
+            "gateway_workers", "Worker processes running.", multiprocess_mode="livesum"
         )
         metrics.total_shards.set(sum(len(s.shards) for s in self.slots))
         # "livemin" over every live process: the supervisor has no broker, so it must not be

@@ -13,12 +13,11 @@ import json
 import os
 import signal
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import pytest
 from redis.asyncio import Redis
 
 from spectacles_gateway.simulator import Simulator
@@ -29,16 +28,9 @@ from .test_redis_store import (
     REDIS_URL,
     PrivateRedis,
     cleanup,
-    private_redis_server,
     raw_client,
     unique_prefix,
 )
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    yield from private_redis_server()
-
 
 STREAM = "MESSAGE_CREATE"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,17 +23,10 @@ from .test_redis_store import (
     REDIS_URL,
     PrivateRedis,
     cleanup,
-    private_redis_server,
     raw_client,
     settings_for,
     unique_prefix,
 )
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    yield from private_redis_server()
-
 
 WINDOW = 0.5  # seconds; the gate adds IDENTIFY_MARGIN
 

@@ -150,11 +150,6 @@ def private_redis_server() -> Iterator[PrivateRedis]:
         server.close()
 
 
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    yield from private_redis_server()
-
-
 @contextlib.asynccontextmanager
 async def open_store(settings: Settings, **kwargs: Any) -> AsyncIterator[RedisStore]:
     store = RedisStore(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -23,16 +23,10 @@ from .test_redis_store import (
     REDIS_URL,
     PrivateRedis,
     cleanup,
-    private_redis_server,
     raw_client,
     settings_for,
     unique_prefix,
 )
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    yield from private_redis_server()
 
 
 class Bound:

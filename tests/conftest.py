@@ -1,0 +1,15 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .test_redis_store import PrivateRedis, private_redis_server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A private ``redis-server`` on a free port, for tests that stop and restart Redis."""
+    yield from private_redis_server()

@@ -696,12 +696,21 @@ def _split_url(value: object, allowed: str) -> SplitResult:
     return parts
 
 
-def _convert_amqp_url(value: object, raw: _Raw, warnings: list[str]) -> str:
-    allowed = "an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost"
-    parts = _split_url(value, allowed)
-    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
-        raise _Bad(allowed)
-    return str(value).strip()
+def _url_of(schemes: tuple[str, ...], allowed: str) -> _Convert:
+    """A converter for a URL with one of ``schemes`` and a host."""
+
+    def convert(value: object, raw: _Raw, warnings: list[str]) -> str:
+        parts = _split_url(value, allowed)
+        if parts.scheme.lower() not in schemes or not parts.hostname:
+            raise _Bad(allowed)
+        return str(value).strip()
+
+    return convert
+
+
+_convert_amqp_url = _url_of(
+    ("amqp", "amqps"), "an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost"
+)
 
 
 def _convert_redis_url(value: object, raw: _Raw, warnings: list[str]) -> str:
@@ -777,12 +786,9 @@ def _convert_api_host(value: object, raw: _Raw, warnings: list[str]) -> str:
     return text
 
 
-def _convert_gateway_url(value: object, raw: _Raw, warnings: list[str]) -> str:
-    allowed = "a ws:// or wss:// URL such as wss://gateway.discord.gg, or empty"
-    parts = _split_url(value, allowed)
-    if parts.scheme.lower() not in ("ws", "wss") or not parts.hostname:
-        raise _Bad(allowed)
-    return str(value).strip()
+_convert_gateway_url = _url_of(
+    ("ws", "wss"), "a ws:// or wss:// URL such as wss://gateway.discord.gg, or empty"
+)
 
 
 _PRESENCE_KEYS = ("since", "activities", "status", "afk", "game")

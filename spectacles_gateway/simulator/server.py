@@ -786,6 +786,19 @@ class Simulator:
         except Exception:  # the peer may vanish mid-close; the ledger already has the code
             logger.debug("error while closing", exc_info=True)
 
+    def _refuse(
+        self,
+        conn: _Conn,
+        record: IdentifyRecord | ResumeRecord,
+        code: int,
+        reason: str,
+        violation: str,
+    ) -> None:
+        """Close an IDENTIFY or RESUME attempt with ``code`` and record why."""
+        record.outcome = f"close {code}"
+        self._violation(violation)
+        self._server_close(conn, code, reason)
+
     def _drop(self, conn: _Conn) -> None:
         if conn.closing:
             return
@@ -1083,9 +1096,7 @@ class Simulator:
         label = "?" if shard_id is None else str(shard_id)
 
         def close(code: int, reason: str, violation: str) -> None:
-            record.outcome = f"close {code}"
-            self._violation(violation)
-            self._server_close(conn, code, reason)
+            self._refuse(conn, record, code, reason, violation)
 
         if conn.session is not None:
             close(4005, "Already authenticated", f"4005 second identify shard {label}")
@@ -1236,9 +1247,7 @@ class Simulator:
         self.ledger.resumes.append(record)
 
         def close(code: int, reason: str, violation: str) -> None:
-            record.outcome = f"close {code}"
-            self._violation(violation)
-            self._server_close(conn, code, reason)
+            self._refuse(conn, record, code, reason, violation)
 
         if conn.session is not None:
             close(4005, "Already authenticated", f"4005 resume on an authenticated conn {conn.id}")

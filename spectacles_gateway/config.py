@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from spectacles_gateway.durations import DurationError, format_duration, parse_duration
+from spectacles_gateway.exitcodes import EX_CONFIG
 from spectacles_gateway.intents import (
     ALL_INTENTS,
     UnknownIntentError,
@@ -79,7 +80,6 @@ __all__ = [
 ]
 
 #: Exit status for bad configuration (sysexits.h); systemd's RestartPreventExitStatus= uses it.
-EX_CONFIG = 78
 DEFAULT_CONFIG_PATH = "gateway.toml"
 #: The token used with ``--simulate`` when none is configured.
 SIMULATED_TOKEN = "simulated-token"  # noqa: S105 - not a secret

@@ -27,6 +27,7 @@ from .brokers.wire import (
     target_shard,
     unwrap_msgpack_string,
 )
+from .exitcodes import EX_CONFIG, EX_IOERR
 from .gate import LocalIdentifyGate
 from .protocol.closecodes import FATAL_CODES
 from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Notice, Session, ShardConfig
@@ -36,9 +37,6 @@ from .transport import IdentifyGateLike, ShardRunner
 __all__ = ["EX_CONFIG", "Worker", "WorkerPlan"]
 
 log = logging.getLogger(__name__)
-
-EX_CONFIG = 78
-EX_IOERR = 74  # the output (stdout) went away: restart us when a consumer is back
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any
 
 from spectacles_gateway.brokers.stdio import msgpack_object_end
 from spectacles_gateway.brokers.wire import CommandError, parse_command, target_shard
+from spectacles_gateway.exitcodes import EX_CONFIG, EX_IOERR
 from spectacles_gateway.protocol.backoff import backoff_delay
 
 from .control import LineBuffer, encode
@@ -42,8 +43,6 @@ __all__ = ["Supervisor", "SupervisorOptions", "describe_exit"]
 
 log = logging.getLogger("spectacles_gateway.supervisor")
 
-EX_CONFIG = 78
-EX_IOERR = 74
 RELAY_HIGH_WATER = 4 << 20  # bytes waiting for our stdout before we stop reading workers
 STABLE_AFTER = 30.0  # a worker alive this long has its restart backoff reset
 PROGRESS_EVERY = 5.0

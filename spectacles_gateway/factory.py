@@ -10,13 +10,13 @@ from .store import MemoryStore, ShardStore
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .plan import WorkerPlan
     from .transport import IdentifyGateLike
-    from .worker import WorkerPlan
 
 __all__ = ["make_broker", "make_gate", "make_store"]
 
 
-def make_broker(settings: Settings, plan: WorkerPlan) -> Broker:
+def make_broker(settings: Settings, plan: WorkerPlan, *, confirm_on_relay: bool = False) -> Broker:
     kind = settings.broker.type
     if kind == "amqp":
         from .brokers.amqp import AmqpBroker
@@ -26,7 +26,7 @@ def make_broker(settings: Settings, plan: WorkerPlan) -> Broker:
         from .brokers.redis_streams import RedisStreamsBroker
 
         return RedisStreamsBroker.from_settings(settings, plan)
-    return StdioBroker(settings.stdio.format)
+    return StdioBroker(settings.stdio.format, confirm_on_relay=confirm_on_relay)
 
 
 def make_store(settings: Settings) -> ShardStore:

@@ -1,102 +1,130 @@
-"""Prometheus metrics. The seed's names stay for existing dashboards; ours are prefixed the same.
+"""The gateway's metrics. The seed's names stay for existing dashboards; ours are prefixed the same.
 
-Every gauge declares a multiprocess mode so the supervisor can aggregate workers
-(prometheus_client multiprocess mode); latencies are histograms (summaries do not aggregate).
-Hot paths never touch these objects per event: they count in plain ints and
-:func:`flush_shard_counts` moves the counts over about once a second.
+Every process (supervisor, workers) defines the same families in its own
+:data:`REGISTRY`; workers report their values to the supervisor, which adds them up
+(:mod:`.telemetry`). Latencies are histograms. Hot paths never touch these objects per event:
+they count in plain ints and move the counts over about once a second.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from .telemetry import Counter, Gauge, Histogram, Registry
+
+REGISTRY = Registry()
+_R = REGISTRY
 
 # --- the seed's metrics (its counters had no _total suffix; a gauge keeps the exact name) ---
 packets_received = Gauge(
     "gateway_packets_received",
     "Counter of packets received over all gateway connections.",
     ["t", "op", "shard"],
-    multiprocess_mode="sum",
+    registry=_R,
+    cumulative=True,
 )
 packets_sent = Gauge(
     "gateway_packets_sent",
     "Counter of packets sent over all gateway connections.",
     ["t", "op", "shard"],
-    multiprocess_mode="sum",
+    registry=_R,
+    cumulative=True,
 )
 shards_alive = Gauge(
-    "gateway_shards_alive", "Shards that are online (READY).", ["id"], multiprocess_mode="livemax"
+    "gateway_shards_alive", "Shards that are online (READY).", ["id"], registry=_R, mode="max"
 )
 total_shards = Gauge(
     "gateway_total_shards",
     "Total number of shards that should be online.",
-    multiprocess_mode="livemax",
+    registry=_R,
+    mode="max",  # the supervisor's count; a worker counts only its own
 )
 ping = Histogram(
     "gateway_ping",
     "Latency between heartbeat and acknowledgement (in milliseconds).",
     ["id"],
+    registry=_R,
     buckets=(10, 25, 50, 100, 200, 400, 800, 1600, 5000),
 )
 
 # --- ours ---
-events_published = Counter("gateway_events_published", "Events handed to the broker.", ["event"])
-events_confirmed = Counter("gateway_events_confirmed", "Events the broker confirmed.", ["broker"])
+events_published = Counter(
+    "gateway_events_published", "Events handed to the broker.", ["event"], registry=_R
+)
+events_confirmed = Counter(
+    "gateway_events_confirmed", "Events the broker confirmed.", ["broker"], registry=_R
+)
 publish_failures = Counter(
-    "gateway_publish_failures", "Events the broker refused or lost (retried).", ["reason"]
+    "gateway_publish_failures",
+    "Events the broker refused or lost (retried).",
+    ["reason"],
+    registry=_R,
 )
 input_dropped = Counter(
     "gateway_input_dropped",
     "Malformed or unroutable input that was logged and dropped.",
     ["source", "reason"],
+    registry=_R,
 )
-commands_sent = Counter("gateway_commands_sent", "Commands written to a shard.", ["shard"])
+commands_sent = Counter(
+    "gateway_commands_sent", "Commands written to a shard.", ["shard"], registry=_R
+)
 decode_errors = Counter(
-    "gateway_decode_errors", "Gateway messages that could not be decoded.", ["shard", "reason"]
+    "gateway_decode_errors",
+    "Gateway messages that could not be decoded.",
+    ["shard", "reason"],
+    registry=_R,
 )
-reconnects = Counter("gateway_reconnects", "Gateway reconnects, by reason.", ["shard", "reason"])
+reconnects = Counter(
+    "gateway_reconnects", "Gateway reconnects, by reason.", ["shard", "reason"], registry=_R
+)
 identifies = Counter(
     "gateway_identifies",
     "New sessions (READY after an IDENTIFY); see packets_sent op 2.",
     ["shard"],
+    registry=_R,
 )
-resumes = Counter("gateway_resumes", "Sessions resumed (RESUMED received).", ["shard"])
+resumes = Counter("gateway_resumes", "Sessions resumed (RESUMED received).", ["shard"], registry=_R)
 broker_buffered = Gauge(
     "gateway_broker_buffered_events",
     "Events waiting for the broker (not yet confirmed).",
-    multiprocess_mode="livesum",
+    registry=_R,
 )
 broker_reconnects = Counter(
-    "gateway_broker_reconnects", "Broker connections re-established after a loss.", ["broker"]
+    "gateway_broker_reconnects",
+    "Broker connections re-established after a loss.",
+    ["broker"],
+    registry=_R,
 )
 broker_connected = Gauge(
-    "gateway_broker_connected", "1 when the broker connection is up.", multiprocess_mode="livemin"
-)
-session_starts_remaining = Gauge(
-    "gateway_session_starts_remaining",
-    "Identifies left in Discord's daily session start budget.",
-    multiprocess_mode="livemax",  # the supervisor knows it; workers' files stay at 0
-)
-
-
-worker_restarts = Counter(
-    "gateway_worker_restarts", "Worker processes restarted, by how they died.", ["worker", "reason"]
-)
-identify_progress = Gauge(
-    "gateway_identify_progress",
-    "Share of this supervisor's shards that are READY (1 when all are).",
-    multiprocess_mode="livemax",  # set by the supervisor only
+    "gateway_broker_connected",
+    "1 when the broker connection is up (the lowest over all workers).",
+    registry=_R,
+    mode="min",
 )
 publish_latency = Histogram(
     "gateway_publish_latency_seconds",
     "Time from an event's arrival to the broker's confirmation.",
     ["broker"],
+    registry=_R,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
-
-def flush_shard_counts(shard_id: int, counts: dict[tuple[str, int], int]) -> None:
-    """Move a shard core's ``packets_received`` tallies into the metric and clear them."""
-    shard = str(shard_id)
-    for (t, op), n in counts.items():
-        packets_received.labels(t, str(op), shard).inc(n)
-    counts.clear()
+# --- the supervisor's own ---
+session_starts_remaining = Gauge(
+    "gateway_session_starts_remaining",
+    "Identifies left in Discord's daily session start budget.",
+    registry=_R,
+    mode="max",
+)
+worker_restarts = Counter(
+    "gateway_worker_restarts",
+    "Worker processes restarted, by how they died.",
+    ["worker", "reason"],
+    registry=_R,
+)
+workers = Gauge("gateway_workers", "Worker processes running.", registry=_R)
+identify_progress = Gauge(
+    "gateway_identify_progress",
+    "Share of this supervisor's shards that are READY (1 when all are).",
+    registry=_R,
+    mode="max",
+)

@@ -9,7 +9,7 @@ one shard of that bucket:
    :data:`POLL_MAX` seconds). The lease (:data:`LEASE`) is renewed every third of itself while
    the holder connects, so a holder that crashed blocks its bucket for one lease at most.
 2. **release** after the IDENTIFY was written at ``sent_at`` (loop time): the key is set to
-   expire when the identify window (5 s + :data:`~spectacles_gateway.gate.IDENTIFY_MARGIN`)
+   expire when the identify window (5 s + :data:`~.protocol.identify.IDENTIFY_MARGIN`)
    has passed since ``sent_at``, with ``PEXPIRE``; without an IDENTIFY (``sent_at=None``) it is
    deleted. Both only if the key still holds our token (compare-and-set in Lua).
 
@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
-from .gate import IDENTIFY_MARGIN
-from .protocol.identify import IDENTIFY_WINDOW, bucket_of
+from .protocol.identify import IDENTIFY_MARGIN, IDENTIFY_WINDOW, bucket_of
 from .redis_store import REDIS_ERRORS, Outage, redis_client
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .plan import WorkerPlan
     from .transport import IdentifyGateLike
-    from .worker import WorkerPlan
 
 __all__ = ["LEASE", "POLL_MAX", "RedisIdentifyGate", "RedisPermit"]
 

@@ -3,9 +3,15 @@
 Each connection is an :class:`asyncio.Protocol` that feeds ``websockets``' sans-I/O client
 straight from ``data_received`` (no per-message task, queue or future: the library's own asyncio
 connection costs as much per message as the rest of our pipeline), decompresses with a context
-that lives exactly as long as the connection, and hands every message to the shard core. The
-:class:`ShardRunner` owns the reconnect loop: it asks the core where and when to connect, takes the
-identify gate when the connection will identify, and reports how each connection ended.
+that lives exactly as long as the connection, hands every message to the shard core, and then
+carries out the core's events in one loop (:meth:`GatewayConnection.pump`). The
+:class:`ShardRunner` owns the reconnect loop: it asks the core where and when to connect, takes
+the identify gate when the connection will identify, and reports how each connection ended.
+
+What flows up to the worker (:class:`EventHandler`): dispatches, one "end of batch" per read, and
+the core's other events (notices, commands sent or dropped). What the worker asks of a runner
+goes down through its methods (:meth:`ShardRunner.confirm`, :meth:`~ShardRunner.send`,
+:meth:`~ShardRunner.stats`, ...); nothing outside reaches into the core.
 """
 
 from __future__ import annotations
@@ -19,14 +25,24 @@ from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidURI, PayloadTooBig
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from .compression import DecompressError, Decompressor, make_decompressor
+from .compression import DecompressError, Decompressor, MessageTooLarge, make_decompressor
+from .plan import DEFAULT_MAX_MESSAGE
 from .protocol.closecodes import CloseAction, describe_close
-from .protocol.shard import Notice, Phase, ShardConfig, ShardProtocol
+from .protocol.events import (
+    CloseRequest,
+    Dispatch,
+    Event,
+    IdentifySent,
+    SendData,
+    ShardStats,
+)
+from .protocol.shard import Phase, ShardConfig, ShardProtocol
 
 if TYPE_CHECKING:
     from .protocol.shard import Session
@@ -35,11 +51,11 @@ __all__ = ["EventHandler", "GatewayConnection", "IdentifyGateLike", "ShardRunner
 
 log = logging.getLogger(__name__)
 
-Event = Request | Response | Frame
+WsEvent = Request | Response | Frame
 
 _OP_TEXT = Opcode.TEXT
 _OP_BINARY = Opcode.BINARY
-_OP_CONT = Opcode.CONT
+_OPEN = State.OPEN
 #: How long we wait for the server's half of a closing handshake before dropping TCP.
 CLOSE_TIMEOUT = 2.0
 USER_AGENT = "DiscordBot (https://github.com/spec-tacles, 0.1) spectacles-gateway"
@@ -48,16 +64,14 @@ USER_AGENT = "DiscordBot (https://github.com/spec-tacles, 0.1) spectacles-gatewa
 class EventHandler(Protocol):
     """Where a runner delivers what its shard produced (the worker implements it)."""
 
-    def publish(
-        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
-    ) -> None:
-        """A dispatch that passed the filter. ``session`` is the session id it belongs to."""
+    def publish(self, shard_id: int, dispatch: Dispatch) -> None:
+        """A dispatch that passed the filter."""
 
     def end_of_batch(self) -> None:
         """All messages of one read were handed over: a good moment to flush buffers."""
 
-    def shard_notice(self, runner: ShardRunner, notice: Notice) -> None:
-        """A lifecycle event of the shard (ready, resumed, zombie, reconnect, ...)."""
+    def shard_event(self, runner: ShardRunner, event: Event) -> None:
+        """Any other event of the core: a notice, commands sent or dropped."""
 
 
 class IdentifyGateLike(Protocol):
@@ -75,10 +89,12 @@ class GatewayConnection(asyncio.Protocol):
         self.runner = runner
         self.identify = identify
         self.core = runner.core
-        self.shard_id = runner.core.config.shard_id
+        self.shard_id = runner.shard_id
         self.handler = runner.handler
         self.loop = runner.loop
-        self.ws = ClientProtocol(parse_uri(url), max_size=None)  # no extensions: no deflate
+        # No extensions (no permessage-deflate); websockets bounds every message, fragments
+        # included, and fails the connection with 1009 (resumable) beyond it.
+        self.ws = ClientProtocol(parse_uri(url), max_size=runner.max_message_size)
         self.request = self.ws.connect()
         self.request.headers["User-Agent"] = USER_AGENT
         self.decompressor = decompressor
@@ -111,10 +127,13 @@ class GatewayConnection(asyncio.Protocol):
                     events = self._handshake(events)
                 if events:
                     self._frames(events)
+            if not self.closing and isinstance(ws.parser_exc, PayloadTooBig):
+                self.closing = True  # websockets already failed the connection with 1009
+                self.core.message_failed(f"gateway message too large: {ws.parser_exc}")
             self.pump()
         except Exception as exc:  # a bug of ours: never let it kill the loop or spin
             log.exception("shard %d: internal error while handling gateway data", self.shard_id)
-            self.core.transport_error(f"internal error: {type(exc).__name__}: {exc}")
+            self.core.message_failed(f"internal error: {type(exc).__name__}: {exc}")
             self.pump()
 
     def eof_received(self) -> bool | None:
@@ -140,7 +159,7 @@ class GatewayConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- websocket events
 
-    def _handshake(self, events: list[Event]) -> list[Event]:
+    def _handshake(self, events: list[WsEvent]) -> list[WsEvent]:
         first = events[0]
         if isinstance(first, Response):
             exc = self.ws.handshake_exc
@@ -156,7 +175,7 @@ class GatewayConnection(asyncio.Protocol):
             return events[1:]
         return events
 
-    def _frames(self, events: list[Event]) -> None:
+    def _frames(self, events: list[WsEvent]) -> None:
         now = self.loop.time()
         for frame in events:
             assert isinstance(frame, Frame)
@@ -166,7 +185,8 @@ class GatewayConnection(asyncio.Protocol):
                     self._message(frame.data, now)
                 else:
                     self._fragments = bytearray(frame.data)
-            elif opcode is _OP_CONT and self._fragments is not None:
+            elif self._fragments is not None and opcode is Opcode.CONT:
+                # websockets bounds the whole message (max_size), so this buffer is bounded.
                 self._fragments += frame.data
                 if frame.fin:
                     data = bytes(self._fragments)
@@ -179,46 +199,39 @@ class GatewayConnection(asyncio.Protocol):
             return  # the connection is being dropped: what follows will be replayed on resume
         try:
             payload = self.decompressor.feed(bytes(data) if type(data) is not bytes else data)
+        except MessageTooLarge as exc:
+            self.core.message_failed(f"gateway message too large: {exc}")
+            return
         except DecompressError as exc:
-            self.core.transport_error(f"corrupt compressed data from the gateway: {exc}")
+            self.core.message_failed(f"corrupt compressed data from the gateway: {exc}")
             return
-        if payload is None:
-            return
-        dispatch = self.core.receive(payload, now)
-        if dispatch is not None:
-            self.handler.publish(
-                self.shard_id,
-                dispatch.event,
-                dispatch.seq,
-                dispatch.data,
-                self.core.session_id or "",
-            )
+        if payload is not None:
+            self.core.receive(payload, now)
 
-    # ---------------------------------------------------------------- outputs
+    # ---------------------------------------------------------------- the core's events
 
     def pump(self) -> None:
-        """Carry out what the core asks for after any input: writes, acks, close, timer."""
-        core = self.core
+        """Carry out what the core asks for after any input, in order; then set the timer."""
         ws = self.ws
-        for payload in core.data_to_send():
-            if ws.state.name == "OPEN":
-                ws.send_text(payload)
-        tickets = core.take_sent_tickets()
-        if tickets:
-            self.runner.commands_sent(tickets)
-        request = core.pop_close_request()
-        if request is not None:
-            self._close(*request)
-        notices = core.take_notices()
-        if notices:
-            for notice in notices:
-                self.handler.shard_notice(self.runner, notice)
-        sent_at = core.take_identify_sent()
-        if sent_at is not None:
-            self.runner.identify_sent(sent_at)
+        runner = self.runner
+        handler = self.handler
+        shard_id = self.shard_id
+        for event in self.core.events_received():
+            kind = type(event)  # exact types, not isinstance: this loop runs for every event
+            if kind is Dispatch:
+                handler.publish(shard_id, event)  # type: ignore[arg-type]
+            elif kind is SendData:
+                if ws.state is _OPEN:
+                    ws.send_text(event[0])  # type: ignore[arg-type]
+            elif kind is CloseRequest:
+                self._close(*event)  # type: ignore[arg-type]
+            elif kind is IdentifySent:
+                runner.identify_sent(event[0])  # type: ignore[arg-type]
+            else:
+                handler.shard_event(runner, event)
         self._write_ws()
-        self.handler.end_of_batch()
-        deadline = core.next_deadline()
+        handler.end_of_batch()
+        deadline = self.core.next_deadline()
         if deadline != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -242,12 +255,12 @@ class GatewayConnection(asyncio.Protocol):
                 transport.write(chunk)
             elif transport.can_write_eof():
                 transport.write_eof()
-        if self.ws.close_expected() and self._close_timer is None:
+        if self._close_timer is None and self.ws.close_expected():
             self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.abort)
 
     def _close(self, code: int, reason: str) -> None:
         self.closing = True
-        if self.ws.state.name == "OPEN":
+        if self.ws.state is _OPEN:
             self.ws.send_close(code, reason)
         else:
             self.abort()
@@ -293,25 +306,25 @@ class ShardRunner:
         *,
         session: Session | None = None,
         open_timeout: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
         loop: asyncio.AbstractEventLoop | None = None,
         rand: Callable[[], float] = random.random,
-        on_commands_sent: Callable[[list[object]], None] | None = None,
     ) -> None:
         self.core = ShardProtocol(config, rand=rand, session=session)
         self.shard_id = config.shard_id
         self.handler = handler
         self.gate = gate
         self.open_timeout = open_timeout
+        self.max_message_size = max_message_size
         self.loop = loop or asyncio.get_running_loop()
         self.connection: GatewayConnection | None = None
         self.paused = False
         self.task: asyncio.Task[int | None] | None = None
         self._permit: object | None = None
         self._stopping = False
-        self._on_commands_sent = on_commands_sent
         self.connects = 0
 
-    # ---------------------------------------------------------------- control
+    # ---------------------------------------------------------------- what the worker asks
 
     def start(self) -> asyncio.Task[int | None]:
         self.task = self.loop.create_task(self.run(), name=f"shard-{self.shard_id}")
@@ -326,8 +339,10 @@ class ShardRunner:
         conn = self.connection
         if conn is not None and not conn.closed.done():
             conn.pump()
-        elif self.task is not None and not self.task.done():
-            self.task.cancel()
+        else:
+            self._report()
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
 
     def send(self, payload: bytes, ticket: object = None) -> None:
         """Queue a command (raises CommandRejected when it can never be sent)."""
@@ -335,10 +350,23 @@ class ShardRunner:
         conn = self.connection
         if conn is not None:
             conn.pump()
+        else:
+            self._report()
 
-    def commands_sent(self, tickets: list[object]) -> None:
-        if self._on_commands_sent is not None:
-            self._on_commands_sent(tickets)
+    def confirm(self, session_id: str, seq: int) -> None:
+        """The broker has every dispatch of ``session_id`` up to ``seq``."""
+        self.core.confirm(seq, session_id)
+
+    def stats(self) -> ShardStats:
+        return self.core.stats()
+
+    @property
+    def version(self) -> int:
+        """Grows whenever :meth:`stats` may show something new."""
+        return self.core.version
+
+    def session(self) -> Session | None:
+        return self.core.session()
 
     def identify_sent(self, sent_at: float) -> None:
         permit, self._permit = self._permit, None
@@ -397,11 +425,14 @@ class ShardRunner:
         loop = self.loop
         try:
             conn = GatewayConnection(
-                self, url, make_decompressor(core.config.compress), identify=identify
+                self,
+                url,
+                make_decompressor(core.config.compress, self.max_message_size),
+                identify=identify,
             )
         except InvalidURI as exc:
             core.connect_failed(loop.time(), f"invalid gateway URL: {exc}")
-            self._drain_notices()
+            self._report()
             return
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "wss" else 80)
@@ -418,7 +449,7 @@ class ShardRunner:
         except (OSError, TimeoutError, InvalidHandshake, ConnectionError) as exc:
             conn.abort()
             core.connect_failed(loop.time(), f"{type(exc).__name__}: {exc}")
-            self._drain_notices()
+            self._report()
             return
         self.connection = conn
         conn.pump()
@@ -427,7 +458,7 @@ class ShardRunner:
         finally:
             self.connection = None
         action = core.connection_closed(loop.time(), code)
-        self._drain_notices()
+        self._report()
         if action is CloseAction.FATAL:
             log.error(
                 "shard %d: Discord refused the session for good (%s): %s; not reconnecting",
@@ -436,6 +467,10 @@ class ShardRunner:
                 _FATAL_HINTS.get(code or 0, "check the configuration"),
             )
 
-    def _drain_notices(self) -> None:
-        for notice in self.core.take_notices():
-            self.handler.shard_notice(self, notice)
+    def _report(self) -> None:
+        """The core's events while no connection is open: only notices and command tickets
+        can be among them (nothing to send, nothing to close)."""
+        handler = self.handler
+        for event in self.core.events_received():
+            if type(event) not in (SendData, CloseRequest, IdentifySent):
+                handler.shard_event(self, event)

@@ -1,7 +1,9 @@
 """A worker: one event loop running a group of shards, one broker connection, one store.
 
-The worker wires the pieces: shard runners deliver dispatches here, we hand them to the broker;
-the broker's confirmations advance each shard's confirmed seq; commands from the broker are
+The worker wires the pieces, and data of one event flows one way through it: shard runners hand
+dispatches up here and we hand them down to the broker; at the end of each socket read the broker
+returns what happened (:class:`~.brokers.base.Progress`: events confirmed, pause or resume
+reading, commands received) and we apply it: confirmations go down to each runner, commands are
 parsed, routed to a shard by Discord's rule and acknowledged once written to the websocket.
 """
 
@@ -12,96 +14,37 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from . import metrics
-from .brokers.base import Broker
-from .brokers.wire import (
-    CommandError,
-    parse_command,
-    parse_packet,
-    target_shard,
-    unwrap_msgpack_string,
-)
-from .exitcodes import EX_CONFIG, EX_IOERR
+from .brokers.base import Ack, Broker, Inbound, Progress
+from .brokers.wire import CommandError, parse_command, parse_packet, unwrap_msgpack_string
+from .control import ShardStatus
+from .exitcodes import EX_CONFIG, EX_IOERR, EX_OK
 from .gate import LocalIdentifyGate
+from .plan import WorkerPlan
 from .protocol.closecodes import FATAL_CODES
-from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Notice, Session, ShardConfig
+from .protocol.events import (
+    CommandsDropped,
+    CommandsSent,
+    Dispatch,
+    Event,
+    Notice,
+    NoticeKind,
+    ShardStats,
+)
+from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Session
 from .store import MemoryStore, ShardStore
 from .transport import IdentifyGateLike, ShardRunner
 
-__all__ = ["EX_CONFIG", "Worker", "WorkerPlan"]
+__all__ = ["Worker", "WorkerPlan"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """Everything a worker needs to run its shards (built by the supervisor)."""
-
-    shard_ids: tuple[int, ...]
-    shard_count: int
-    token: str = field(repr=False)
-    intents: int
-    gateway_url: str
-    events: frozenset[str] | None = None  # None: every dispatch
-    version: int = 10
-    compress: str | None = "zstd-stream"
-    large_threshold: int = 250
-    presence: Mapping[str, Any] | None = None
-    hello_timeout: float = 20.0
-    open_timeout: float = 10.0
-    shutdown_timeout: float = 10.0
-    max_concurrency: int = 1
-    worker_id: int = 0
-    send_limit: int = 120  # per connection per send_period (Discord: 120 per 60 s)
-    send_period: float = 60.0
-
-    def shard_config(self, shard_id: int) -> ShardConfig:
-        return ShardConfig(
-            shard_id=shard_id,
-            shard_count=self.shard_count,
-            token=self.token,
-            intents=self.intents,
-            gateway_url=self.gateway_url,
-            version=self.version,
-            compress=self.compress,
-            large_threshold=self.large_threshold,
-            presence=self.presence,
-            events=self.events,
-            hello_timeout=self.hello_timeout,
-            send_limit=self.send_limit,
-            send_period=self.send_period,
-        )
-
-
-_NOTICE_LEVELS = {
-    "ready": logging.INFO,
-    "resumed": logging.INFO,
-    "reconnect_requested": logging.INFO,
-    "invalid_session": logging.INFO,
-    "closed": logging.INFO,
-    "heartbeat_request": logging.DEBUG,
-    "unknown_opcode": logging.DEBUG,
-    "unexpected_hello": logging.WARNING,
-    "zombie": logging.WARNING,
-    "hello_timeout": logging.WARNING,
-    "decode_error": logging.WARNING,
-    "connect_failed": logging.WARNING,
-}
-_RECONNECT_REASONS = {
-    "reconnect_requested": "op7",
-    "invalid_session": "op9",
-    "zombie": "zombie",
-    "hello_timeout": "hello_timeout",
-    "decode_error": "decode_error",
-    "closed": "server_close",
-    "connect_failed": "connect_failed",
-}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
 class Worker:
@@ -124,94 +67,134 @@ class Worker:
         self._stop_requested: asyncio.Event | None = None
         self._fast = False
         self._stop_early = False
+        self._publish = broker.publish
         self._published: dict[str, int] = {}
         self._latency_probe: dict[int, tuple[str, int, float]] = {}
         self._latencies: list[float] = []
-        self._reported: dict[int, tuple[int, int, dict[int, int]]] = {}
         self._clock = time.monotonic
-        self._metrics_task: asyncio.Task[None] | None = None
-        self._persist_task: asyncio.Task[None] | None = None
+        self._wake_scheduled = False
+        self._background: list[asyncio.Task[None]] = []
         self._saved: dict[int, Session | None] = {}
+        self._seen: dict[int, int] = {}  # shard -> core version at the last observation
+        self._stats: dict[int, ShardStats] = {}  # shard -> stats at the last observation
+        self._status_changes: dict[int, ShardStatus] = {}
         #: How often sessions (with their confirmed seq) are written to the store.
         self.persist_interval = 1.0
         self.fatal_code: int | None = None
         self.output_failed = False
 
+    def bind_broker(self) -> None:
+        """Let the broker wake us when it has news on its own time."""
+        self.broker.set_wakeup(self._wake)
+
     # ------------------------------------------------------------------ EventHandler
 
-    def publish(
-        self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
-    ) -> None:
+    def publish(self, shard_id: int, dispatch: Dispatch) -> None:
+        event, seq, data, session = dispatch
         published = self._published
         published[event] = published.get(event, 0) + 1
         if seq is not None and shard_id not in self._latency_probe:
             # One event per shard at a time is timed from here to the broker's confirmation.
             self._latency_probe[shard_id] = (session, seq, self._clock())
-        self.broker.publish(shard_id, event, seq, data, session)
+        self._publish(shard_id, event, seq, data, session)
 
     def end_of_batch(self) -> None:
-        self.broker.flush()
+        progress = self.broker.flush()
+        if progress is not None:
+            self._apply(progress)
 
-    def shard_notice(self, runner: ShardRunner, notice: Notice) -> None:
+    def shard_event(self, runner: ShardRunner, event: Event) -> None:
+        kind = type(event)
+        if kind is Notice:
+            self._notice(runner.shard_id, event)  # type: ignore[arg-type]
+        elif kind is CommandsSent:
+            for ticket in event.tickets:  # type: ignore[union-attr]
+                if callable(ticket):
+                    ticket()
+        elif kind is CommandsDropped:
+            dropped: CommandsDropped = event  # type: ignore[assignment]
+            metrics.input_dropped.labels(self.broker.name, dropped.reason).inc(len(dropped.tickets))
+            for ticket in dropped.tickets:
+                if callable(ticket):
+                    ticket()
+
+    def _notice(self, shard_id: int, notice: Notice) -> None:
         kind = notice.kind
-        shard_id = runner.shard_id
-        log.log(
-            _NOTICE_LEVELS.get(kind, logging.INFO),
-            "shard %d: %s: %s",
-            shard_id,
-            kind.replace("_", " "),
-            notice.detail,
-        )
+        log.log(_LEVELS[kind.level], "shard %d: %s: %s", shard_id, kind.label, notice.detail)
         shard = str(shard_id)
-        if kind == "ready":
+        if kind is NoticeKind.READY:
             metrics.identifies.labels(shard).inc()
             metrics.shards_alive.labels(shard).set(1)
-        elif kind == "resumed":
+        elif kind is NoticeKind.RESUMED:
             metrics.resumes.labels(shard).inc()
             metrics.shards_alive.labels(shard).set(1)
-        elif kind == "decode_error":
+        elif kind is NoticeKind.DECODE_ERROR or kind is NoticeKind.POISON:
             metrics.decode_errors.labels(shard, "payload").inc()
-        reason = _RECONNECT_REASONS.get(kind)
-        if reason is not None:
-            metrics.reconnects.labels(shard, reason).inc()
+        if kind.reconnect is not None:
+            metrics.reconnects.labels(shard, kind.reconnect).inc()
             metrics.shards_alive.labels(shard).set(0)
 
-    # ------------------------------------------------------------------ broker callbacks
+    # ------------------------------------------------------------------ broker progress
 
-    def _confirm(self, shard_id: int, session: str, seq: int) -> None:
-        runner = self.runners.get(shard_id)
-        if runner is not None:
-            runner.core.confirm(seq, session)
-        probe = self._latency_probe.get(shard_id)
-        if probe is not None and probe[0] == session and probe[1] <= seq:
-            del self._latency_probe[shard_id]
-            self._latencies.append(self._clock() - probe[2])
+    def _wake(self) -> None:
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._on_wake)
 
-    def _pause(self) -> None:
-        for runner in self.runners.values():
-            runner.pause_reading()
+    def _on_wake(self) -> None:
+        self._wake_scheduled = False
+        progress = self.broker.flush()
+        if progress is not None:
+            self._apply(progress)
 
-    def _resume(self) -> None:
-        for runner in self.runners.values():
-            runner.resume_reading()
+    def _apply(self, progress: Progress) -> None:
+        runners = self.runners
+        probes = self._latency_probe
+        for shard_id, (session, seq) in progress.confirmed.items():
+            runner = runners.get(shard_id)
+            if runner is not None:
+                runner.confirm(session, seq)
+            probe = probes.get(shard_id)
+            if probe is not None and probe[0] == session and probe[1] <= seq:
+                del probes[shard_id]
+                self._latencies.append(self._clock() - probe[2])
+        if progress.paused is not None:
+            for runner in runners.values():
+                if progress.paused:
+                    runner.pause_reading()
+                else:
+                    runner.resume_reading()
+        for inbound in progress.commands:
+            self._inbound(inbound)
+        if progress.failed is not None:
+            log.error("%s broker failed: %s; stopping", self.broker.name, progress.failed)
+            self.output_failed = True
+            self.request_stop(fast=True)
 
-    def handle_command(self, body: bytes, ack: Callable[[], None]) -> None:
+    # ------------------------------------------------------------------ commands
+
+    def _inbound(self, inbound: Inbound) -> None:
+        try:
+            if inbound.shard_id is None:
+                self.handle_command(inbound.body, inbound.ack)
+            else:
+                self.handle_shard_command(inbound.shard_id, inbound.body, inbound.ack)
+        except Exception as exc:  # a bug of ours: one command must not stop the worker
+            log.exception("internal error while handling a command")
+            self._reject("internal_error", f"{type(exc).__name__}: {exc}", inbound.ack)
+
+    def handle_command(self, body: bytes, ack: Ack) -> None:
         """A ``SEND`` command body from any broker: parse, route, queue; ack once written."""
         try:
             command = parse_command(body)
         except CommandError as exc:
             self._reject(exc.reason, str(exc), ack)
             return
-        if command.shard_id is not None:
-            targets = [command.shard_id]
-        elif command.guild_id is not None:
-            targets = [target_shard(command.guild_id, self.plan.shard_count)]
-        else:
-            targets = sorted(self.runners)
-        if len(targets) == 1 and targets[0] not in self.runners:
-            self._forward(targets[0], command.packet, ack)
+        target = command.target(self.plan.shard_count)
+        if target is not None and target not in self.runners:
+            self._forward(target, command.packet, ack)
             return
-        runners = [self.runners[shard_id] for shard_id in targets]
+        runners = [self.runners[target]] if target is not None else list(self.runners.values())
         remaining = [len(runners)]
 
         def sent() -> None:
@@ -223,17 +206,16 @@ class Worker:
             try:
                 runner.send(command.packet, sent)
             except CommandRejected as exc:
-                self._reject("too_large", str(exc), ack)
-                return
+                self._reject(exc.reason, str(exc), sent)
 
-    def handle_shard_command(self, shard_id: int, body: bytes, ack: Callable[[], None]) -> None:
+    def handle_shard_command(self, shard_id: int, body: bytes, ack: Ack) -> None:
         """A bare packet ``{"op", "d"}`` for one shard (AMQP per-shard queues)."""
         try:
             packet = parse_packet(msgspec.json.decode(unwrap_msgpack_string(body)))
         except CommandError as exc:
             self._reject(exc.reason, str(exc), ack)
             return
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             self._reject("not_json", f"not_json: {exc}", ack)
             return
         runner = self.runners.get(shard_id)
@@ -243,9 +225,9 @@ class Worker:
         try:
             runner.send(packet, ack)
         except CommandRejected as exc:
-            self._reject("too_large", str(exc), ack)
+            self._reject(exc.reason, str(exc), ack)
 
-    def _forward(self, shard_id: int, packet: bytes, ack: Callable[[], None]) -> None:
+    def _forward(self, shard_id: int, packet: bytes, ack: Ack) -> None:
         count = self.plan.shard_count
         if not 0 <= shard_id < count:
             self._reject("unknown_shard", f"shard {shard_id} is outside 0..{count - 1}", ack)
@@ -254,20 +236,10 @@ class Worker:
         elif not self.broker.forward(shard_id, packet, ack):
             self._reject("unknown_shard", f"shard {shard_id} does not run in this worker", ack)
 
-    def _broker_failed(self, reason: str) -> None:
-        log.error("%s broker failed: %s; stopping", self.broker.name, reason)
-        self.output_failed = True
-        self.request_stop(fast=True)
-
     def _reject(self, reason: str, detail: str, ack: Callable[[], None]) -> None:
         log.warning("rejected a command: %s", detail)
         metrics.input_dropped.labels(self.broker.name, reason).inc()
         ack()
-
-    def _commands_sent(self, tickets: list[object]) -> None:
-        for ticket in tickets:
-            if callable(ticket):
-                ticket()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -277,14 +249,7 @@ class Worker:
         self._stop_requested = asyncio.Event()
         if self._stop_early:
             self._stop_requested.set()
-        self.broker.bind(
-            confirm=self._confirm,
-            pause=self._pause,
-            resume=self._resume,
-            commands=self.handle_command,
-            shard_commands=self.handle_shard_command,
-            fail=self._broker_failed,
-        )
+        self.bind_broker()
         await self.store.start()
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
@@ -300,22 +265,23 @@ class Worker:
                     session.session_id[:8],
                     session.seq,
                 )
-            runner = ShardRunner(
+            self.runners[shard_id] = ShardRunner(
                 self.plan.shard_config(shard_id),
                 self,
                 self.gate,
                 session=session,
                 open_timeout=self.plan.open_timeout,
-                on_commands_sent=self._commands_sent,
+                max_message_size=self.plan.max_message_size,
             )
-            self.runners[shard_id] = runner
             metrics.shards_alive.labels(str(shard_id)).set(0)
         # After the runners exist: a command that arrives at once finds its shard (and is
         # queued until the shard is connected) instead of being handed on to itself.
         await self.broker.start()
         tasks = {runner.start(): runner for runner in self.runners.values()}
-        self._metrics_task = loop.create_task(self._metrics_loop())
-        self._persist_task = loop.create_task(self._persist_loop())
+        self._background = [
+            loop.create_task(self._every(1.0, self.observe)),
+            loop.create_task(self._persist_loop()),
+        ]
         stop_wait = loop.create_task(self._stop_requested.wait())
         pending: set[asyncio.Future[Any]] = {*tasks, stop_wait}
         try:
@@ -337,7 +303,7 @@ class Worker:
                 loop.remove_signal_handler(signal.SIGINT)
         if self.fatal_code is not None:
             return EX_CONFIG
-        return EX_IOERR if self.output_failed else 0
+        return EX_IOERR if self.output_failed else EX_OK
 
     def request_stop(self, fast: bool = False) -> None:
         """Stop: gracefully, or ``fast`` (a second request is always fast)."""
@@ -361,13 +327,15 @@ class Worker:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        for background in (self._metrics_task, self._persist_task):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
-        self._flush_metrics()
+        for background in self._background:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         await self.broker.aclose()  # flushes: the last confirmations advance the seqs
+        progress = self.broker.take_progress()
+        if progress is not None:
+            self._apply(progress)
+        self.observe()
         await self.persist_sessions(final=True)
         await self.store.aclose()
         close_gate = getattr(self.gate, "aclose", None)
@@ -377,7 +345,7 @@ class Worker:
     async def persist_sessions(self, *, final: bool = False) -> None:
         """Write every shard's session whose confirmed seq (or anything else) changed."""
         for shard_id, runner in self.runners.items():
-            session = runner.core.session()
+            session = runner.session()
             if final and not self.keep_sessions:
                 session = None
             if session == self._saved.get(shard_id):
@@ -394,12 +362,16 @@ class Worker:
             await asyncio.sleep(self.persist_interval)
             await self.persist_sessions()
 
-    async def _metrics_loop(self) -> None:
+    async def _every(self, seconds: float, call: Callable[[], None]) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            self._flush_metrics()
+            await asyncio.sleep(seconds)
+            call()
 
-    def _flush_metrics(self) -> None:
+    # ------------------------------------------------------------------ observation
+
+    def observe(self) -> None:
+        """Move counts into the metrics and note the shards whose status changed; only shards
+        whose core changed since the last call are looked at (idle shards cost nothing)."""
         if self._published:
             for event, count in self._published.items():
                 metrics.events_published.labels(event).inc(count)
@@ -410,27 +382,54 @@ class Worker:
                 histogram.observe(seconds)
             self._latencies.clear()
         confirmed = 0
+        seen = self._seen
         for shard_id, runner in self.runners.items():
-            core = runner.core
-            shard = str(shard_id)
-            last_confirmed, last_commands, last_sent = self._reported.get(shard_id, (0, 0, {}))
-            confirmed += core.confirmed_events - last_confirmed
-            if core.commands_sent > last_commands:
-                metrics.commands_sent.labels(shard).inc(core.commands_sent - last_commands)
-            for op, count in core.packets_sent.items():
-                if count > last_sent.get(op, 0):
-                    metrics.packets_sent.labels("", str(op), shard).inc(
-                        count - last_sent.get(op, 0)
-                    )
-            self._reported[shard_id] = (
-                core.confirmed_events,
-                core.commands_sent,
-                dict(core.packets_sent),
+            version = runner.version
+            if seen.get(shard_id) == version:
+                continue
+            seen[shard_id] = version
+            stats = runner.stats()
+            confirmed += self._record_stats(shard_id, stats, self._stats.get(shard_id))
+            self._stats[shard_id] = stats
+            self._status_changes[shard_id] = ShardStatus(
+                state=stats.phase,
+                ready=stats.ready,
+                seq=stats.seq,
+                latency_ms=None if stats.latency is None else round(stats.latency * 1000.0, 1),
+                last_close=stats.last_close or None,
+                fatal=stats.fatal_code,
             )
-            if core.packets_received:
-                metrics.flush_shard_counts(shard_id, core.packets_received)
-            if core.latency is not None:
-                metrics.ping.labels(shard).observe(core.latency * 1000.0)
-                core.latency = None
         if confirmed:
             metrics.events_confirmed.labels(self.broker.name).inc(confirmed)
+
+    def _record_stats(self, shard_id: int, stats: ShardStats, old: ShardStats | None) -> int:
+        shard = str(shard_id)
+        if old is None or stats.commands_sent > old.commands_sent:
+            sent = stats.commands_sent - (old.commands_sent if old else 0)
+            if sent:
+                metrics.commands_sent.labels(shard).inc(sent)
+        for (t, op), count in stats.packets_received.items():
+            before = old.packets_received.get((t, op), 0) if old else 0
+            if count > before:
+                metrics.packets_received.labels(t, str(op), shard).inc(count - before)
+        for op, count in stats.packets_sent.items():
+            before = old.packets_sent.get(op, 0) if old else 0
+            if count > before:
+                metrics.packets_sent.labels("", str(op), shard).inc(count - before)
+        if stats.latency is not None and (
+            old is None or stats.heartbeats_acked > old.heartbeats_acked
+        ):
+            metrics.ping.labels(shard).observe(stats.latency * 1000.0)
+        return stats.confirmed_events - (old.confirmed_events if old else 0)
+
+    def status_changes(
+        self, *, everything: bool = False
+    ) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:
+        """Shard statuses and sessions that changed since the last call (all of them with
+        ``everything``)."""
+        if everything:
+            self._seen.clear()
+        self.observe()
+        changes, self._status_changes = self._status_changes, {}
+        sessions = {shard_id: self.runners[shard_id].session() for shard_id in changes}
+        return changes, sessions

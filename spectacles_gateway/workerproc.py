@@ -1,10 +1,10 @@
 """A worker process started by the supervisor: ``python -m spectacles_gateway.workerproc``.
 
 Its arguments only name it for ``ps`` (``--worker 2 --shards 2,6,10``); everything else comes
-over the control socket (file descriptor ``--fd``) as the first message, so no secret is ever on
-a command line. The worker then reports its shards' status and sessions once a second, asks the
-supervisor for identify permits, and exits with 0 (stopped), 78 (Discord refused for good) or
-74 (its output went away).
+over the control socket (file descriptor ``--fd``) as the first message (:class:`~.control.Start`),
+so no secret is ever on a command line. The worker then reports what changed (shards, sessions,
+metrics) once a second, asks the supervisor for identify permits, and exits with 0 (stopped), 78
+(Discord refused for good) or 74 (its output went away).
 """
 
 from __future__ import annotations
@@ -16,14 +16,29 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
+from . import control, metrics
+from .control import (
+    Deliver,
+    FrameError,
+    FrameReader,
+    Grant,
+    Identified,
+    IdentifyRequest,
+    Message,
+    Relayed,
+    Start,
+    Status,
+)
 
-from .protocol.shard import Phase, Session
+if TYPE_CHECKING:
+    from .config import Settings
+    from .worker import Worker
 
 __all__ = ["ControlLink", "SupervisorGate", "main"]
 
@@ -32,50 +47,95 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 1.0
 
 
-def _read_first_line(sock: socket.socket) -> dict[str, Any]:
+def read_start(sock: socket.socket) -> Start:
+    """Read the first control message (blocking, before the event loop starts)."""
     data = bytearray()
-    while b"\n" not in data:
+    need = 4
+    while len(data) < need:
         chunk = sock.recv(65536)
         if not chunk:
             raise SystemExit("control socket closed before the plan arrived")
         data += chunk
-    line, _, rest = bytes(data).partition(b"\n")
-    if rest:
-        raise SystemExit("unexpected data after the plan")
-    message = msgspec.json.decode(line)
-    if not isinstance(message, dict) or message.get("t") != "plan":
-        raise SystemExit("the first control message must be the plan")
-    return message
+        if need == 4 and len(data) >= 4:
+            need = 4 + struct.unpack(">I", data[:4])[0]
+    messages = FrameReader().feed(bytes(data[:need]))
+    if len(data) > need or len(messages) != 1 or not isinstance(messages[0], Start):
+        raise SystemExit("the first control message must be the plan, alone")
+    return messages[0]
 
 
-class ControlLink:
+class ControlLink(asyncio.Protocol):
     """The worker's end of the control socket."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self) -> None:
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
         self.grants: dict[int, asyncio.Future[None]] = {}
         self.closed = asyncio.Event()
+        self.worker: Worker | None = None
+        self._early: list[Message] = []
 
-    def send(self, message: dict[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(msgspec.json.encode(message) + b"\n")
+    def attach(self, worker: Worker) -> None:
+        """From now on, messages for the worker go to it (those that came early first)."""
+        self.worker = worker
+        early, self._early = self._early, []
+        for message in early:
+            self._handle(message)
 
-    async def read_loop(self) -> None:
-        try:
-            while line := await self.reader.readline():
-                try:
-                    message = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(message, dict) and message.get("t") == "grant":
-                    future = self.grants.pop(int(message["shard"]), None)
-                    if future is not None and not future.done():
-                        future.set_result(None)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.closed.set()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.reader.feed(data):
+            try:
+                self._handle(message)
+            except Exception:  # a bug of ours: one message must not stop the worker
+                log.exception("internal error while handling a control message")
+                metrics.input_dropped.labels("control", "internal_error").inc()
+
+    def _handle(self, message: Message | FrameError) -> None:
+        if isinstance(message, FrameError):
+            log.error("bad control frame from the supervisor: %s", message)
+            metrics.input_dropped.labels("control", "bad_frame").inc()
+            if message.fatal and self.transport is not None:
+                self.transport.close()
+        elif isinstance(message, Grant):
+            future = self.grants.pop(message.shard, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            elif future is None:  # nobody waits (cancelled meanwhile): give it back
+                self.send(Identified(message.shard, None))
+        elif self.worker is None:  # the worker is being built: keep it for a moment
+            self._early.append(message)
+        elif isinstance(message, Relayed):
+            relayed = getattr(self.worker.broker, "relayed", None)
+            if relayed is not None:
+                relayed(message.offset)
+        elif isinstance(message, Deliver):
+            self.worker.handle_command(message.body, _no_ack)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+    def send(self, message: Message) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(control.encode(message))
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until what we wrote has left (at exit: the last report must arrive)."""
+        transport = self.transport
+        if transport is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while transport.get_write_buffer_size() and not transport.is_closing():
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.01)
+
+
+def _no_ack() -> None:
+    return None
 
 
 class SupervisorGate:
@@ -87,12 +147,12 @@ class SupervisorGate:
     async def acquire(self, shard_id: int) -> object:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.link.grants[shard_id] = future
-        self.link.send({"t": "identify", "shard": shard_id})
+        self.link.send(IdentifyRequest(shard_id))
         try:
             await future
         except asyncio.CancelledError:
             self.link.grants.pop(shard_id, None)
-            self.link.send({"t": "identified", "shard": shard_id, "sent": None})
+            self.link.send(Identified(shard_id, None))
             raise
         return shard_id
 
@@ -100,74 +160,54 @@ class SupervisorGate:
         # Our loop's clock may be uvloop's cached one: report the monotonic clock the
         # supervisor reads too, taken now (release comes right after the IDENTIFY write).
         sent = time.monotonic() if sent_at is not None else None
-        self.link.send({"t": "identified", "shard": permit, "sent": sent})
+        assert isinstance(permit, int)
+        self.link.send(Identified(permit, sent))
 
 
-def _session_json(session: Session | None) -> dict[str, Any] | None:
-    if session is None:
-        return None
-    return {"session_id": session.session_id, "seq": session.seq, "resume_url": session.resume_url}
+def status(worker: Worker, *, everything: bool = False) -> Status:
+    shards, sessions = worker.status_changes(everything=everything)
+    changes = metrics.REGISTRY.everything() if everything else metrics.REGISTRY.changes()
+    return Status(
+        pid=os.getpid(),
+        broker=worker.broker.connected,
+        shards=shards,
+        sessions=sessions,
+        metrics=changes,
+    )
 
 
-def _status(worker: Any) -> dict[str, Any]:
-    shards = {}
-    sessions = {}
-    for shard_id, runner in worker.runners.items():
-        core = runner.core
-        shards[str(shard_id)] = {
-            "state": core.phase.value,
-            "ready": core.phase is Phase.READY,
-            "seq": core.seq,
-            "latency_ms": None if core.ping_ms is None else round(core.ping_ms, 1),
-            "last_close": core.last_close or None,
-            "fatal": core.fatal_code,
-        }
-        sessions[str(shard_id)] = _session_json(core.session())
-    return {
-        "t": "status",
-        "pid": os.getpid(),
-        "shards": shards,
-        "sessions": sessions,
-        "broker": worker.broker.connected,
-    }
-
-
-async def _run(message: dict[str, Any], sock: socket.socket) -> int:
-    from .config import load
+async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
     from .factory import make_broker, make_gate, make_store
+    from .protocol.shard import Session
     from .store import MemoryStore
-    from .worker import Worker, WorkerPlan
+    from .worker import Worker
 
-    settings = load(message["argv"], os.environ).settings
-    fields = dict(message["plan"])
-    events = fields.pop("events")
-    fields["events"] = None if events is None else frozenset(events)
-    fields["shard_ids"] = tuple(fields["shard_ids"])
-    plan = WorkerPlan(**fields)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    link = ControlLink(reader, writer)
-    link_task = asyncio.create_task(link.read_loop())
+    plan = start.plan
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_connection(ControlLink, sock=sock)
     if settings.shard_store.type == "memory":
-        sessions = {
-            int(k): (Session(v["session_id"], v["seq"], v["resume_url"]), plan.shard_count)
-            for k, v in (message.get("sessions") or {}).items()
-            if v is not None
+        sessions: dict[int, tuple[Session, int]] = {
+            shard: (session, plan.shard_count)
+            for shard, session in start.sessions.items()
+            if session is not None
         }
         store: Any = MemoryStore(sessions)
     else:
         store = make_store(settings)
     worker = Worker(
         plan,
-        make_broker(settings, plan),
+        make_broker(settings, plan, confirm_on_relay=start.confirm_on_relay),
         store=store,
         gate=make_gate(settings, plan, SupervisorGate(link)),
         keep_sessions=True,  # the supervisor (or Redis) keeps them: a restart resumes
     )
+    link.attach(worker)
 
     async def report() -> None:
+        link.send(status(worker, everything=True))
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            link.send(_status(worker))
+            link.send(status(worker))
 
     async def orphaned() -> None:
         await link.closed.wait()
@@ -182,10 +222,10 @@ async def _run(message: dict[str, Any], sock: socket.socket) -> int:
         reporter.cancel()
         watcher.cancel()
         with contextlib.suppress(Exception):
-            link.send(_status(worker))  # final sessions, after the broker flushed
-            await asyncio.wait_for(writer.drain(), 2.0)
-        link_task.cancel()
-        writer.close()
+            link.send(status(worker))  # final sessions, after the broker flushed
+            await link.drain(2.0)
+        if link.transport is not None:
+            link.transport.close()
     return code
 
 
@@ -198,20 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The supervisor blocks signals around the spawn; start from a clean mask.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     sock = socket.socket(fileno=args.fd)
-    message = _read_first_line(sock)
+    start = read_start(sock)
 
     from .config import load
     from .logsetup import setup_logging
 
-    settings = load(message["argv"], os.environ).settings
-    secrets = [*settings.secrets(), message["plan"]["token"]]
-    setup_logging(settings.logging_level, secrets, worker=f"w{args.worker}")
+    settings = load(start.argv, os.environ).settings
+    setup_logging(
+        settings.logging_level, [*settings.secrets(), start.plan.token], worker=f"w{args.worker}"
+    )
     sock.setblocking(False)
     try:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_run(message, sock))
+            return runner.run(_run(start, settings, sock))
     except KeyboardInterrupt:  # pragma: no cover - INT is handled by the worker
         return 0
 

@@ -1,7 +1,9 @@
 """A tiny HTTP/1.0 server driven by the supervisor's select loop (no threads, no event loop).
 
 It answers GET requests for metrics, liveness, readiness and status; every connection is read
-until the end of its headers, answered, and closed. Slow or oversized clients are dropped.
+until the end of its headers, answered, and closed. Requests over 8 KiB, clients slower than 5 s
+and clients beyond ``max_clients`` at once are dropped; a failing ``accept()`` (out of file
+descriptors, say) pauses accepting for a moment instead of ending the supervisor.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
 CLIENT_TIMEOUT = 5.0
+#: How long accepting pauses after accept() failed for want of a resource (EMFILE, ENOBUFS).
+ACCEPT_PAUSE = 0.5
 
 
 @dataclass
@@ -46,15 +50,26 @@ class _Client:
     outbuf: bytes = b""
 
 
-Handler = Callable[[str], Response]
+#: ``handler(path, query)``.
+Handler = Callable[[str, str], Response]
 
 
 class HttpServer:
     def __init__(
-        self, selector: selectors.BaseSelector, host: str, port: int, handler: Handler
+        self,
+        selector: selectors.BaseSelector,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        max_clients: int = 64,
     ) -> None:
         self.selector = selector
         self.handler = handler
+        self.max_clients = max_clients
+        self.accept_errors = 0
+        self.refused = 0
+        self._paused_until: float | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,10 +85,25 @@ class HttpServer:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED...
+            self.accept_errors += 1
+            log.warning("HTTP listener: accept() failed (%s); pausing %.1f s", exc, ACCEPT_PAUSE)
+            self._pause_accepting(time.monotonic() + ACCEPT_PAUSE)
+            return
+        if len(self._clients) >= self.max_clients:
+            self.refused += 1
+            conn.close()  # too many at once: the client retries, we stay responsive
+            return
         conn.setblocking(False)
         client = _Client(conn, time.monotonic())
         self._clients[conn.fileno()] = client
         self.selector.register(conn, selectors.EVENT_READ, lambda m, c=client: self._io(c, m))
+
+    def _pause_accepting(self, until: float) -> None:
+        if self._paused_until is None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
+        self._paused_until = until
 
     def _io(self, client: _Client, mask: int) -> None:
         try:
@@ -106,9 +136,9 @@ class HttpServer:
         elif parts[0] not in ("GET", "HEAD"):
             response = Response(405, b"method not allowed\n")
         else:
-            path = parts[1].split("?", 1)[0]
+            path, _, query = parts[1].partition("?")
             try:
-                response = self.handler(path)
+                response = self.handler(path, query)
             except Exception:
                 log.exception("HTTP handler failed for %s", path)
                 response = Response(503, b"internal error\n")
@@ -128,14 +158,26 @@ class HttpServer:
         client.sock.close()
 
     def expire(self, now: float) -> None:
-        """Drop clients that took too long (called from the loop's housekeeping)."""
+        """Drop clients that took too long; accept again after a pause (called from the
+        loop's housekeeping)."""
         for client in list(self._clients.values()):
             if now - client.started > CLIENT_TIMEOUT:
                 self._close(client)
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` has something to do next."""
+        times = [c.started + CLIENT_TIMEOUT for c in self._clients.values()]
+        if self._paused_until is not None:
+            times.append(self._paused_until)
+        return min(times, default=None)
 
     def close(self) -> None:
         for client in list(self._clients.values()):
             self._close(client)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
+        if self._paused_until is None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
         self.sock.close()

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from spectacles_gateway.brokers.base import Broker
+import msgspec
+
+from spectacles_gateway.brokers.base import Broker, Progress
 from spectacles_gateway.gate import LocalIdentifyGate
+from spectacles_gateway.plan import WorkerPlan
 from spectacles_gateway.simulator import Ledger, Simulator, SimulatorConfig
-from spectacles_gateway.worker import Worker, WorkerPlan
+from spectacles_gateway.worker import Worker
 
 #: One factor scales every time-based wait in the tests (slow CI: TEST_TIME_FACTOR=2).
 TIME_FACTOR = float(os.environ.get("TEST_TIME_FACTOR", "1"))
@@ -41,10 +43,11 @@ class RecordingBroker(Broker):
         if seq is not None:
             self._batch[shard_id] = (session, seq)
 
-    def flush(self) -> None:
+    def flush(self) -> Progress | None:
         for shard_id, (session, seq) in self._batch.items():
-            self._confirm(shard_id, session, seq)
+            self._confirmed(shard_id, session, seq)
         self._batch.clear()
+        return self.take_progress()
 
     def ids(self, event: str = "MESSAGE_CREATE") -> list[str]:
         return [json.loads(d)["id"] for _, e, _, d in self.events if e == event]
@@ -92,7 +95,7 @@ def plan_for(sim: Simulator, shard_ids: tuple[int, ...] = (0,), **overrides: Any
         shutdown_timeout=t(5.0),
         max_concurrency=sim.config.max_concurrency,
     )
-    return dataclasses.replace(plan, **overrides)
+    return msgspec.structs.replace(plan, **overrides)
 
 
 @contextlib.asynccontextmanager

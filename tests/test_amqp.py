@@ -21,7 +21,6 @@ import msgspec
 import pika
 import pytest
 from pika import frame, spec
-from prometheus_client import REGISTRY
 
 from spectacles_gateway.brokers.amqp import FORWARD, AmqpBroker, ConfirmTracker, _Connection
 from spectacles_gateway.brokers.amqp_frames import (
@@ -31,9 +30,11 @@ from spectacles_gateway.brokers.amqp_frames import (
     message_id,
 )
 from spectacles_gateway.brokers.wire import msgpack_string
+from spectacles_gateway.metrics import REGISTRY
 from spectacles_gateway.simulator import Simulator
 
 from .gwtest import running_worker, simulator, t, wait_until
+from .support.brokers import Driver
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 PRESENCE = {"status": "idle", "since": None, "activities": [], "afk": False}
@@ -691,8 +692,8 @@ async def test_an_unreachable_rabbitmq_is_not_connected_and_buffers_then_gives_u
         "amqp://guest:s3cret@127.0.0.1:1/%2F", group=unique_group(), connect_wait=0.3, buffer=3
     )
     paused: list[bool] = []
-    broker.bind(
-        confirm=lambda *a: None,
+    driver = Driver(
+        broker,
         pause=lambda: paused.append(True),
         resume=lambda: paused.append(False),
         commands=lambda body, ack: None,
@@ -701,7 +702,7 @@ async def test_an_unreachable_rabbitmq_is_not_connected_and_buffers_then_gives_u
     assert not broker.connected
     for seq in (1, 2, 3):
         broker.publish(0, "MESSAGE_CREATE", seq, b"{}", "s")
-    broker.flush()
+    driver.flush()
     assert paused == [True] and broker.tracker.unconfirmed == 3
     await asyncio.sleep(0.5)  # a few reconnect attempts
     await asyncio.wait_for(broker.aclose(), 5)

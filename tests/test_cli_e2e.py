@@ -273,7 +273,7 @@ async def test_simulate_flag_runs_without_a_token_or_any_service() -> None:
 async def test_msgpack_stdio_format_is_the_seed_stream() -> None:
     import msgspec
 
-    from spectacles_gateway.brokers.stdio import msgpack_object_end
+    from spectacles_gateway.records import msgpack_object_end
 
     async with simulator(rate=100) as sim:
         async with gateway(gateway_env(sim, STDIO_FORMAT="msgpack"), binary=True) as gw:

@@ -11,14 +11,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
 from spectacles_gateway.brokers.wire import msgpack_string
+from spectacles_gateway.metrics import REGISTRY
 from spectacles_gateway.redis_store import redis_client
 
 from .gwtest import t, wait_until
+from .support.brokers import Driver
 from .test_redis_store import (
     REDIS_URL,
     PrivateRedis,
@@ -50,13 +51,17 @@ class Bound:
             if auto_ack:
                 ack()
 
-        broker.bind(
+        self.driver = Driver(
+            broker,
             confirm=lambda shard, session, seq: self.confirms.append((shard, session, seq)),
             pause=self._pause,
             resume=self._resume,
             commands=commands,
             shard_commands=shard_commands,
         )
+
+    def flush(self) -> None:
+        self.driver.flush()
 
     def _pause(self) -> None:
         self.paused += 1
@@ -119,7 +124,7 @@ async def test_events_go_to_one_stream_per_event_with_the_amqp_body_and_are_conf
             for seq in range(1, 6):
                 broker.publish(0, "MESSAGE_CREATE", seq, event_data(seq), "sess-a")
             broker.publish(1, "GUILD_CREATE", 7, b'{"id":"1"}', "sess-b")
-            broker.flush()
+            bound.flush()
             assert await broker.drain(t(5))
             entries = await read_all(r, f"{prefix}MESSAGE_CREATE")
             assert [e[b"data"] for e in entries] == [
@@ -177,7 +182,7 @@ async def test_every_consumer_group_sees_every_event_once() -> None:
                 for seq in range(1, total + 1):
                     broker.publish(seq % 3, "MESSAGE_CREATE", seq, event_data(seq), "s")
                     if seq % 50 == 0:
-                        broker.flush()
+                        bound.flush()
                         await asyncio.sleep(0.005)
                 assert await broker.drain(t(10))
                 try:
@@ -195,11 +200,11 @@ async def test_every_consumer_group_sees_every_event_once() -> None:
 
 async def test_streams_stay_trimmed_to_about_maxlen() -> None:
     with cleanup(unique_prefix()) as prefix:
-        async with open_broker(prefix, maxlen=200) as (broker, _), raw_client() as r:
+        async with open_broker(prefix, maxlen=200) as (broker, bound), raw_client() as r:
             for seq in range(1, 5001):
                 broker.publish(0, "MESSAGE_CREATE", seq, event_data(seq), "s")
                 if seq % 500 == 0:
-                    broker.flush()
+                    bound.flush()
                     assert await broker.drain(t(5))
                     # MAXLEN ~ trims whole nodes (100 entries each by default).
                     assert await r.xlen(f"{prefix}MESSAGE_CREATE") <= 200 + 100
@@ -286,7 +291,7 @@ async def test_redis_restart_buffers_pauses_republishes_and_reads_again(
         private_redis.stop(save=True)  # a restart that keeps its data
         for seq in range(11, 151):
             broker.publish(0, "MESSAGE_CREATE", seq, event_data(seq), "s")
-            broker.flush()
+            bound.flush()
             await asyncio.sleep(0.002)
         await wait_until(lambda: not broker.connected, 5, "the broker to notice")
         assert _sample("gateway_broker_connected") == 0

@@ -3,77 +3,31 @@
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 import pytest
 
 from spectacles_gateway.protocol.closecodes import CloseAction
-from spectacles_gateway.protocol.shard import (
-    CommandRejected,
-    Phase,
-    Session,
-    ShardConfig,
-    ShardProtocol,
+from spectacles_gateway.protocol.shard import CommandRejected, Phase, Session
+
+from .support.shard import (
+    BASE,
+    RESUME,
+    TOKEN,
+    Q,
+    close_request,
+    connected_ready,
+    dispatch,
+    hello,
+    identify_sent,
+    j,
+    kinds,
+    make,
+    ready,
+    receive,
+    sent,
+    tickets,
 )
-
-TOKEN = "MTIz.secret-token"
-BASE = "wss://gateway.discord.gg/"
-RESUME = "wss://gateway-us-east1-b.discord.gg"
-Q = "?v=10&encoding=json&compress=zstd-stream"
-
-
-def j(obj: Any) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def hello(interval_ms: int = 41250) -> bytes:
-    return j(
-        {"t": None, "s": None, "op": 10, "d": {"heartbeat_interval": interval_ms, "_trace": ["x"]}}
-    )
-
-
-def ready(session: str = "sess-1", s: int = 1, resume: str | None = RESUME) -> bytes:
-    d: dict[str, Any] = {"v": 10, "session_id": session, "user": {"id": "1"}, "guilds": []}
-    if resume is not None:
-        d["resume_gateway_url"] = resume
-    return j({"op": 0, "t": "READY", "s": s, "d": d})
-
-
-def dispatch(s: int, t: str = "MESSAGE_CREATE", d: Any = None) -> bytes:
-    return j({"op": 0, "t": t, "s": s, "d": d if d is not None else {"id": str(s)}})
-
-
-def make(rand: float = 0.5, **kw: Any) -> ShardProtocol:
-    session = kw.pop("session", None)
-    defaults = {
-        "shard_id": 1,
-        "shard_count": 4,
-        "token": TOKEN,
-        "intents": 513,
-        "gateway_url": BASE,
-        "events": frozenset({"MESSAGE_CREATE", "FUTURE_EVENT"}),
-    }
-    config = ShardConfig(**{**defaults, **kw})
-    return ShardProtocol(config, rand=lambda: rand, session=session)
-
-
-def sent(core: ShardProtocol) -> list[dict[str, Any]]:
-    return [json.loads(p) for p in core.data_to_send()]
-
-
-def kinds(core: ShardProtocol) -> list[str]:
-    return [n.kind for n in core.take_notices()]
-
-
-def connected_ready(core: ShardProtocol, now: float = 0.0) -> None:
-    """Bring a fresh core to READY on its first connection."""
-    core.connection_opened(now, identify_permitted=True)
-    core.receive(hello(), now)
-    core.receive(ready(), now)
-    core.data_to_send()
-    core.take_notices()
-
 
 # ----------------------------------------------------------------------------- connecting
 
@@ -107,7 +61,7 @@ def test_identify_fields_and_heartbeat_jitter_after_hello() -> None:
     assert set(d["properties"]) == {"os", "browser", "device"}
     assert d["presence"] == presence
     assert core.phase is Phase.IDENTIFYING
-    assert core.take_identify_sent() == 10.0
+    assert identify_sent(core) == 10.0
     # First heartbeat after interval * jitter = 40 * 0.25 = 10 s, with d null before any dispatch.
     assert core.next_deadline() == pytest.approx(20.0)
     core.tick(19.9)
@@ -132,11 +86,11 @@ def test_ready_records_session_and_seq_and_heartbeats_carry_it() -> None:
     core = make(rand=0.0)
     core.connection_opened(0.0, identify_permitted=True)
     core.receive(hello(1000), 0.0)
-    assert core.receive(ready(s=1), 0.1) is None  # READY is not in this filter
+    assert receive(core, ready(s=1), 0.1) is None  # READY is not in this filter
     assert core.session_id == "sess-1" and core.resume_url == RESUME and core.seq == 1
     assert core.phase is Phase.READY
     core.receive(dispatch(2), 0.2)
-    core.data_to_send()
+    sent(core)
     core.tick(0.0)  # jitter 0: first beat at HELLO time
     assert sent(core) == [{"op": 1, "d": 2}]
 
@@ -146,7 +100,7 @@ def test_seq_zero_is_a_seq_not_null() -> None:
     core.connection_opened(0.0, identify_permitted=True)
     core.receive(hello(1000), 0.0)
     core.receive(ready(s=0), 0.0)
-    core.data_to_send()
+    sent(core)
     core.tick(0.0)
     assert sent(core) == [{"op": 1, "d": 0}]
 
@@ -166,14 +120,14 @@ def test_dispatch_keeps_d_raw_and_filters_events() -> None:
     core = make(events=frozenset({"MESSAGE_CREATE"}))
     connected_ready(core)
     raw = b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{"content":"h\\u00e9",  "n":1.50}}'
-    out = core.receive(raw, 1.0)
+    out = receive(core, raw, 1.0)
     assert out is not None
     assert (out.event, out.seq, out.data) == (
         "MESSAGE_CREATE",
         2,
         b'{"content":"h\\u00e9",  "n":1.50}',
     )
-    assert core.receive(dispatch(3, "TYPING_START"), 1.0) is None
+    assert receive(core, dispatch(3, "TYPING_START"), 1.0) is None
     assert core.seq == 3
 
 
@@ -181,7 +135,7 @@ def test_no_filter_publishes_every_dispatch_including_ready() -> None:
     core = make(events=None)
     core.connection_opened(0.0, identify_permitted=True)
     core.receive(hello(), 0.0)
-    out = core.receive(ready(), 0.1)
+    out = receive(core, ready(), 0.1)
     assert out is not None and out.event == "READY" and out.seq == 1
     assert core.confirmed_seq == 0  # READY itself waits for the broker's confirmation
     core.confirm(1, "sess-1")
@@ -191,10 +145,10 @@ def test_no_filter_publishes_every_dispatch_including_ready() -> None:
 def test_unknown_opcodes_events_and_fields_are_tolerated() -> None:
     core = make()
     connected_ready(core)
-    assert core.receive(j({"op": 99, "d": {"x": 1}}), 1.0) is None
+    assert receive(core, j({"op": 99, "d": {"x": 1}}), 1.0) is None
     assert kinds(core) == ["unknown_opcode"]
-    out = core.receive(
-        j({"op": 0, "t": "FUTURE_EVENT", "s": 2, "d": {"new": True}, "extra": 1}), 1.0
+    out = receive(
+        core, j({"op": 0, "t": "FUTURE_EVENT", "s": 2, "d": {"new": True}, "extra": 1}), 1.0
     )
     assert out is not None and out.event == "FUTURE_EVENT"
     assert core.phase is Phase.READY
@@ -206,9 +160,9 @@ def test_packets_are_tallied_by_t_and_op() -> None:
     core.receive(dispatch(2), 1.0)
     core.receive(dispatch(3), 1.0)
     core.receive(j({"op": 11}), 1.0)
-    assert core.packets_received[("MESSAGE_CREATE", 0)] == 2
-    assert core.packets_received[("", 11)] == 1
-    assert core.packets_received[("READY", 0)] == 1
+    assert core.stats().packets_received[("MESSAGE_CREATE", 0)] == 2
+    assert core.stats().packets_received[("", 11)] == 1
+    assert core.stats().packets_received[("READY", 0)] == 1
 
 
 # ----------------------------------------------------------------------------- heartbeats
@@ -227,12 +181,12 @@ def test_missing_ack_is_a_zombie_closed_with_a_resumable_code() -> None:
     core.tick(0.0)
     assert sent(core) == [{"op": 1, "d": 1}]
     core.receive(j({"op": 11}), 0.05)
-    assert core.latency == pytest.approx(0.05)
+    assert core.stats().latency == pytest.approx(0.05)
     core.tick(41.25)  # acked: beat again
     assert sent(core) == [{"op": 1, "d": 1}]
     core.tick(82.5)  # not acked since: zombie
     assert sent(core) == []
-    code, _ = core.pop_close_request() or (0, "")
+    code, _ = close_request(core) or (0, "")
     assert code not in (1000, 1001)
     assert "zombie" in kinds(core)
     assert core.connection_closed(82.6, None) is CloseAction.RESUME
@@ -246,7 +200,7 @@ def test_hello_timeout_closes_and_backs_off() -> None:
     core.connection_opened(0.0, identify_permitted=True)
     assert core.next_deadline() == 5.0
     core.tick(5.0)
-    code, reason = core.pop_close_request() or (0, "")
+    code, reason = close_request(core) or (0, "")
     assert code == 4000 and "hello" in reason
     core.connection_closed(5.1, None)
     plan = core.plan_connect(5.1)
@@ -256,25 +210,29 @@ def test_hello_timeout_closes_and_backs_off() -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-def test_reconnect_resumes_at_resume_url_with_the_confirmed_seq() -> None:
+def test_reconnect_resumes_after_the_last_event_handed_to_the_broker() -> None:
+    """A live process still holds what its broker has not confirmed (the broker retries it):
+    resuming after it avoids duplicates. The stored session keeps the confirmed seq, for a
+    process that starts afresh."""
     core = make()
     connected_ready(core)
     for s in (2, 3, 4):
         core.receive(dispatch(s), 1.0)
     core.confirm(3, "sess-1")
     core.connection_closed(2.0, 1006)
+    assert core.session() == Session("sess-1", 3, RESUME)
     plan = core.plan_connect(2.0)
     assert plan is not None and plan.url == RESUME + "/" + Q and not plan.identify
     core.connection_opened(2.0, identify_permitted=False)
     core.receive(hello(), 2.0)
-    assert sent(core) == [{"op": 6, "d": {"token": TOKEN, "session_id": "sess-1", "seq": 3}}]
+    assert sent(core) == [{"op": 6, "d": {"token": TOKEN, "session_id": "sess-1", "seq": 4}}]
     assert core.phase is Phase.RESUMING
-    # Replay of 4 (unconfirmed) then RESUMED.
-    out = core.receive(dispatch(4), 2.1)
-    assert out is not None and out.seq == 4
     core.receive(j({"op": 0, "t": "RESUMED", "s": 5, "d": {}}), 2.2)
     assert core.phase is Phase.READY and "resumed" in kinds(core)
     assert core.seq == 5
+    assert core.confirmed_seq == 3  # event 4 is still the broker's to confirm
+    core.confirm(4, "sess-1")
+    assert core.confirmed_seq == 5
 
 
 def test_confirm_from_an_old_session_is_ignored() -> None:
@@ -304,7 +262,7 @@ def test_op7_after_ready_reconnects_immediately_and_resumes() -> None:
     core = make()
     connected_ready(core)
     core.receive(j({"op": 7, "d": None}), 3.0)
-    code, _ = core.pop_close_request() or (0, "")
+    code, _ = close_request(core) or (0, "")
     assert code == 4000
     core.connection_closed(3.0, 4000)
     plan = core.plan_connect(3.0)
@@ -316,12 +274,12 @@ def test_op7_instead_of_hello_reconnects_without_identifying() -> None:
     core.connection_opened(0.0, identify_permitted=True)
     core.receive(j({"op": 7, "d": None}), 0.1)
     assert sent(core) == []
-    code, _ = core.pop_close_request() or (0, "")
+    code, _ = close_request(core) or (0, "")
     assert code not in (1000, 1001)
     core.connection_closed(0.2, None)
     plan = core.plan_connect(0.2)
     assert plan is not None and plan.identify and plan.url == BASE + Q
-    assert core.take_identify_sent() is None
+    assert identify_sent(core) is None
 
 
 def test_op9_false_drops_the_session_and_identifies_after_1_to_5_seconds() -> None:
@@ -330,7 +288,7 @@ def test_op9_false_drops_the_session_and_identifies_after_1_to_5_seconds() -> No
     core.receive(dispatch(2), 1.0)
     core.receive(j({"op": 9, "d": False}), 5.0)
     assert core.session_id is None and core.seq is None
-    code, _ = core.pop_close_request() or (0, "")
+    code, _ = close_request(core) or (0, "")
     assert code not in (1000, 1001)
     core.connection_closed(5.0, None)
     plan = core.plan_connect(5.0)
@@ -432,20 +390,20 @@ def test_restored_session_resumes_on_first_connection() -> None:
 def test_malformed_json_closes_resumably_and_counts() -> None:
     core = make()
     connected_ready(core)
-    assert core.receive(b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{', 1.0) is None
-    code, _ = core.pop_close_request() or (0, "")
+    assert receive(core, b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{', 1.0) is None
+    code, _ = close_request(core) or (0, "")
     assert code == 4000
     assert kinds(core) == ["decode_error"]
     # Anything after the close request is not processed (it will be replayed after resume).
-    assert core.receive(dispatch(2), 1.0) is None
+    assert receive(core, dispatch(2), 1.0) is None
     assert core.seq == 1
 
 
 def test_transport_error_closes_resumably() -> None:
     core = make()
     connected_ready(core)
-    core.transport_error("zstd: corrupt")
-    code, _ = core.pop_close_request() or (0, "")
+    core.message_failed("zstd: corrupt")
+    code, _ = close_request(core) or (0, "")
     assert code == 4000
     assert core.connection_closed(1.0, None) is CloseAction.RESUME
     assert core.session_id == "sess-1"
@@ -458,7 +416,7 @@ def test_shutdown_closes_with_1000_and_forgets_the_session() -> None:
     core = make()
     connected_ready(core)
     core.stop(keep_session=False)
-    assert core.pop_close_request() == (1000, "shutting down")
+    assert close_request(core) == (1000, "shutting down")
     core.connection_closed(1.0, 1000)
     assert core.plan_connect(1.0) is None and core.session() is None
 
@@ -469,7 +427,7 @@ def test_shutdown_keeping_the_session_closes_resumably() -> None:
     core.receive(dispatch(2), 1.0)
     core.confirm(2, "sess-1")
     core.stop(keep_session=True)
-    code, _ = core.pop_close_request() or (0, "")
+    code, _ = close_request(core) or (0, "")
     assert code not in (1000, 1001)
     core.connection_closed(1.0, code)
     assert core.session() == Session("sess-1", 2, RESUME)
@@ -486,7 +444,7 @@ def test_reconnect_paths_never_close_with_1000_or_1001() -> None:
         core = make()
         connected_ready(core)
         core.receive(trigger, 1.0)
-        code, _ = core.pop_close_request() or (0, "")
+        code, _ = close_request(core) or (0, "")
         assert code == 4000, trigger
 
 
@@ -500,23 +458,23 @@ def test_commands_wait_for_ready_then_respect_the_send_limit() -> None:
     sends: list[tuple[float, dict[str, Any]]] = [(0.0, p) for p in sent(core)]
     for i in range(130):  # discord.md §14.11: 130 presence updates queued at once
         core.queue_command(b'{"op":3,"d":{"n":%d}}' % i, 0.0, ticket=i)
-    assert core.data_to_send() == []  # nothing but identify and heartbeats before READY
+    assert sent(core) == []  # nothing but identify and heartbeats before READY
     core.receive(ready(), 0.5)
     now = 0.5
-    tickets: list[object] = []
+    done: list[object] = []
     while now < 200.0:
         for payload in sent(core):
             sends.append((now, payload))
             if payload["op"] == 1:
                 core.receive(j({"op": 11}), now)  # the server ACKs at once
-        tickets += core.take_sent_tickets()
+        done += tickets(core)
         deadline = core.next_deadline()
         assert deadline is not None
         now = max(now, deadline)
         core.tick(now)
     commands = [(t, p["d"]["n"]) for t, p in sends if p["op"] == 3]
     assert [n for _, n in commands] == list(range(130))  # all sent, in order
-    assert tickets == list(range(130))
+    assert done == list(range(130))
     times = [t for t, _ in sends]
     for t in times:  # never more than 120 in any 60 s window, heartbeats included
         assert sum(1 for u in times if t <= u < t + 60.0) <= 120
@@ -531,7 +489,7 @@ def test_oversize_command_is_rejected_before_queueing() -> None:
     connected_ready(core)
     with pytest.raises(CommandRejected, match="4096"):
         core.queue_command(b'{"op":3,"d":"' + b"x" * 4100 + b'"}', 1.0)
-    assert core.pending_commands() == 0
+    assert core.stats().commands_waiting == 0
 
 
 def test_sent_and_confirmed_tallies_for_metrics() -> None:
@@ -545,8 +503,8 @@ def test_sent_and_confirmed_tallies_for_metrics() -> None:
     for s in (2, 3, 4):
         core.receive(dispatch(s), 0.3)
     core.confirm(3, "sess-1")
-    assert core.packets_sent == {2: 1, 1: 1, 3: 1, 8: 1}
-    assert core.commands_sent == 2
-    assert core.confirmed_events == 2
+    assert core.stats().packets_sent == {2: 1, 1: 1, 3: 1, 8: 1}
+    assert core.stats().commands_sent == 2
+    assert core.stats().confirmed_events == 2
     with pytest.raises(CommandRejected, match="not a gateway payload"):
         core.queue_command(b"nope", 0.3)

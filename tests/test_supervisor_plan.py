@@ -1,4 +1,4 @@
-"""Pure parts of the supervisor: worker counts, shard groups, the identify scheduler, exits."""
+"""Pure parts of the supervisor: worker counts, shard groups, the identify pacer, exits."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import signal
 
 import pytest
 
+from spectacles_gateway.protocol.identify import IdentifyPacer as IdentifyScheduler
 from spectacles_gateway.protocol.identify import SessionBudget
-from supervisor.arbiter import describe_exit
-from supervisor.control import LineBuffer, encode
-from supervisor.identify import IdentifyScheduler
+from supervisor.lifecycle import describe_exit
 from supervisor.plan import describe_ids, group_shards, worker_count
 
 
@@ -158,10 +157,3 @@ def test_describe_exit() -> None:
     assert describe_exit(0, killed_by_us=False)[0] == "exit"
     assert describe_exit(3 << 8, killed_by_us=False) == ("exit_3", "exited with status 3")
     assert os.WIFEXITED(78 << 8)
-
-
-def test_control_lines_survive_garbage() -> None:
-    buf = LineBuffer()
-    data = encode({"t": "status", "n": 1}) + b"garbage\n[1]\n" + encode({"t": "beat"})
-    assert buf.feed(data[:7]) == []
-    assert buf.feed(data[7:]) == [{"t": "status", "n": 1}, {"t": "beat"}]

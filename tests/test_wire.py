@@ -8,7 +8,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from spectacles_gateway.brokers.stdio import msgpack_object_end
 from spectacles_gateway.brokers.wire import (
     CommandError,
     json_line,
@@ -19,6 +18,7 @@ from spectacles_gateway.brokers.wire import (
     unwrap_msgpack_string,
 )
 from spectacles_gateway.compression import DecompressError, make_decompressor
+from spectacles_gateway.records import msgpack_object_end
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 

@@ -88,11 +88,11 @@ from .. import metrics
 from ..protocol.backoff import backoff_delay
 from ..redact import redact_url
 from .amqp_frames import DEFAULT_FRAME_MAX, FrameBuilder, message_body
-from .base import Broker
+from .base import Broker, Progress
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..worker import WorkerPlan
+    from ..plan import WorkerPlan
 
 __all__ = ["MAX_COMMAND_BODY", "AmqpBroker", "ConfirmTracker"]
 
@@ -455,7 +455,12 @@ class AmqpBroker(Broker):
         frames = self.builder.event(event, shard_id, seq, session, data)
         self.tracker.add(shard_id, seq, session, event, frames)
 
-    def flush(self) -> None:
+    def flush(self) -> Progress | None:
+        self._send()
+        return self.take_progress()
+
+    def _send(self) -> None:
+        """Write the frames of every message waiting; pause the shards when the buffer is full."""
         tracker = self.tracker
         if tracker.pending and self._ready and not self.blocked:
             chunks = tracker.take_pending()
@@ -480,7 +485,7 @@ class AmqpBroker(Broker):
                     self.pauses,
                 )
             metrics.broker_buffered.set(tracker.unconfirmed)
-            self._pause()
+            self._flow(True)
 
     def forward(self, shard_id: int, packet: bytes, ack: Callable[[], None]) -> bool:
         if self._closing:
@@ -496,13 +501,13 @@ class AmqpBroker(Broker):
             if len(waiting) == 1 and self._ready:
                 asyncio.get_running_loop().create_task(self._declare_forward(shard_id))
             return True
-        self.flush()
+        self._send()
         return True
 
     # ------------------------------------------------------------------ confirms
 
     def _confirm_shard(self, shard_id: int, session: str, seq: int) -> None:
-        self._confirm(shard_id, session, seq)
+        self._confirmed(shard_id, session, seq)
 
     def _on_confirm_frame(self, frame: Any) -> None:
         method = frame.method
@@ -533,6 +538,7 @@ class AmqpBroker(Broker):
                 assert self._loop is not None
                 self._retry_handle = self._loop.call_later(delay, self._retry_nacked)
         self._maybe_resume()
+        self._wake()
 
     def _maybe_resume(self) -> None:
         unconfirmed = self.tracker.unconfirmed
@@ -540,12 +546,12 @@ class AmqpBroker(Broker):
             self.paused = False
             log.debug("broker buffer drained (%d events waiting)", unconfirmed)
             metrics.broker_buffered.set(unconfirmed)
-            self._resume()
+            self._flow(False)
 
     def _retry_nacked(self) -> None:
         self._retry_handle = None
         self.tracker.retry()
-        self.flush()
+        self._send()
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         key = method.routing_key
@@ -580,20 +586,8 @@ class AmqpBroker(Broker):
                 metrics.input_dropped.labels(self.name, "too_large").inc()
                 ack()
                 return
-            try:
-                if shard_id is None:
-                    if self._commands is not None:
-                        self._commands(body, ack)
-                    else:
-                        ack()
-                elif self._shard_commands is not None:
-                    self._shard_commands(shard_id, body, ack)
-                else:
-                    ack()
-            except Exception:
-                log.exception("rejected a command: internal error while handling it")
-                metrics.input_dropped.labels(self.name, "internal_error").inc()
-                ack()
+            self._command(body, ack, shard_id)
+            self._wake()
 
         return on_message
 
@@ -750,7 +744,7 @@ class AmqpBroker(Broker):
         self.tracker.retry()
         for shard_id in list(self._declaring):
             asyncio.get_running_loop().create_task(self._declare_forward(shard_id))
-        self.flush()
+        self._send()
 
     def _rebuild(self, channel: int, frame_max: int) -> None:
         old = self.builder
@@ -835,7 +829,7 @@ class AmqpBroker(Broker):
     def _on_unblocked(self, conn: Any, frame: Any) -> None:
         self.blocked = False
         log.info("RabbitMQ unblocked publishing")
-        self.flush()
+        self._send()
 
     async def _declare_forward(self, shard_id: int) -> None:
         """Declare and bind ``<group>:<shard>`` on a channel of its own (a refusal closes only
@@ -869,13 +863,14 @@ class AmqpBroker(Broker):
                     if msg.ack is not None:
                         msg.ack()
                 self._maybe_resume()
+                self._wake()
             return  # connection lost: _online declares again
         if self._conn is not conn:
             return
         self._declared.add(shard_id)
         waiting = self._declaring.pop(shard_id, [])
         self.tracker.pending.extend(waiting)
-        self.flush()
+        self._send()
 
     def _on_forward_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if channel is self._fwd:
@@ -893,7 +888,7 @@ class AmqpBroker(Broker):
         # events_published / events_confirmed are counted by the worker for every broker.
 
     async def aclose(self) -> None:
-        self.flush()
+        self._send()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_wait
         # Wait for the last confirmations: they advance the sessions' confirmed seqs.

@@ -44,12 +44,12 @@ from redis.exceptions import ResponseError
 
 from .. import metrics
 from ..redis_store import REDIS_ERRORS, Outage, describe_error, redis_client
-from .base import Broker
+from .base import Broker, Progress
 from .wire import msgpack_string
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..worker import WorkerPlan
+    from ..plan import WorkerPlan
 
 __all__ = ["RedisStreamsBroker"]
 
@@ -118,7 +118,7 @@ class RedisStreamsBroker(Broker):
         self._queue: deque[_Item] = deque()
         self._buffered = 0  # events queued or in flight, not yet confirmed
         self._paused = False
-        self._wake: asyncio.Event | None = None
+        self._send_wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._acks: dict[str, list[bytes]] = {}
         self._ack_wake: asyncio.Event | None = None
@@ -178,33 +178,34 @@ class RedisStreamsBroker(Broker):
         if not self._paused and self._buffered >= self.limit:
             self._paused = True
             log.info("redis broker: %d events unconfirmed; pausing the shards", self._buffered)
-            self._pause()
+            self._flow(True)
 
-    def flush(self) -> None:
-        if self._queue and self._wake is not None:
-            self._wake.set()
+    def flush(self) -> Progress | None:
+        if self._queue and self._send_wake is not None:
+            self._send_wake.set()
             if not self.connected:  # the depth matters now (otherwise set per batch)
                 metrics.broker_buffered.set(self._buffered)
+        return self.take_progress()
 
     def forward(self, shard_id: int, packet: bytes, ack: Callable[[], None]) -> bool:
         """Re-publish a packet for a shard of another worker to its ``SEND:<id>`` stream."""
         fields: dict[Any, Any] = {"data": packet}
         self._queue.append(_Item("", self.shard_stream(shard_id), fields, shard_id, None, "", ack))
-        if self._wake is not None and self._idle is not None:
+        if self._send_wake is not None and self._idle is not None:
             self._idle.clear()
-            self._wake.set()
+            self._send_wake.set()
         return True
 
     async def _sender(self) -> None:
-        assert self._wake is not None and self._idle is not None
+        assert self._send_wake is not None and self._idle is not None
         loop = asyncio.get_running_loop()
         # A flag, not only cancel(): redis-py on Python 3.11 can swallow a cancellation that
         # arrives during a command.
         while not self._stopped:
             if not self._queue:
                 self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
+                self._send_wake.clear()
+                await self._send_wake.wait()
                 continue
             n = min(MAX_BATCH, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]
@@ -264,7 +265,7 @@ class RedisStreamsBroker(Broker):
         self.published += n_events
         self._buffered -= n_events
         for shard_id, (session, seq) in last.items():
-            self._confirm(shard_id, session, seq)
+            self._confirmed(shard_id, session, seq)
         for event, count in events.items():
             metrics.events_published.labels(event).inc(count)
         metrics.events_confirmed.labels("redis").inc(n_events)
@@ -272,7 +273,8 @@ class RedisStreamsBroker(Broker):
         if self._paused and self._buffered <= self.limit // 2:
             self._paused = False
             log.info("redis broker: buffer drained to %d events; resuming", self._buffered)
-            self._resume()
+            self._flow(False)
+        self._wake()
 
     # ------------------------------------------------------------------ connection state
 
@@ -418,17 +420,8 @@ class RedisStreamsBroker(Broker):
             metrics.input_dropped.labels("redis", "wrong_shape").inc()
             ack()
             return
-        shard_id = self.command_streams.get(stream)
-        if shard_id is None:
-            if self._commands is None:
-                ack()
-                return
-            self._commands(body, ack)
-        elif self._shard_commands is not None:
-            self._shard_commands(shard_id, body, ack)
-        else:
-            metrics.input_dropped.labels("redis", "unknown_shard").inc()
-            ack()
+        self._command(body, ack, self.command_streams.get(stream))
+        self._wake()
 
     def _update_room(self) -> None:
         if self._room is None:
@@ -479,7 +472,7 @@ class RedisStreamsBroker(Broker):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._send_wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -504,14 +497,13 @@ class RedisStreamsBroker(Broker):
             loop.create_task(self._sender(), name="redis-broker-sender"),
             loop.create_task(self._acker(), name="redis-broker-acker"),
         ]
-        if self._commands is not None or self._shard_commands is not None:
-            self._tasks.append(loop.create_task(self._reader_loop(), name="redis-broker-reader"))
+        self._tasks.append(loop.create_task(self._reader_loop(), name="redis-broker-reader"))
 
     async def drain(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         """Wait until every buffered event was published (False: ``timeout`` first)."""
-        if self._wake is None or self._idle is None:
+        if self._send_wake is None or self._idle is None:
             return not self._queue
-        self._wake.set()
+        self._send_wake.set()
         try:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
@@ -538,7 +530,7 @@ class RedisStreamsBroker(Broker):
                 async with asyncio.timeout(2.0):
                     await self._flush_acks()
         self._stopped = True
-        for event in (self._wake, self._ack_wake):
+        for event in (self._send_wake, self._ack_wake):
             if event is not None:
                 event.set()
         await _finish(self._tasks, 2.0)

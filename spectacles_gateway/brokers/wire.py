@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "STR_BIN_WIDTHS",
     "Command",
     "CommandError",
     "json_line",
@@ -27,7 +28,7 @@ _pack_u16 = struct.Struct(">H").pack
 _pack_u32 = struct.Struct(">I").pack
 
 
-def msgpack_header(n: int, *, legacy: bool = True) -> bytes:
+def msgpack_header(n: int) -> bytes:
     """The msgpack ``str`` header for ``n`` bytes, in the seed's legacy form (no ``str8``)."""
     if n < 32:
         return bytes((0xA0 | n,))
@@ -96,8 +97,18 @@ class Command:
     guild_id: int | None = None
     shard_id: int | None = None
 
+    def target(self, shard_count: int) -> int | None:
+        """The one shard this command goes to (``shard_id``, else Discord's rule for
+        ``guild_id``), or None: every shard."""
+        if self.shard_id is not None:
+            return self.shard_id
+        if self.guild_id is not None:
+            return target_shard(self.guild_id, shard_count)
+        return None
 
-_STR_PREFIXES = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+#: msgpack str8/16/32 and bin8/16/32: their header byte -> the width of the length that follows.
+STR_BIN_WIDTHS = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
 def unwrap_msgpack_string(body: bytes) -> bytes:
@@ -107,8 +118,8 @@ def unwrap_msgpack_string(body: bytes) -> bytes:
     first = body[0]
     if 0xA0 <= first <= 0xBF:
         n, start = first & 0x1F, 1
-    elif first in _STR_PREFIXES:
-        width = _STR_PREFIXES[first]
+    elif first in STR_BIN_WIDTHS:
+        width = STR_BIN_WIDTHS[first]
         start = 1 + width
         if len(body) < start:
             raise CommandError("not_msgpack", "truncated msgpack string header")
@@ -125,7 +136,7 @@ def _snowflake(value: Any, key: str) -> int:
         raise CommandError("wrong_shape", f"{key} must be a snowflake, got {value!r}")
     if isinstance(value, int):
         sid = value
-    elif isinstance(value, str) and value.isdigit():
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
         sid = int(value)
     else:
         raise CommandError("wrong_shape", f"{key} must be a snowflake, got {value!r}")

@@ -1,22 +1,75 @@
-"""Identify pacing rules as pure functions (discord.md §8).
+"""Identify rules as pure code (discord.md §5, §8): the payload, its size limit, and pacing.
 
 ``max_concurrency`` buckets (``shard_id % max_concurrency``): identifies in one bucket at least
-``window`` seconds apart; different buckets may identify together. The daily session start budget
-is never run out: with nothing left, wait for its reset.
+``window`` seconds apart; different buckets may identify together, lowest shard ids first. The
+daily session start budget is never run out: with nothing left, wait for its reset.
+
+:class:`IdentifyPacer` is the one pacing core: the supervisor drives it from its select loop,
+:class:`~spectacles_gateway.gate.LocalIdentifyGate` from asyncio, and the Redis gate keeps its
+window and margin for the leases it takes across hosts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["IDENTIFY_WINDOW", "SessionBudget", "bucket_of"]
+import msgspec
 
+__all__ = [
+    "IDENTIFY_MARGIN",
+    "IDENTIFY_WINDOW",
+    "MAX_PAYLOAD_BYTES",
+    "IdentifyPacer",
+    "SessionBudget",
+    "bucket_of",
+    "identify_payload",
+]
+
+#: Seconds between two identifies of one bucket (Discord's rule).
 IDENTIFY_WINDOW = 5.0
+#: Added to every identify window: our clock reads the time an IDENTIFY was handed to the
+#: socket, Discord's the time it arrived; jitter between the two must never make two identifies
+#: of one bucket look closer than the window.
+IDENTIFY_MARGIN = 0.15
+#: Discord closes with 4002 on a sent payload over this many bytes.
+MAX_PAYLOAD_BYTES = 4096
 
 
 def bucket_of(shard_id: int, max_concurrency: int) -> int:
     """The identify rate-limit key of a shard."""
     return shard_id % max(1, max_concurrency)
+
+
+def identify_payload(
+    *,
+    token: str,
+    intents: int,
+    properties: Mapping[str, str],
+    large_threshold: int,
+    shard: tuple[int, int],
+    presence: Mapping[str, Any] | None,
+) -> bytes:
+    """The op 2 IDENTIFY payload. Raises ValueError when it is over Discord's 4096 bytes (a long
+    presence can do that): better refused at start-up than closed with 4002 by Discord."""
+    d: dict[str, Any] = {
+        "token": token,
+        "intents": intents,
+        "properties": dict(properties),
+        "compress": False,
+        "large_threshold": large_threshold,
+        "shard": list(shard),
+    }
+    if presence is not None:
+        d["presence"] = dict(presence)
+    payload = msgspec.json.encode({"op": 2, "d": d})
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"IDENTIFY would be {len(payload)} bytes, over Discord's {MAX_PAYLOAD_BYTES}-byte "
+            "limit (shorten the presence)"
+        )
+    return payload
 
 
 @dataclass
@@ -39,3 +92,90 @@ class SessionBudget:
             self.remaining = self.total
             self.reset_at = now + reset_after
         self.remaining = max(0, self.remaining - 1)
+
+
+@dataclass
+class _Bucket:
+    holder: int | None = None  # shard holding the permit
+    free_at: float = 0.0  # when the next identify of this bucket may be sent
+    waiting: set[int] = field(default_factory=set)
+
+
+class IdentifyPacer:
+    """Who may identify when: permits per bucket, no clock reads, no I/O.
+
+    Callers :meth:`request` a permit for a shard, learn from :meth:`grants` (at the time
+    :meth:`next_time` names) which shards hold one now, and :meth:`release` it once the
+    IDENTIFY was sent (or not). At most one permit per bucket at a time; the next one of a bucket
+    only ``window`` seconds after the previous IDENTIFY was sent; lowest shard ids first; never
+    more than the session start budget allows.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        *,
+        window: float = IDENTIFY_WINDOW + IDENTIFY_MARGIN,
+        budget: SessionBudget | None = None,
+    ) -> None:
+        self.max_concurrency = max(1, max_concurrency)
+        self.window = window
+        self.budget = budget
+        self._buckets = [_Bucket() for _ in range(self.max_concurrency)]
+        self.identified = 0  # IDENTIFYs sent through this pacer
+
+    def _bucket(self, shard_id: int) -> _Bucket:
+        return self._buckets[bucket_of(shard_id, self.max_concurrency)]
+
+    def request(self, shard_id: int) -> None:
+        """``shard_id`` wants to identify (it waits for :meth:`grants` to name it)."""
+        self._bucket(shard_id).waiting.add(shard_id)
+
+    def cancel(self, shard_id: int) -> None:
+        """Forget a request or a held permit without an IDENTIFY (worker died, gave up)."""
+        bucket = self._bucket(shard_id)
+        bucket.waiting.discard(shard_id)
+        if bucket.holder == shard_id:
+            bucket.holder = None
+
+    def release(self, shard_id: int, sent_at: float | None) -> None:
+        """The permit comes back: ``sent_at`` is when the IDENTIFY was sent, None if it wasn't."""
+        bucket = self._bucket(shard_id)
+        if bucket.holder != shard_id:
+            return
+        bucket.holder = None
+        if sent_at is not None:
+            bucket.free_at = max(bucket.free_at, sent_at + self.window)
+            self.identified += 1
+            if self.budget is not None:
+                self.budget.spend(sent_at)
+
+    def grants(self, now: float) -> list[int]:
+        """Shards that may identify now (each now holds the permit of its bucket)."""
+        out: list[int] = []
+        budget = self.budget
+        # Lowest shard ids first across buckets: the order Discord asks buckets to start in.
+        for bucket in sorted(self._buckets, key=lambda b: min(b.waiting, default=1 << 62)):
+            if bucket.holder is not None or not bucket.waiting or now < bucket.free_at:
+                continue
+            if budget is not None and budget.wait_before_identify(now) > 0:
+                break
+            shard_id = min(bucket.waiting)
+            bucket.waiting.discard(shard_id)
+            bucket.holder = shard_id
+            out.append(shard_id)
+        return out
+
+    def next_time(self, now: float) -> float | None:
+        """When :meth:`grants` may name a shard next (None: nobody is waiting)."""
+        times = [b.free_at for b in self._buckets if b.waiting and b.holder is None]
+        if not times:
+            return None
+        at = max(now, min(times))
+        if self.budget is not None:
+            at = max(at, now + self.budget.wait_before_identify(now))
+        return at
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(b.waiting) for b in self._buckets)

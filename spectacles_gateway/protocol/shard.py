@@ -1,20 +1,20 @@
 """One Discord gateway shard as a sans-I/O state machine (discord.md §1–§9).
 
-The driver calls, in this order for every connection::
+The driver calls, for every connection::
 
     plan = shard.plan_connect(now)            # where and when to connect, identify or resume
     ... open the websocket at plan.url, no earlier than plan.at ...
     shard.connection_opened(now, identify_permitted=...)   # or shard.connect_failed(now, why)
     loop:
-        dispatch = shard.receive(message, now)     # one decompressed gateway message
-        shard.tick(now)                            # when shard.next_deadline() has come
-        shard.queue_command(payload, ticket)       # commands from consumers
-        ... after any of these, carry out what the shard asks for:
-        shard.data_to_send()  -> text payloads to write, in order
-        shard.pop_close_request() -> (code, reason) to close the websocket with
-        shard.take_sent_tickets() -> tickets of commands now written
-        shard.take_notices()  -> what happened, for logs and metrics
+        shard.receive(message, now)           # one decompressed gateway message
+        shard.tick(now)                       # when shard.next_deadline() has come
+        shard.queue_command(payload, now, ticket)    # a command from a consumer
+        ... after any of these (and after connection_closed / stop):
+        for event in shard.events_received(): # the one way out, see .events
+            ...
     shard.connection_closed(now, code)         # code the server sent, None for a TCP drop
+
+:meth:`ShardProtocol.stats` is a read-only snapshot for status reports and metrics.
 
 The shard never reads a clock: ``now`` is any monotonic time in seconds. Randomness (heartbeat
 jitter, backoff) comes from the ``rand`` callable given at construction.
@@ -40,6 +40,19 @@ from .closecodes import (
     describe_close,
 )
 from .envelope import Opcode, decode_bool, decode_envelope, decode_hello, decode_ready
+from .events import (
+    CloseRequest,
+    CommandsDropped,
+    CommandsSent,
+    Dispatch,
+    Event,
+    IdentifySent,
+    Notice,
+    NoticeKind,
+    SendData,
+    ShardStats,
+)
+from .identify import MAX_PAYLOAD_BYTES, identify_payload
 from .limiter import SendLimiter
 from .urls import build_gateway_url
 
@@ -47,17 +60,15 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "CommandRejected",
     "ConnectPlan",
-    "Dispatch",
-    "Notice",
     "Phase",
     "Session",
     "ShardConfig",
     "ShardProtocol",
 ]
 
-MAX_PAYLOAD_BYTES = 4096
-
 _encode = msgspec.json.encode
+#: What a malformed message from the gateway can raise while we decode it.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
 
 
 class Phase(enum.Enum):
@@ -70,19 +81,12 @@ class Phase(enum.Enum):
     STOPPED = "stopped"
 
 
-class Dispatch(NamedTuple):
-    """An op-0 event to publish: its name, its ``s``, and the raw JSON bytes of its ``d``."""
+class _Delay(enum.Enum):
+    """How long to wait before the next connection, decided when a connection ends."""
 
-    event: str
-    seq: int | None
-    data: bytes
-
-
-class Notice(NamedTuple):
-    """Worth a log line or a metric: ``kind`` is a short fixed word, ``detail`` free text."""
-
-    kind: str
-    detail: str
+    NOW = "now"
+    BACKOFF = "backoff"  # exponential backoff with jitter (repeated failures)
+    INVALID_SESSION = "invalid_session"  # 1-5 s (discord.md §7, op 9)
 
 
 class ConnectPlan(NamedTuple):
@@ -93,10 +97,11 @@ class ConnectPlan(NamedTuple):
 
 
 class CommandRejected(ValueError):
-    """A command that can never be sent (too large, not an object); ``reason`` says why."""
+    """A command that can never be sent (too large, not an object, queue full); ``reason`` is
+    a short fixed label for metrics."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
         self.reason = reason
 
 
@@ -135,6 +140,22 @@ class ShardConfig:
     heartbeat_reserve: int = 3
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
+    #: HELLO's interval is clamped into this range (seconds): Discord sends 41.25 s.
+    heartbeat_range: tuple[float, float] = (0.25, 900.0)
+    #: Commands waiting for the send limit, per shard: at most this many, this old (seconds).
+    command_queue_limit: int = 1000
+    command_max_age: float = 120.0
+
+    def identify_payload(self) -> bytes:
+        """The IDENTIFY this shard sends (raises ValueError when it is over 4096 bytes)."""
+        return identify_payload(
+            token=self.token,
+            intents=self.intents,
+            properties=self.properties,
+            large_threshold=self.large_threshold,
+            shard=(self.shard_id, self.shard_count),
+            presence=self.presence,
+        )
 
 
 class ShardProtocol:
@@ -151,13 +172,8 @@ class ShardProtocol:
             raise ValueError(f"shard id {config.shard_id} is outside 0..{config.shard_count - 1}")
         self.config = config
         self._rand = rand
-        self._events = config.events
-        self._identify_payload = self._build_identify()
-        if len(self._identify_payload) > MAX_PAYLOAD_BYTES:
-            raise ValueError(
-                f"IDENTIFY would be {len(self._identify_payload)} bytes, over Discord's "
-                f"{MAX_PAYLOAD_BYTES}-byte limit (shorten the presence)"
-            )
+        self._filter = config.events
+        self._identify_payload = config.identify_payload()
         self.phase = Phase.DISCONNECTED
         # Session state (survives reconnects of the same session).
         self.session_id: str | None = None
@@ -168,42 +184,70 @@ class ShardProtocol:
             self.session_id = session.session_id
             self.resume_url = session.resume_url
             self.seq = session.seq
+        # The one way out.
+        self._out: list[Event] = []
+        #: Grows whenever something a status report shows may have changed (cheap to compare).
+        self.version = 0
         # Connection state.
-        self._out: list[bytes] = []
-        self._close_request: tuple[int, str] | None = None
-        self._notices: list[Notice] = []
         self._limiter = self._new_limiter()
         self._heartbeat_interval = 0.0
         self._heartbeat_at: float | None = None
         self._hello_deadline: float | None = None
         self._acked = True
         self._heartbeat_sent_at: float | None = None
-        self.latency: float | None = None  # last heartbeat round trip; metrics consume it
-        self.ping_ms: float | None = None  # the same, kept for status reports
+        self._latency: float | None = None
+        self._heartbeats_acked = 0
         self._identify_permitted = False
         self._reached_ready = False
         self._after_close: CloseAction | None = None
-        self._after_close_delay = "now"  # "now" | "backoff" | "invalid_session"
+        self._after_close_delay = _Delay.NOW
         # Reconnect state.
         self._failures = 0
         self._connect_at = 0.0
         self._use_resume_url = True
         self._stopping = False
+        self._poisoned_after: tuple[str | None, int | None] | None = None
         self.fatal_code: int | None = None
         self.last_close: str = ""
-        self._identify_sent_at: float | None = None
-        #: Packets received by (t, op), for the seed's ``gateway_packets_received`` metric; the
-        #: driver reads and clears it periodically.
-        self.packets_received: dict[tuple[str, int], int] = {}
-        #: Payloads sent by op, commands sent, and dispatches the broker confirmed: running
-        #: totals the driver reads for metrics.
-        self.packets_sent: dict[int, int] = {}
-        self.commands_sent = 0
-        self.confirmed_events = 0
-        # Commands.
-        self._commands: deque[tuple[bytes, object, int]] = deque()
+        # Running totals for metrics (see stats()).
+        self._packets_received: dict[tuple[str, int], int] = {}
+        self._packets_sent: dict[int, int] = {}
+        self._commands_sent = 0
+        self._confirmed_events = 0
+        # Commands: (payload, ticket, op, queued at).
+        self._commands: deque[tuple[bytes, object, int, float]] = deque()
         self._commands_waiting = False  # commands queued and held back by the send limit
-        self._sent_tickets: list[object] = []
+
+    # ------------------------------------------------------------------ the way out
+
+    def events_received(self) -> list[Event]:
+        """Everything the driver must carry out or report, in order, since the last call.
+
+        Call after every input (receive, tick, queue_command, connection_closed, stop, ...)."""
+        out = self._out
+        if out:
+            self._out = []
+            self.version += 1
+        return out
+
+    def stats(self) -> ShardStats:
+        """A read-only snapshot for status reports and metrics."""
+        return ShardStats(
+            phase=self.phase.value,
+            ready=self.phase is Phase.READY,
+            session_id=self.session_id,
+            seq=self.seq,
+            confirmed_seq=self.confirmed_seq,
+            latency=self._latency,
+            heartbeats_acked=self._heartbeats_acked,
+            last_close=self.last_close,
+            fatal_code=self.fatal_code,
+            packets_received=dict(self._packets_received),
+            packets_sent=dict(self._packets_sent),
+            commands_sent=self._commands_sent,
+            commands_waiting=len(self._commands),
+            confirmed_events=self._confirmed_events,
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -211,29 +255,15 @@ class ShardProtocol:
         c = self.config
         return SendLimiter(c.send_limit, c.send_period, c.heartbeat_reserve)
 
-    def _build_identify(self) -> bytes:
-        c = self.config
-        d: dict[str, Any] = {
-            "token": c.token,
-            "intents": c.intents,
-            "properties": dict(c.properties),
-            "compress": False,
-            "large_threshold": c.large_threshold,
-            "shard": [c.shard_id, c.shard_count],
-        }
-        if c.presence is not None:
-            d["presence"] = dict(c.presence)
-        return _encode({"op": Opcode.IDENTIFY, "d": d})
+    def _notice(self, kind: NoticeKind, detail: str = "") -> None:
+        self._out.append(Notice(kind, detail))
 
-    def _notice(self, kind: str, detail: str = "") -> None:
-        self._notices.append(Notice(kind, detail))
-
-    def _request_close(self, code: int, reason: str, action: CloseAction, delay: str) -> None:
+    def _request_close(self, code: int, reason: str, action: CloseAction, delay: _Delay) -> None:
         if self.phase in (Phase.CLOSING, Phase.STOPPED, Phase.DISCONNECTED):
             return
         self._commands_waiting = False
         self.phase = Phase.CLOSING
-        self._close_request = (code, reason)
+        self._out.append(CloseRequest(code, reason))
         self._after_close = action
         self._after_close_delay = delay
         self._heartbeat_at = None
@@ -258,6 +288,20 @@ class ShardProtocol:
         if self.session_id is None:
             return None
         return Session(self.session_id, self.confirmed_seq, self.resume_url)
+
+    def _trusted_url(self, url: str | None) -> str | None:
+        """A URL Discord sent us, or None when it would take the token off TLS: unless the
+        configured gateway is ``ws://`` (a local simulator), only ``wss://`` is accepted."""
+        if url is None or url.startswith("wss://"):
+            return url
+        if self.config.gateway_url.startswith("ws://") and url.startswith("ws://"):
+            return url
+        self._notice(
+            NoticeKind.DECODE_ERROR,
+            f"ignored a resume URL that is not wss:// ({url.split('://', 1)[0]}://...); "
+            "resuming at the gateway URL instead",
+        )
+        return None
 
     # ------------------------------------------------------------------ connecting
 
@@ -284,14 +328,13 @@ class ShardProtocol:
             self._failures, self._rand(), base=self.config.backoff_base, cap=self.config.backoff_cap
         )
         self._connect_at = now + delay
-        self._notice("connect_failed", f"{reason}; retrying in {delay:.1f} s")
+        self._notice(NoticeKind.CONNECT_FAILED, f"{reason}; retrying in {delay:.1f} s")
 
     def connection_opened(self, now: float, *, identify_permitted: bool) -> None:
         """The websocket is open; wait for HELLO. ``identify_permitted``: the gate was taken."""
+        self.version += 1
         self.phase = Phase.WAITING_HELLO
         self._limiter = self._new_limiter()
-        self._out.clear()
-        self._close_request = None
         self._after_close = None
         self._hello_deadline = now + self.config.hello_timeout
         self._heartbeat_at = None
@@ -302,21 +345,18 @@ class ShardProtocol:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, data: bytes, now: float) -> Dispatch | None:
-        """Feed one complete gateway message (decompressed JSON text).
-
-        Returns the dispatch to publish, if this message is one that passes the event filter.
-        """
+    def receive(self, data: bytes, now: float) -> None:
+        """Feed one complete gateway message (decompressed JSON text)."""
         if self.phase is Phase.CLOSING or self.phase is Phase.STOPPED:
-            return None  # after we asked to close, nothing counts: it will be replayed
+            return  # after we asked to close, nothing counts: it will be replayed
+        self.version += 1
         try:
             env = decode_envelope(data)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            self._request_close(RESUMABLE_CLOSE, "malformed payload", CloseAction.RESUME, "backoff")
-            self._notice("decode_error", f"malformed JSON from the gateway: {exc}")
-            return None
+        except _DECODE_ERRORS as exc:
+            self.message_failed(f"malformed JSON from the gateway: {type(exc).__name__}: {exc}")
+            return
         op = env.op
-        counts = self.packets_received
+        counts = self._packets_received
         key = (env.t or "", op)
         counts[key] = counts.get(key, 0) + 1
         if op == 0:
@@ -325,69 +365,104 @@ class ShardProtocol:
                 self.seq = s
             t = env.t
             if t in ("READY", "RESUMED"):
-                self._on_session_event(t, env.d.copy() if t == "READY" else b"", now)
+                self._on_session_event(t, env.d, now)
             if t is None:
-                return None
-            events = self._events
+                return
+            events = self._filter
             if events is None or t in events:
                 if s is not None:
                     self._pending.append(s)
-                return Dispatch(t, s, bytes(env.d))
-            return None
+                self._out.append(Dispatch(t, s, bytes(env.d), self.session_id or ""))
+            return
         if op == Opcode.HEARTBEAT_ACK:
             self._acked = True
             if self._heartbeat_sent_at is not None:
-                self.latency = now - self._heartbeat_sent_at
-                self.ping_ms = self.latency * 1000.0
-            return None
+                self._latency = now - self._heartbeat_sent_at
+                self._heartbeats_acked += 1
+            return
         if op == Opcode.HELLO:
             self._on_hello(env.d, now)
         elif op == Opcode.HEARTBEAT:
-            self._notice("heartbeat_request", "server asked for a heartbeat")
+            self._notice(NoticeKind.HEARTBEAT_REQUEST, "server asked for a heartbeat")
             self._send_heartbeat(now)
         elif op == Opcode.RECONNECT:
-            self._notice("reconnect_requested", "op 7 RECONNECT")
-            self._request_close(RESUMABLE_CLOSE, "reconnect requested", CloseAction.RESUME, "now")
+            self._notice(NoticeKind.RECONNECT_REQUESTED, "op 7 RECONNECT")
+            self._request_close(
+                RESUMABLE_CLOSE, "reconnect requested", CloseAction.RESUME, _Delay.NOW
+            )
         elif op == Opcode.INVALID_SESSION:
             self._on_invalid_session(env.d)
         else:
-            self._notice("unknown_opcode", f"ignored unknown opcode {op}")
-        return None
+            self._notice(NoticeKind.UNKNOWN_OPCODE, f"ignored unknown opcode {op}")
 
-    def _on_session_event(self, t: str, d: bytes, now: float) -> None:
+    def message_failed(self, reason: str) -> None:
+        """A message from the gateway could not be processed (corrupt compressed bytes, bad
+        JSON, a bug of ours): drop this connection with a resumable code; a new connection gets
+        a new decompression context and Discord replays what follows the confirmed seq.
+
+        The same failure twice in a row at the same point of a session would replay the same
+        message forever: the second time the session is given up and the shard identifies."""
+        point = (self.session_id, self.seq)
+        if self.session_id is not None and self._poisoned_after == point:
+            self._notice(
+                NoticeKind.POISON,
+                f"{reason}; it failed again after seq {self.seq}: starting a new session",
+            )
+            self._poisoned_after = None
+            self._request_close(
+                RESUMABLE_CLOSE, "unprocessable", CloseAction.IDENTIFY, _Delay.BACKOFF
+            )
+            return
+        self._poisoned_after = point
+        self._notice(NoticeKind.DECODE_ERROR, reason)
+        self._request_close(RESUMABLE_CLOSE, "decode error", CloseAction.RESUME, _Delay.BACKOFF)
+
+    def _on_session_event(self, t: str, d: msgspec.Raw, now: float) -> None:
         if t == "READY":
             try:
                 info = decode_ready(d)
-            except msgspec.DecodeError as exc:
-                self._request_close(RESUMABLE_CLOSE, "bad READY", CloseAction.IDENTIFY, "backoff")
-                self._notice("decode_error", f"READY without a session id: {exc}")
+            except _DECODE_ERRORS as exc:
+                self._request_close(
+                    RESUMABLE_CLOSE, "bad READY", CloseAction.IDENTIFY, _Delay.BACKOFF
+                )
+                self._notice(NoticeKind.DECODE_ERROR, f"READY without a session id: {exc}")
                 return
             self.session_id = info.session_id
-            self.resume_url = info.resume_gateway_url
+            self.resume_url = self._trusted_url(info.resume_gateway_url)
             self._use_resume_url = True
             self._pending.clear()
-            self._notice("ready", f"session {info.session_id[:8]}…")
+            self._notice(NoticeKind.READY, f"session {info.session_id[:8]}…")
         else:
-            self._notice("resumed", f"seq {self.seq}")
+            self._notice(NoticeKind.RESUMED, f"seq {self.seq}")
         self.phase = Phase.READY
         self._reached_ready = True
         self._failures = 0
+        self._poisoned_after = None  # the replay got through: what failed before was transient
         self._flush_commands(now)
 
     def _on_hello(self, d: msgspec.Raw, now: float) -> None:
         if self.phase is not Phase.WAITING_HELLO:
-            self._notice("unexpected_hello", f"HELLO in phase {self.phase.value}; ignored")
+            self._notice(NoticeKind.UNEXPECTED_HELLO, f"HELLO in phase {self.phase.value}; ignored")
             return
         try:
-            interval = decode_hello(d).heartbeat_interval / 1000.0
-        except msgspec.DecodeError as exc:
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, "backoff")
-            self._notice("decode_error", f"HELLO without a heartbeat interval: {exc}")
+            interval = float(decode_hello(d).heartbeat_interval) / 1000.0
+        except _DECODE_ERRORS as exc:
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, _Delay.BACKOFF)
+            self._notice(NoticeKind.DECODE_ERROR, f"HELLO without a heartbeat interval: {exc}")
             return
-        if interval <= 0:
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, "backoff")
-            self._notice("decode_error", f"HELLO with heartbeat interval {interval}")
+        if not interval > 0:  # also NaN
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, _Delay.BACKOFF)
+            self._notice(NoticeKind.DECODE_ERROR, f"HELLO with heartbeat interval {interval}")
             return
+        low, high = self.config.heartbeat_range
+        if not low <= interval <= high:
+            clamped = min(max(interval, low), high)
+            self._notice(
+                NoticeKind.HELLO_CLAMPED,
+                f"HELLO's heartbeat interval {interval:g} s is outside {low:g}..{high:g} s; "
+                f"using {clamped:g} s",
+            )
+            interval = clamped
         self._hello_deadline = None
         self._heartbeat_interval = interval
         # Keep enough of the send budget for every heartbeat of a window, plus identify/resume
@@ -398,59 +473,41 @@ class ShardProtocol:
         self._acked = True
         self._heartbeat_at = now + interval * self._rand()
         if self.session_id is not None:
+            # Resume after the last event handed to the broker: this process still holds what
+            # the broker has not confirmed yet (it retries until it can), so a replay would only
+            # duplicate it. A new process starts from the stored, confirmed seq instead.
             self.phase = Phase.RESUMING
-            seq = self.confirmed_seq
-            self.seq = seq
-            self._pending.clear()
-            self._send_priority(
-                _encode(
-                    {
-                        "op": Opcode.RESUME,
-                        "d": {
-                            "token": self.config.token,
-                            "session_id": self.session_id,
-                            "seq": seq,
-                        },
-                    }
-                ),
-                now,
-                Opcode.RESUME,
-            )
+            resume = {"token": c.token, "session_id": self.session_id, "seq": self.seq}
+            self._send_priority(_encode({"op": Opcode.RESUME, "d": resume}), now, Opcode.RESUME)
         elif self._identify_permitted:
             self.phase = Phase.IDENTIFYING
-            self._send_priority(self._identify_payload, now, Opcode.IDENTIFY)
-            self._identify_sent_at = now
+            if self._send_priority(self._identify_payload, now, Opcode.IDENTIFY):
+                self._out.append(IdentifySent(now))
         else:
             # Planned a resume but the session vanished meanwhile: identify on a new connection.
-            self._request_close(RESUMABLE_CLOSE, "identify needed", CloseAction.RESUME, "now")
+            self._request_close(RESUMABLE_CLOSE, "identify needed", CloseAction.RESUME, _Delay.NOW)
 
     def _on_invalid_session(self, d: msgspec.Raw) -> None:
         try:
             resumable = bool(decode_bool(d))
-        except msgspec.DecodeError:
+        except _DECODE_ERRORS:
             resumable = False
         if resumable and self.session_id is not None:
-            self._notice("invalid_session", "op 9 (resumable): reconnecting to resume")
-            self._request_close(RESUMABLE_CLOSE, "invalid session", CloseAction.RESUME, "now")
+            self._notice(NoticeKind.INVALID_SESSION, "op 9 (resumable): reconnecting to resume")
+            self._request_close(RESUMABLE_CLOSE, "invalid session", CloseAction.RESUME, _Delay.NOW)
         else:
-            self._notice("invalid_session", "op 9 (not resumable): new session")
+            self._notice(NoticeKind.INVALID_SESSION, "op 9 (not resumable): new session")
             self._drop_session()
             self._request_close(
-                RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, "invalid_session"
+                RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, _Delay.INVALID_SESSION
             )
-
-    def transport_error(self, reason: str) -> None:
-        """The transport could not decode what the server sent (corrupt compressed bytes):
-        drop this connection with a resumable code; a new connection gets a new context."""
-        self._notice("decode_error", reason)
-        self._request_close(RESUMABLE_CLOSE, "decode error", CloseAction.RESUME, "backoff")
 
     # ------------------------------------------------------------------ sending
 
     def _send_priority(self, payload: bytes, now: float, op: int) -> bool:
         if self._limiter.try_acquire(now, priority=True):
-            self._out.append(payload)
-            sent = self.packets_sent
+            self._out.append(SendData(payload))
+            sent = self._packets_sent
             sent[op] = sent.get(op, 0) + 1
             return True
         return False
@@ -469,67 +526,66 @@ class ShardProtocol:
     def queue_command(self, payload: bytes, now: float, ticket: object = None) -> None:
         """Queue a command payload (``{"op": .., "d": ..}`` JSON) to send when the limit allows.
 
-        Raises :class:`CommandRejected` for a payload that can never be sent. ``ticket`` comes
-        back from :meth:`take_sent_tickets` once the payload was handed to the websocket.
+        Raises :class:`CommandRejected` for a payload that can never be sent, or when the queue
+        is full. ``ticket`` comes back in a :class:`CommandsSent` (or :class:`CommandsDropped`)
+        event once the payload was handed to the websocket (or given up).
         """
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise CommandRejected(
-                f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
+                "too_large",
+                f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
             )
         try:
             op = decode_envelope(payload).op
-        except msgspec.DecodeError as exc:
-            raise CommandRejected(f"not a gateway payload: {exc}") from None
-        self._commands.append((payload, ticket, op))
+        except _DECODE_ERRORS as exc:
+            raise CommandRejected("not_json", f"not a gateway payload: {exc}") from None
+        if len(self._commands) >= self.config.command_queue_limit:
+            raise CommandRejected(
+                "queue_full",
+                f"shard {self.config.shard_id} already holds "
+                f"{len(self._commands)} commands waiting for the send limit",
+            )
+        self._commands.append((payload, ticket, op, now))
         self._flush_commands(now)
 
-    def pending_commands(self) -> int:
-        return len(self._commands)
-
     def _flush_commands(self, now: float) -> None:
+        commands = self._commands
+        if not commands:
+            return
+        self._expire_commands(now)
         if self.phase is not Phase.READY:
             return
-        commands = self._commands
         limiter = self._limiter
-        sent = self.packets_sent
+        sent = self._packets_sent
+        tickets: list[object] = []
+        out = self._out
         while commands and limiter.try_acquire(now):
-            payload, ticket, op = commands.popleft()
-            self._out.append(payload)
+            payload, ticket, op, _ = commands.popleft()
+            out.append(SendData(payload))
             sent[op] = sent.get(op, 0) + 1
-            self.commands_sent += 1
+            self._commands_sent += 1
             if ticket is not None:
-                self._sent_tickets.append(ticket)
+                tickets.append(ticket)
+        if tickets:
+            out.append(CommandsSent(tuple(tickets)))
         self._commands_waiting = bool(commands)
 
-    def data_to_send(self) -> list[bytes]:
-        """Text payloads to write to the websocket now, in order. Call after every input."""
-        out = self._out
-        if out:
-            self._out = []
-        return out
-
-    def take_sent_tickets(self) -> list[object]:
-        tickets = self._sent_tickets
+    def _expire_commands(self, now: float) -> None:
+        commands = self._commands
+        horizon = now - self.config.command_max_age
+        if not commands or commands[0][3] > horizon:
+            return
+        tickets: list[object] = []
+        while commands and commands[0][3] <= horizon:
+            ticket = commands.popleft()[1]
+            if ticket is not None:
+                tickets.append(ticket)
+        self._notice(
+            NoticeKind.COMMANDS_EXPIRED,
+            f"commands older than {self.config.command_max_age:g} s were dropped unsent",
+        )
         if tickets:
-            self._sent_tickets = []
-        return tickets
-
-    def pop_close_request(self) -> tuple[int, str] | None:
-        req = self._close_request
-        self._close_request = None
-        return req
-
-    def take_notices(self) -> list[Notice]:
-        notices = self._notices
-        if notices:
-            self._notices = []
-        return notices
-
-    def take_identify_sent(self) -> float | None:
-        """When an IDENTIFY went out on this connection (once), for the identify gate."""
-        at = self._identify_sent_at
-        self._identify_sent_at = None
-        return at
+            self._out.append(CommandsDropped(tuple(tickets), "expired"))
 
     # ------------------------------------------------------------------ time
 
@@ -539,24 +595,33 @@ class ShardProtocol:
         hello = self._hello_deadline
         if hello is not None and (deadline is None or hello < deadline):
             deadline = hello
-        if self._commands_waiting and self.phase is Phase.READY:
-            free = self._limiter.earliest_free()
-            if free is not None and (deadline is None or free < deadline):
-                deadline = free
+        commands = self._commands
+        if commands:
+            expiry = commands[0][3] + self.config.command_max_age
+            if deadline is None or expiry < deadline:
+                deadline = expiry
+            if self._commands_waiting and self.phase is Phase.READY:
+                free = self._limiter.earliest_free()
+                if free is not None and (deadline is None or free < deadline):
+                    deadline = free
         return deadline
 
     def tick(self, now: float) -> None:
         """Run what is due: heartbeat or zombie check, HELLO timeout, queued commands."""
         hello = self._hello_deadline
         if hello is not None and now >= hello and self.phase is Phase.WAITING_HELLO:
-            self._notice("hello_timeout", f"no HELLO within {self.config.hello_timeout:g} s")
-            self._request_close(RESUMABLE_CLOSE, "no hello", CloseAction.RESUME, "backoff")
+            self._notice(
+                NoticeKind.HELLO_TIMEOUT, f"no HELLO within {self.config.hello_timeout:g} s"
+            )
+            self._request_close(RESUMABLE_CLOSE, "no hello", CloseAction.RESUME, _Delay.BACKOFF)
             return
         beat = self._heartbeat_at
         if beat is not None and now >= beat:
             if not self._acked:
-                self._notice("zombie", "no heartbeat ACK since the last heartbeat")
-                self._request_close(RESUMABLE_CLOSE, "zombie connection", CloseAction.RESUME, "now")
+                self._notice(NoticeKind.ZOMBIE, "no heartbeat ACK since the last heartbeat")
+                self._request_close(
+                    RESUMABLE_CLOSE, "zombie connection", CloseAction.RESUME, _Delay.NOW
+                )
                 return
             self._send_heartbeat(now)
         self._flush_commands(now)
@@ -572,12 +637,20 @@ class ShardProtocol:
         while pending and pending[0] <= seq:
             pending.popleft()
             popped += 1
-        self.confirmed_events += popped
+        if popped:
+            self._confirmed_events += popped
+            self.version += 1
 
     def stop(self, *, keep_session: bool) -> None:
         """Shut this shard down. ``keep_session``: close with a resumable code (the session is
-        saved somewhere and a later process will resume it); otherwise close with 1000."""
+        saved somewhere and a later process will resume it); otherwise close with 1000.
+        Queued commands are given up (:class:`CommandsDropped`)."""
         self._stopping = True
+        if self._commands:
+            tickets = tuple(t for _, t, _, _ in self._commands if t is not None)
+            self._commands.clear()
+            if tickets:
+                self._out.append(CommandsDropped(tickets, "stopping"))
         if self.phase in (Phase.DISCONNECTED, Phase.STOPPED):
             self.phase = Phase.STOPPED
             if not keep_session:
@@ -585,7 +658,7 @@ class ShardProtocol:
             return
         code = RESUMABLE_CLOSE if keep_session else SESSION_END_CLOSE
         self.phase = Phase.CLOSING
-        self._close_request = (code, "shutting down")
+        self._out.append(CloseRequest(code, "shutting down"))
         self._heartbeat_at = None
         self._hello_deadline = None
         self._commands_waiting = False
@@ -594,9 +667,9 @@ class ShardProtocol:
 
     def connection_closed(self, now: float, code: int | None) -> CloseAction:
         """The websocket is closed. ``code``: the close code the server sent (None: no frame)."""
+        self.version += 1
         self._heartbeat_at = None
         self._hello_deadline = None
-        self._close_request = None
         if self._stopping:
             self.phase = Phase.STOPPED
             self.last_close = "stopped"
@@ -608,9 +681,9 @@ class ShardProtocol:
             self.last_close = "closed by us"
         else:
             action = classify_close(code)
-            delay = "now" if self._reached_ready else "backoff"
+            delay = _Delay.NOW if self._reached_ready else _Delay.BACKOFF
             self.last_close = describe_close(code)
-            self._notice("closed", f"server closed the connection: {describe_close(code)}")
+            self._notice(NoticeKind.CLOSED, f"server closed the connection: {describe_close(code)}")
         self._after_close = None
         self.phase = Phase.DISCONNECTED
         if action is CloseAction.FATAL:
@@ -619,9 +692,9 @@ class ShardProtocol:
             return action
         if action is CloseAction.IDENTIFY:
             self._drop_session()
-        if delay == "now" and not self._reached_ready and self._failures > 0:
-            delay = "backoff"  # still failing: a clean close right away does not reset backoff
-        if delay == "backoff":
+        if delay is _Delay.NOW and not self._reached_ready and self._failures > 0:
+            delay = _Delay.BACKOFF  # still failing: a clean close right away does not reset backoff
+        if delay is _Delay.BACKOFF:
             self._failures += 1
             wait = backoff_delay(
                 self._failures,
@@ -629,7 +702,7 @@ class ShardProtocol:
                 base=self.config.backoff_base,
                 cap=self.config.backoff_cap,
             )
-        elif delay == "invalid_session":
+        elif delay is _Delay.INVALID_SESSION:
             wait = 1.0 + 4.0 * self._rand()
         else:
             wait = 0.0

@@ -1,0 +1,160 @@
+"""The supervisor <-> worker control channel: one schema for both ends, and its framing.
+
+Messages are msgspec structs tagged by ``t`` (a tagged union), sent as msgpack behind a 4-byte
+big-endian length on a ``socketpair``. Pure code (no asyncio, no sockets): the supervisor's select
+loop and the worker's asyncio protocol both frame with :func:`encode` and :class:`FrameReader`.
+
+Supervisor -> worker: :class:`Start` (first, once), :class:`Grant`, :class:`Relayed`,
+:class:`Deliver`. Worker -> supervisor: :class:`IdentifyRequest`, :class:`Identified`,
+:class:`Status`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from .plan import WorkerPlan
+from .protocol.shard import Session
+
+__all__ = [
+    "MAX_FRAME",
+    "Deliver",
+    "FrameError",
+    "FrameReader",
+    "Grant",
+    "Identified",
+    "IdentifyRequest",
+    "Message",
+    "Relayed",
+    "ShardStatus",
+    "Start",
+    "Status",
+    "encode",
+]
+
+#: No control message is larger (a status report of 2,500 shards is about 300 KiB).
+MAX_FRAME = 64 << 20
+
+_HEADER = struct.Struct(">I")
+
+
+class _Message(msgspec.Struct, tag_field="t", array_like=False, omit_defaults=True):
+    pass
+
+
+class Start(_Message, tag="start"):
+    """The first message to a worker: what to run, how, and the sessions it resumes."""
+
+    plan: WorkerPlan
+    argv: list[str]  # the command line the settings are read from (with the environment)
+    sessions: dict[int, Session | None]
+    #: stdio: confirm an event only once the supervisor reported it written (:class:`Relayed`).
+    confirm_on_relay: bool = False
+
+
+class Grant(_Message, tag="grant"):
+    """The identify permit for ``shard``: connect and IDENTIFY now."""
+
+    shard: int
+
+
+class Relayed(_Message, tag="relayed"):
+    """stdio: the supervisor wrote this worker's output to stdout up to byte ``offset``."""
+
+    offset: int
+
+
+class Deliver(_Message, tag="deliver"):
+    """A command read from the supervisor's stdin for this worker: ``body`` as a ``SEND``."""
+
+    body: bytes
+
+
+class IdentifyRequest(_Message, tag="identify"):
+    """``shard`` must IDENTIFY: wait for its :class:`Grant`."""
+
+    shard: int
+
+
+class Identified(_Message, tag="identified"):
+    """The permit of ``shard`` comes back: its IDENTIFY was sent at ``sent`` (the monotonic
+    clock both processes read), or not at all (None)."""
+
+    shard: int
+    sent: float | None
+
+
+class ShardStatus(msgspec.Struct, array_like=True):
+    state: str
+    ready: bool
+    seq: int | None
+    latency_ms: float | None
+    last_close: str | None
+    fatal: int | None
+
+
+class Status(_Message, tag="status"):
+    """Once a second and at exit: what changed since the last report (shards, sessions,
+    metric series), plus whether the broker is connected."""
+
+    pid: int
+    broker: bool
+    shards: dict[int, ShardStatus] = {}
+    sessions: dict[int, Session | None] = {}
+    metrics: list[tuple[str, tuple[str, ...], Any]] = []
+
+
+Message = Start | Grant | Relayed | Deliver | IdentifyRequest | Identified | Status
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """One framed message."""
+    body = _encoder.encode(message)
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameError(ValueError):
+    """A frame that is not a message of this schema. ``fatal``: the stream cannot go on (a
+    frame larger than any message: the length prefix itself is garbage)."""
+
+    def __init__(self, detail: str, *, fatal: bool = False) -> None:
+        super().__init__(detail)
+        self.fatal = fatal
+
+
+class FrameReader:
+    """Turns a byte stream into messages; a frame that does not decode comes out as a
+    :class:`FrameError` in its place, and the frames after it still decode."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Message | FrameError]:
+        buf = self._buf
+        buf += data
+        out: list[Message | FrameError] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if size > self._max:
+                buf.clear()
+                out.append(FrameError(f"control frame of {size} bytes", fatal=True))
+                return out
+            if n - pos - 4 < size:
+                break
+            start = pos + 4
+            pos = start + size
+            try:
+                out.append(_decoder.decode(bytes(buf[start:pos])))
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                out.append(FrameError(f"control frame that is not a message: {exc}"))
+        del buf[:pos]
+        return out

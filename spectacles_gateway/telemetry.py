@@ -1,0 +1,334 @@
+"""Metrics without shared files: each process keeps its own values, the supervisor adds them up.
+
+A worker's :class:`Registry` holds counters, gauges and histograms (the ``prometheus_client``
+API: ``metric.labels(...).inc()``, ``.set()``, ``.observe()``), and every second hands the series
+that changed since the last time (:meth:`Registry.changes`) to the supervisor over the control
+channel, as absolute values: a lost report costs nothing, the next one carries the same totals.
+The supervisor's :class:`Aggregator` keeps the last values of every live worker, folds the
+counters and histograms of a worker that died into a retired total (so restarts never make a
+counter go backwards), and renders the Prometheus text format on each scrape.
+
+Why not ``prometheus_client``'s multiprocess mode: its import alone costs the supervisor about
+12 MiB of RSS and a worker as much, and its per-process files outlive crashed workers and are
+parsed again on every scrape. The control channel already carries a status report every second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["Aggregator", "Counter", "Gauge", "Histogram", "Registry", "render"]
+
+Labels = tuple[str, ...]
+#: One changed series: (family name, label values, value); a histogram's value is its
+#: non-cumulative bucket counts followed by the sum and the count.
+Sample = tuple[str, Labels, Any]
+
+
+class Registry:
+    """The metric families of one process."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Family] = {}
+        self.dirty: set[Child] = set()
+
+    def add(self, family: Family) -> None:
+        if family.name in self.families:
+            raise ValueError(f"metric {family.name} is defined twice")
+        self.families[family.name] = family
+
+    def changes(self) -> list[Sample]:
+        """The series that changed since the last call, with their current values."""
+        dirty = self.dirty
+        if not dirty:
+            return []
+        out = [(child.family.name, child.labels, child.value()) for child in dirty]
+        dirty.clear()
+        return out
+
+    def get_sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """The value of one sample as the text format names it (``x_total`` for a counter,
+        ``x_sum``/``x_count`` for a histogram), or None: ``prometheus_client``'s test helper."""
+        for suffix, base in (("_total", name[:-6]), ("_sum", name[:-4]), ("_count", name[:-6])):
+            family = self.families.get(base) if name.endswith(suffix) else None
+            if family is not None:
+                break
+        else:
+            family, suffix = self.families.get(name), ""
+        if family is None:
+            return None
+        wanted = labels or {}
+        key = tuple(wanted.get(n, "") for n in family.labelnames)
+        if set(wanted) != set(family.labelnames):
+            return None
+        child = family.children.get(key)
+        if child is None:
+            return None
+        value = child.value()
+        if family.kind == "histogram":
+            return float(value[-2] if suffix == "_sum" else value[-1])
+        return float(value)
+
+    def everything(self) -> list[Sample]:
+        """Every series with its current value."""
+        self.dirty.clear()
+        return [
+            (family.name, child.labels, child.value())
+            for family in self.families.values()
+            for child in family.children.values()
+        ]
+
+
+class Child:
+    __slots__ = ("family", "labels")
+
+    def __init__(self, family: Family, labels: Labels) -> None:
+        self.family = family
+        self.labels = labels
+
+    def value(self) -> Any:
+        raise NotImplementedError
+
+
+class _Scalar(Child):
+    __slots__ = ("_v",)
+
+    def __init__(self, family: Family, labels: Labels) -> None:
+        super().__init__(family, labels)
+        self._v = 0.0
+
+    def value(self) -> float:
+        return self._v
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._v += amount
+        self.family.registry.dirty.add(self)
+
+
+class CounterChild(_Scalar):
+    __slots__ = ()
+
+
+class GaugeChild(_Scalar):
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        if value != self._v:
+            self._v = float(value)
+            self.family.registry.dirty.add(self)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.inc(-amount)
+
+
+class HistogramChild(Child):
+    __slots__ = ("_buckets", "_counts", "_sum")
+
+    def __init__(self, family: Family, labels: Labels) -> None:
+        super().__init__(family, labels)
+        self._buckets = family.buckets
+        self._counts = [0] * (len(family.buckets) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._buckets, value)] += 1
+        self._sum += value
+        self.family.registry.dirty.add(self)
+
+    def value(self) -> list[float]:
+        return [*self._counts, self._sum, sum(self._counts)]
+
+
+class Family:
+    kind = ""
+    child_class: type[Child] = Child
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: Registry,
+        mode: str = "sum",
+        buckets: Sequence[float] = (),
+        cumulative: bool | None = None,
+    ) -> None:
+        if mode not in ("sum", "max", "min"):
+            raise ValueError(f"unknown aggregation mode {mode!r}")
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.registry = registry
+        self.mode = mode  # how the values of several processes combine (gauges)
+        #: Kept (added up) when its process dies: counters, histograms, and gauges that count.
+        self.cumulative = self.kind != "gauge" if cumulative is None else cumulative
+        self.buckets = tuple(sorted(buckets))
+        self.children: dict[Labels, Any] = {}
+        registry.add(self)
+
+    def labels(self, *values: object) -> Any:
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+            child = self.children[key] = self.child_class(self, key)
+        return child
+
+    def remove(self, *values: object) -> None:
+        """Forget one series (a shard that moved away)."""
+        self.children.pop(tuple(str(v) for v in values), None)
+
+
+class Counter(Family):
+    kind = "counter"
+    child_class = CounterChild
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+
+class Gauge(Family):
+    kind = "gauge"
+    child_class = GaugeChild
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.labels().dec(amount)
+
+
+class Histogram(Family):
+    kind = "histogram"
+    child_class = HistogramChild
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+
+# ---------------------------------------------------------------------------- the supervisor
+
+
+class Aggregator:
+    """The last values of every source (a worker slot), plus what dead sources left behind."""
+
+    def __init__(self, families: dict[str, Family]) -> None:
+        self.families = families
+        self._live: dict[object, dict[tuple[str, Labels], Any]] = {}
+        self._retired: dict[tuple[str, Labels], Any] = {}
+
+    def update(self, source: object, samples: Iterable[Sample]) -> int:
+        """Take a source's changed series; returns how many were of unknown families."""
+        table = self._live.setdefault(source, {})
+        families = self.families
+        unknown = 0
+        for name, labels, value in samples:
+            if name in families:
+                table[(name, tuple(labels))] = value
+            else:
+                unknown += 1
+        return unknown
+
+    def retire(self, source: object) -> None:
+        """A source died: keep its counters and histograms, forget its gauges."""
+        table = self._live.pop(source, None)
+        if not table:
+            return
+        retired = self._retired
+        for key, value in table.items():
+            if not self.families[key[0]].cumulative:
+                continue
+            old = retired.get(key)
+            retired[key] = value if old is None else _add(old, value)
+
+    def forget(self, name: str, keep: Any) -> None:
+        """Drop the retired series of family ``name`` whose labels ``keep(labels)`` rejects."""
+        for key in [k for k in self._retired if k[0] == name and not keep(k[1])]:
+            del self._retired[key]
+
+    def combined(self, own: Registry | None = None) -> dict[tuple[str, Labels], Any]:
+        out: dict[tuple[str, Labels], Any] = {}
+        tables: list[dict[tuple[str, Labels], Any]] = [self._retired, *self._live.values()]
+        if own is not None:
+            tables.append({(n, labels): v for n, labels, v in own.everything()})
+        families = self.families
+        for table in tables:
+            for key, value in table.items():
+                old = out.get(key)
+                if old is None:
+                    out[key] = value
+                    continue
+                family = families[key[0]]
+                if family.kind != "gauge" or family.mode == "sum":
+                    out[key] = _add(old, value)
+                elif family.mode == "max":
+                    out[key] = max(old, value)
+                else:
+                    out[key] = min(old, value)
+        return out
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, list):
+        return [x + y for x, y in zip(a, b, strict=True)]
+    return a + b
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=False)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def render(families: dict[str, Family], values: dict[tuple[str, Labels], Any]) -> bytes:
+    """The Prometheus text exposition format (0.0.4) of ``values``."""
+    by_family: dict[str, list[tuple[Labels, Any]]] = {}
+    for (name, labels), value in values.items():
+        by_family.setdefault(name, []).append((labels, value))
+    lines: list[str] = []
+    for name, family in families.items():
+        series = by_family.get(name)
+        if not series:
+            continue
+        series.sort()
+        lines.append(f"# HELP {name} {family.documentation}")
+        lines.append(f"# TYPE {name} {family.kind}")
+        names = family.labelnames
+        if family.kind == "histogram":
+            for labels, value in series:
+                cumulative = 0.0
+                bounds = [*(_number(b) for b in family.buckets), "+Inf"]
+                for bound, count in zip(bounds, value[:-2], strict=True):
+                    cumulative += count
+                    le = f'le="{bound}"'
+                    lines.append(f"{name}_bucket{_labels(names, labels, le)} {_number(cumulative)}")
+                lines.append(f"{name}_sum{_labels(names, labels)} {_number(value[-2])}")
+                lines.append(f"{name}_count{_labels(names, labels)} {_number(value[-1])}")
+        else:
+            sample = f"{name}_total" if family.kind == "counter" else name
+            lines.extend(
+                f"{sample}{_labels(names, labels)} {_number(value)}" for labels, value in series
+            )
+    lines.append("")
+    return "\n".join(lines).encode()

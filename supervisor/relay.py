@@ -1,0 +1,319 @@
+"""The stdio broker's two ends in the supervisor: worker output to stdout, stdin to workers.
+
+Output: each worker writes records to its own pipe; the supervisor forwards whole records only
+(so records of different workers never interleave, and a worker killed mid-write leaves no half
+record), usually straight from the read to stdout without buffering. It counts, per worker, the
+bytes that reached stdout and tells the worker (:class:`~spectacles_gateway.control.Relayed`,
+at most every :data:`ACK_INTERVAL`), which only then confirms those events. While stdout is
+behind by :data:`HIGH_WATER` bytes the workers' pipes are not read: their writes pause and their
+shards stop reading the gateway.
+
+Input: stdin records (JSON lines or msgpack maps) are parsed here once, routed by Discord's rule
+to the worker that runs the target shard (every worker for a broadcast), and kept per worker
+until its control channel can take them (bounded; a worker that restarts gets what was waiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import stat
+from collections import deque
+from collections.abc import Callable
+from typing import IO
+
+import msgspec
+
+from spectacles_gateway import metrics
+from spectacles_gateway.brokers.wire import CommandError
+from spectacles_gateway.control import Deliver, Relayed
+from spectacles_gateway.records import (
+    Dropped,
+    RecordSplitter,
+    parse_stdin_record,
+    whole_records_end,
+)
+
+from .slots import WorkerSlot
+
+__all__ = ["ACK_INTERVAL", "HIGH_WATER", "StdinRouter", "StdioRelay"]
+
+log = logging.getLogger("spectacles_gateway.supervisor")
+
+HIGH_WATER = 4 << 20  # bytes waiting for our stdout before we stop reading workers
+READ_SIZE = 1 << 18
+ACK_INTERVAL = 0.02  # seconds between two Relayed messages to one worker
+#: Commands queued in a worker's control channel before more wait in the supervisor.
+CHANNEL_ROOM = 256 << 10
+
+
+def pollable(fd: int) -> bool:
+    """Pipes, sockets and terminals can be polled; regular files and /dev/null cannot."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))
+
+
+class _Source:
+    __slots__ = ("acked", "partial", "pipe", "reading", "relayed", "slot", "taken")
+
+    def __init__(self, slot: WorkerSlot, pipe: IO[bytes]) -> None:
+        self.slot = slot
+        self.pipe = pipe
+        self.partial = b""  # the start of a record still being written
+        self.taken = 0  # bytes of whole records taken from this worker
+        self.relayed = 0  # ... of which reached stdout
+        self.acked = 0  # ... of which the worker was told
+        self.reading = True
+
+
+class StdioRelay:
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        fmt: str,
+        stdout_fd: int,
+        on_output_lost: Callable[[OSError], None],
+    ) -> None:
+        self.selector = selector
+        self.format = fmt
+        self.fd: int | None = stdout_fd
+        self.blocking = not pollable(stdout_fd)  # a file or /dev/null: writes just happen
+        if not self.blocking:
+            os.set_blocking(stdout_fd, False)
+        self.on_output_lost = on_output_lost
+        self.out = bytearray()  # whole records waiting for stdout
+        self.written = 0  # bytes written to stdout so far
+        self._ends: deque[tuple[int, _Source, int]] = deque()  # (stdout position, source, taken)
+        self._sources: dict[int, _Source] = {}
+        self._registered = False
+        self._next_ack = 0.0
+
+    # ------------------------------------------------------------------ workers' pipes
+
+    def attach(self, slot: WorkerSlot, pipe: IO[bytes]) -> None:
+        os.set_blocking(pipe.fileno(), False)
+        source = _Source(slot, pipe)
+        self._sources[slot.index] = source
+        self.selector.register(pipe, selectors.EVENT_READ, lambda m: self._read(source))
+        source.reading = len(self.out) <= HIGH_WATER
+        if not source.reading:
+            self.selector.unregister(pipe)
+
+    def detach(self, slot: WorkerSlot) -> None:
+        """The worker died: forward the whole records left in its pipe (they may already be
+        counted as written by its broker), drop a trailing half record, close the pipe."""
+        source = self._sources.pop(slot.index, None)
+        if source is None:
+            return
+        if source.reading:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(source.pipe)
+        while self._take(source):
+            pass
+        with contextlib.suppress(OSError):
+            source.pipe.close()
+        self._ends = deque(e for e in self._ends if e[1] is not source)
+
+    def _read(self, source: _Source) -> None:
+        self._take(source)
+
+    def _take(self, source: _Source) -> bool:
+        try:
+            data = os.read(source.pipe.fileno(), READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            if source.reading:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(source.pipe)
+                source.reading = False
+            return False
+        if source.partial:
+            data = source.partial + data
+        end = whole_records_end(data, self.format)
+        source.partial = data[end:] if end < len(data) else b""
+        if end:
+            source.taken += end
+            self._emit(data if end == len(data) else data[:end], source)
+        return True
+
+    def _emit(self, chunk: bytes, source: _Source) -> None:
+        position = self.written + len(self.out) + len(chunk)
+        self._ends.append((position, source, source.taken))
+        if self.out or self.fd is None:
+            self.out += chunk
+        else:
+            self._write(chunk)
+
+    # ------------------------------------------------------------------ stdout
+
+    def _write(self, chunk: bytes | None = None) -> None:
+        fd = self.fd
+        if fd is None:
+            self.out.clear()
+            return
+        data: bytes | bytearray = self.out if chunk is None else chunk
+        try:
+            if self.blocking:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    self.written += n
+                view.release()
+                written = len(data)
+            else:
+                written = os.write(fd, data) if data else 0
+                self.written += written
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError as exc:  # EPIPE and friends: the reader is gone for good
+            self.fd = None
+            self.out.clear()
+            self.on_output_lost(exc)
+            return
+        if chunk is None:
+            del self.out[:written]
+        elif written < len(chunk):
+            self.out += chunk[written:]
+        self._settle()
+
+    def _settle(self) -> None:
+        ends = self._ends
+        written = self.written
+        while ends and ends[0][0] <= written:
+            _, source, taken = ends.popleft()
+            source.relayed = taken
+        pending = len(self.out)
+        if not self.blocking and self.fd is not None:
+            if pending and not self._registered:
+                self.selector.register(self.fd, selectors.EVENT_WRITE, lambda m: self._write())
+                self._registered = True
+            elif not pending and self._registered:
+                self.selector.unregister(self.fd)
+                self._registered = False
+        # Back-pressure: stop reading workers while stdout is behind.
+        if pending > HIGH_WATER:
+            for source in self._sources.values():
+                if source.reading:
+                    self.selector.unregister(source.pipe)
+                    source.reading = False
+        elif pending <= HIGH_WATER // 2:
+            for source in self._sources.values():
+                if not source.reading:
+                    source.reading = True
+                    self.selector.register(
+                        source.pipe, selectors.EVENT_READ, lambda m, s=source: self._read(s)
+                    )
+
+    def acks(self, now: float) -> list[tuple[WorkerSlot, Relayed]]:
+        """What each worker must be told about its relayed output (at most every
+        :data:`ACK_INTERVAL`)."""
+        if now < self._next_ack:
+            return []
+        out = []
+        for source in self._sources.values():
+            if source.relayed > source.acked:
+                source.acked = source.relayed
+                out.append((source.slot, Relayed(source.relayed)))
+        if out:
+            self._next_ack = now + ACK_INTERVAL
+        return out
+
+    def next_ack(self) -> float | None:
+        if any(s.relayed > s.acked for s in self._sources.values()):
+            return self._next_ack
+        return None
+
+    def close(self) -> None:
+        """At exit: write what is left, blocking (the reader had its chance)."""
+        if self.out and self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.fd, True)
+                os.write(self.fd, bytes(self.out))
+            self.out.clear()
+
+
+class StdinRouter:
+    """Commands from stdin to the workers whose shards they target."""
+
+    def __init__(
+        self,
+        fmt: str,
+        shard_count: int,
+        owner: Callable[[int], WorkerSlot | None],
+        slots: list[WorkerSlot],
+        *,
+        limit: int = 4 << 20,
+    ) -> None:
+        self.format = fmt
+        self.shard_count = shard_count
+        self.owner = owner
+        self.slots = slots
+        self.limit = limit
+        self.splitter = RecordSplitter(fmt)
+
+    def feed(self, data: bytes) -> None:
+        for record in self.splitter.feed(data):
+            if isinstance(record, Dropped):
+                self._drop(record.reason, record.detail)
+                continue
+            try:
+                self._route(record)
+            except Exception as exc:  # a bug of ours: one record must not stop the gateway
+                log.exception("internal error while routing a stdin record")
+                self._drop("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _route(self, record: bytes) -> None:
+        try:
+            command = parse_stdin_record(record, self.format)
+        except CommandError as exc:
+            self._drop(exc.reason, str(exc))
+            return
+        target = command.target(self.shard_count)
+        if target is None:
+            slots = [s for s in self.slots if not s.fatal]
+            body = msgspec.json.encode({"packet": msgspec.Raw(command.packet)})
+        else:
+            slot = self.owner(target)
+            if slot is None:
+                self._drop("unknown_shard", f"no worker of this gateway runs shard {target}")
+                return
+            slots = [slot]
+            body = msgspec.json.encode({"shard_id": target, "packet": msgspec.Raw(command.packet)})
+        for slot in slots:
+            if slot.pending_bytes + len(body) > self.limit:
+                self._drop("backlog", f"worker {slot.index} has {slot.pending_bytes} bytes waiting")
+                continue
+            slot.pending_input.append(body)
+            slot.pending_bytes += len(body)
+            self.pump(slot)
+
+    def pump(self, slot: WorkerSlot) -> None:
+        """Hand waiting commands to the worker while its channel has room."""
+        channel = slot.channel
+        if channel is None or channel.closed:
+            return
+        pending = slot.pending_input
+        while pending and channel.backlog < CHANNEL_ROOM:
+            body = pending.popleft()
+            slot.pending_bytes -= len(body)
+            channel.send(Deliver(body))
+
+    def _drop(self, reason: str, detail: str) -> None:
+        log.warning("dropped input from stdin: %s", detail)
+        metrics.input_dropped.labels("stdio", reason).inc()
+
+
+def read_available(fd: int, size: int = 1 << 16) -> bytes | None:
+    """What a non-blocking fd holds now; b"" at EOF (or an error); None: nothing yet."""
+    try:
+        return os.read(fd, size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""

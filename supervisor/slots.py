@@ -1,0 +1,62 @@
+"""What the supervisor knows about each worker process: pure state, no I/O."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from spectacles_gateway.control import ShardStatus
+
+if TYPE_CHECKING:
+    from .channel import ControlChannel
+
+__all__ = ["WorkerSlot"]
+
+
+@dataclass
+class WorkerSlot:
+    """One worker's place: it keeps its shards and its pending input across restarts."""
+
+    index: int
+    shards: tuple[int, ...]
+    proc: subprocess.Popen[bytes] | None = None
+    channel: ControlChannel | None = None
+    started: float = 0.0
+    last_seen: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    killed_by_us: bool = False
+    stall_killed: bool = False
+    fatal: bool = False
+    rolling: bool = False
+    status: dict[int, ShardStatus] = field(default_factory=dict)
+    broker: bool = False
+    #: stdin commands for this worker not yet handed to its control channel (bytes, bodies).
+    pending_input: deque[bytes] = field(default_factory=deque)
+    pending_bytes: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None
+
+    def ready_shards(self) -> int:
+        status = self.status
+        return sum(1 for shard in self.shards if (s := status.get(shard)) is not None and s.ready)
+
+    def all_ready(self) -> bool:
+        return self.ready_shards() == len(self.shards)
+
+    def reset_for_spawn(self, now: float) -> None:
+        self.started = now
+        self.last_seen = now
+        self.killed_by_us = False
+        self.stall_killed = False
+        self.restart_at = None
+        self.status = {}
+        self.broker = False

@@ -1,0 +1,143 @@
+"""What the supervisor tells the outside: readiness, start-up progress, ``/status``, ``/metrics``.
+
+Read-only views of the supervisor's state (:class:`View`), and the HTTP routes that serve them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Protocol
+
+from spectacles_gateway import metrics
+from spectacles_gateway.protocol.identify import IdentifyPacer
+from spectacles_gateway.telemetry import Aggregator, render
+
+from .httpd import Response
+from .plan import describe_ids
+from .slots import WorkerSlot
+
+__all__ = ["Routes", "View", "human", "progress", "readiness", "status"]
+
+
+class View(Protocol):
+    """The parts of the supervisor these views read."""
+
+    slots: list[WorkerSlot]
+    pacer: IdentifyPacer
+    stopping: str | None
+    started: float
+    shard_count: int
+
+
+def readiness(view: View) -> tuple[bool, str]:
+    if view.stopping is not None:
+        return False, "stopping"
+    for slot in view.slots:
+        if slot.fatal:
+            continue
+        if slot.proc is None:
+            return False, f"worker {slot.index} is not running"
+        if not slot.broker:
+            return False, f"worker {slot.index}: broker not connected"
+        for shard in slot.shards:
+            shard_status = slot.status.get(shard)
+            if shard_status is None or not shard_status.ready:
+                return False, f"shard {shard} is not ready"
+    return True, "ready"
+
+
+def shards_ready(view: View) -> int:
+    return sum(slot.ready_shards() for slot in view.slots)
+
+
+def progress(view: View, now: float) -> dict[str, Any]:
+    total = sum(len(s.shards) for s in view.slots)
+    pacer = view.pacer
+    waiting = pacer.waiting
+    next_at = pacer.next_time(now)
+    next_in = max(0.0, next_at - now) if next_at is not None else 0.0
+    windows = math.ceil(waiting / pacer.max_concurrency) if waiting else 0
+    left = next_in + max(0, windows - 1) * pacer.window if waiting else 0.0
+    return {
+        "ready": shards_ready(view),
+        "total": total,
+        "identified": pacer.identified,
+        "waiting_to_identify": waiting,
+        "next_bucket_in": round(next_in, 1),
+        "estimated_seconds_left": round(left, 1),
+    }
+
+
+def status(view: View, now: float) -> dict[str, Any]:
+    shards: dict[str, Any] = {}
+    for slot in view.slots:
+        for shard in slot.shards:
+            info = slot.status.get(shard)
+            entry: dict[str, Any] = (
+                {"state": "starting", "ready": False}
+                if info is None
+                else {
+                    "state": info.state,
+                    "ready": info.ready,
+                    "seq": info.seq,
+                    "latency_ms": info.latency_ms,
+                    "last_close": info.last_close,
+                    "fatal": info.fatal,
+                }
+            )
+            entry["worker"] = slot.index
+            entry["worker_pid"] = slot.pid
+            shards[str(shard)] = entry
+    return {
+        "ready": readiness(view)[0],
+        "stopping": view.stopping,
+        "uptime": round(now - view.started, 1),
+        "shard_count": view.shard_count,
+        "progress": progress(view, now),
+        "workers": [
+            {
+                "worker": s.index,
+                "pid": s.pid,
+                "shards": describe_ids(s.shards),
+                "broker_connected": s.broker,
+                "fatal": s.fatal,
+                "restarts": s.failures,
+            }
+            for s in view.slots
+        ],
+        "shards": shards,
+    }
+
+
+def human(seconds: float) -> str:
+    """``2m05s``: for log lines."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Routes:
+    """``GET`` handlers of the metrics and health listener."""
+
+    def __init__(self, view: View, aggregator: Aggregator, metrics_path: str) -> None:
+        self.view = view
+        self.aggregator = aggregator
+        self.metrics_path = metrics_path
+
+    def __call__(self, path: str, query: str) -> Response:
+        if path == self.metrics_path:
+            values = self.aggregator.combined(metrics.REGISTRY)
+            body = render(self.aggregator.families, values)
+            return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path in ("/healthz", "/livez", "/health"):
+            return Response(200, b"ok\n")
+        if path == "/readyz":
+            ready, why = readiness(self.view)
+            return Response(200 if ready else 503, (why + "\n").encode())
+        if path == "/status":
+            body = json.dumps(status(self.view, time.monotonic()), indent=1).encode()
+            return Response(200, body, "application/json")
+        return Response(404, b"not found\n")

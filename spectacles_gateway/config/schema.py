@@ -66,8 +66,6 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True):
             parts.append(f"{name}={shown!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
-    __str__ = __repr__
-
 
 class ShardsSettings(_Section, frozen=True):
     section: ClassVar[str] = "shards"

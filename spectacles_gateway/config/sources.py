@@ -191,13 +191,15 @@ def read_token_file(path: str, key: str, where: str) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise fail(f"cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise fail("is not a regular file")
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(MAX_TOKEN_FILE + 1)
-        except OSError as exc:
-            raise fail(f"cannot be read ({exc.strerror})") from None
+    except OSError as exc:
+        raise fail(f"cannot be read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_TOKEN_FILE:
         raise fail(f"is too large (over {MAX_TOKEN_FILE} bytes)")
     try:
@@ -237,15 +239,14 @@ def _find_token(
     if isinstance(path, str):
         values["token"] = read_token_file(path, "token_file", BY_PATH["token_file"].env)
         return
-    found = [
-        (os.path.join(environ.get("CREDENTIALS_DIRECTORY", ""), TOKEN_CREDENTIAL), "systemd"),
-        (os.path.join(secrets_dir, TOKEN_CREDENTIAL), "Docker"),
-    ]
-    if not environ.get("CREDENTIALS_DIRECTORY"):
-        del found[0]
-    for path, kind in found:
-        if os.path.lexists(path):
-            where = f"{kind} {'credential' if kind == 'systemd' else 'secret'} {TOKEN_CREDENTIAL}"
+    places = [(secrets_dir, f"Docker secret {TOKEN_CREDENTIAL}")]
+    if environ.get("CREDENTIALS_DIRECTORY"):
+        places.insert(
+            0, (environ["CREDENTIALS_DIRECTORY"], f"systemd credential {TOKEN_CREDENTIAL}")
+        )
+    for directory, where in places:
+        path = os.path.join(directory, TOKEN_CREDENTIAL)
+        if os.path.lexists(path):  # absent: look further; present but unreadable: an error
             values["token"] = read_token_file(path, "token", where)
             values["token_file"] = path
             return
@@ -379,26 +380,24 @@ def resolve(
     convert_keys([spec for spec in KEYS if spec not in token_keys])
     _resolve_intents(values, level, chosen, warnings)
     _drop_lower(values, level, "supervisor.workers", "supervisor.shards_per_worker")
-    _resolve_sentinels(values)
     values.setdefault("fleet.member", default_member())
-    return _build(values, chosen, redactor), tuple(warnings)
+    try:
+        _resolve_sentinels(values)
+        return _build(values), tuple(warnings)
+    except ConfigError as err:  # a rule between keys: show the value as it was given
+        given = chosen.get(err.key)
+        if given is None:
+            raise
+        shown = BY_PATH[err.key].display(given.value)
+        raise err.with_value(redactor.redact(shown) if isinstance(shown, str) else shown) from None
 
 
-def _build(
-    values: Mapping[str, object], chosen: Mapping[str, c.Raw], redactor: Redactor
-) -> Settings:
+def _build(values: Mapping[str, object]) -> Settings:
     nested: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     top: dict[str, Any] = {}
     for path, value in values.items():
         section, _, name = path.rpartition(".")
         (nested[section] if section else top)[name] = value
     top["token"] = SecretStr(str(top.get("token", "")))
-    try:
-        sections: dict[str, Any] = {name: cls(**nested[name]) for name, cls in SECTIONS.items()}
-        return Settings(**top, **sections)
-    except ConfigError as err:  # a rule between keys: show the value as it was given
-        raw = chosen.get(err.key)
-        if raw is None:
-            raise
-        shown = BY_PATH[err.key].display(raw.value)
-        raise err.with_value(redactor.redact(shown) if isinstance(shown, str) else shown) from None
+    sections: dict[str, Any] = {name: cls(**nested[name]) for name, cls in SECTIONS.items()}
+    return Settings(**top, **sections)

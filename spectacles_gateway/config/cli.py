@@ -50,41 +50,38 @@ def _parser() -> _ArgumentParser:
         add_help=False,
         allow_abbrev=False,
     )
-    add = parser.add_argument
-    add("-h", "--help", "-help", action="store_true", dest="help", help="show this and exit")
-    add("--version", "-version", action="store_true", help="print the version and exit")
-    add("--config", "-config", metavar="FILE", help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
-    add(
-        "--log-level",
+
+    def flag(name: str, help_: str, metavar: str | None = None, *also: str) -> None:
+        """``--name`` and the seed's ``-name``; no ``metavar``: a switch."""
+        names = (f"--{name}", f"-{name}", *also)
+        if metavar is None:
+            parser.add_argument(*names, action="store_true", help=help_)
+        else:
+            parser.add_argument(*names, metavar=metavar, help=help_)
+
+    flag("help", "show this and exit", None, "-h")
+    flag("version", "print the version and exit")
+    flag("config", f"TOML file (default {DEFAULT_CONFIG_PATH})", "FILE")
+    flag(
+        "log-level",
+        "suppress, error, warn, info or debug (LOG_LEVEL)",
+        "LEVEL",
         "-loglevel",
         "--loglevel",
-        dest="log_level",
-        metavar="LEVEL",
-        help="suppress, error, warn, info or debug (LOG_LEVEL)",
     )
-    add("--shards", "-shards", metavar="SPEC", help="shard ids to run, e.g. 0-15 or 0,2,4-7")
-    add("--shard-count", "-shard-count", metavar="N", help="total shard count told to Discord")
-    add("--workers", "-workers", metavar="N", help="worker processes (0 = automatic)")
-    add(
-        "--shards-per-worker",
-        "-shards-per-worker",
-        metavar="N",
-        help="shards per worker process (exclusive with --workers)",
-    )
-    add("--simulate", "-simulate", action="store_true", help="run against the local simulator")
-    add("--gateway-url", "-gateway-url", metavar="URL", help="gateway URL override (ws/wss)")
-    add("--events", "-events", metavar="A,B", help="dispatch events to publish (DISCORD_EVENTS)")
-    add("--fleet", "-fleet", metavar="NAME", help="join the fleet NAME (FLEET_NAME; needs Redis)")
-    add(
-        "--print-config",
-        "-print-config",
-        action="store_true",
-        help="print the effective configuration (secrets redacted) and exit",
-    )
-    add("command", nargs="?", metavar="COMMAND", help="status or reshard (see below)")
-    add("--url", "-url", metavar="URL", help="status, reshard: the supervisor's HTTP address")
-    add("--json", "-json", action="store_true", help="status: print JSON")
-    add("--to", "-to", metavar="N", help="reshard: the new shard count (default: Discord's)")
+    flag("shards", "shard ids to run, e.g. 0-15 or 0,2,4-7", "SPEC")
+    flag("shard-count", "total shard count told to Discord", "N")
+    flag("workers", "worker processes (0 = automatic)", "N")
+    flag("shards-per-worker", "shards per worker process (exclusive with --workers)", "N")
+    flag("simulate", "run against the local simulator")
+    flag("gateway-url", "gateway URL override (ws/wss)", "URL")
+    flag("events", "dispatch events to publish (DISCORD_EVENTS)", "A,B")
+    flag("fleet", "join the fleet NAME (FLEET_NAME; needs Redis)", "NAME")
+    flag("print-config", "print the effective configuration (secrets redacted) and exit")
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help="status or reshard")
+    flag("url", "status, reshard: the supervisor's HTTP address", "URL")
+    flag("json", "status: print JSON")
+    flag("to", "reshard: the new shard count (default: Discord's)", "N")
     return parser
 
 

@@ -242,10 +242,14 @@ def any_string(value: object, raw: Raw, warnings: list[str]) -> str:
     return string(value, "a string (may be empty)")
 
 
+def _name_pattern(max_length: int) -> re.Pattern[str]:
+    return re.compile(rf"[A-Za-z0-9][A-Za-z0-9._\-]{{0,{max_length - 1}}}")
+
+
 def identifier(what: str, max_length: int) -> Convert:
     """A name used inside Redis keys and logs: letters, digits, ``.``, ``_`` and ``-``."""
     allowed = f"{what}: letters, digits, '.', '_' and '-', at most {max_length} characters"
-    pattern = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._\-]{{0,{max_length - 1}}}")
+    pattern = _name_pattern(max_length)
 
     def convert(value: object, raw: Raw, warnings: list[str]) -> str:
         text = string(value, allowed)
@@ -424,7 +428,7 @@ class SentinelUrl(NamedTuple):
 
 
 _SENTINEL_SCHEME = "redis+sentinel"
-_MASTER_NAME = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+_MASTER_NAME = _name_pattern(128)
 _REDIS_URL_ALLOWED = (
     "host:port, a redis://, rediss:// or unix:// URL, or "
     "redis+sentinel://[:password@]host:port[,host:port...]/master[/db]"
@@ -488,12 +492,7 @@ def sentinels(value: object, raw: Raw, warnings: list[str]) -> tuple[tuple[str, 
     return tuple(found)
 
 
-def sentinel_master(value: object, raw: Raw, warnings: list[str]) -> str:
-    allowed = "a Sentinel master name: letters, digits, '.', '_' and '-'"
-    text = string(value, allowed)
-    if not _MASTER_NAME.fullmatch(text):
-        raise Bad(allowed)
-    return text
+sentinel_master = identifier("a Sentinel master name", 128)
 
 
 _LISTEN = re.compile(r"(?P<host>\[[^\]]*\]|[A-Za-z0-9.\-]*):(?P<port>[0-9]{1,5})")

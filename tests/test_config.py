@@ -1846,3 +1846,36 @@ def test_log_redactor_masks_every_secret(tmp_path: Path) -> None:
     text = " | ".join(urls + [f"bare {SECRETS[k]} here" for k in effective])
     assert_no_secret(redactor.redact(text))
     assert "@gw.example/?v=10&token=*** |" in redactor.redact(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files: deep nesting, endless files
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x = " + "[" * 50_000 + "]" * 50_000, "is not valid TOML: nested too deeply"),
+        (
+            '[presence.game]\nname = "x"\n[presence.game.' + ".".join(["a"] * 3000) + "]\nx = 1",
+            "config key 'presence' (env DISCORD_PRESENCE): ",
+        ),
+    ],
+    ids=["deep-array", "deep-presence"],
+)
+def test_deeply_nested_files_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    err = error_of(tmp_path, text)
+    assert message in str(err)
+    assert len(str(err)) < 400
+
+
+def test_deeply_nested_unknown_tables_are_one_warning(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path, "[" + ".".join(["a"] * 5000) + "]\nx = 1")
+    (warning,) = loaded.warnings
+    assert warning.startswith("unknown config key 'a.a.a.")
+    assert len(warning) < 200
+
+
+def test_an_endless_config_file_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^config file '/dev/zero' is too large"):
+        load(["--config", "/dev/zero"], BASE_ENV)

@@ -7,7 +7,12 @@ __all__ = ["ConfigError", "HelpRequested", "VersionRequested", "show"]
 
 def show(value: object) -> str:
     """``repr(value)``, cut to 120 characters: an error message stays one readable line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a hostile file nested thousands deep
+        import reprlib
+
+        text = reprlib.repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 

@@ -85,11 +85,14 @@ def presence(value: object, raw: c.Raw, warnings: list[str]) -> dict[str, Any] |
             )
         else:
             result["activities"] = [game]  # the seed's (and old libraries') single game
-    encoded = len(json.dumps(result).encode())
+    limit = (
+        f"a presence of at most {MAX_PRESENCE_BYTES} bytes of JSON "
+        "(identify payloads are limited to 4096 bytes)"
+    )
+    try:
+        encoded = len(json.dumps(result).encode())
+    except RecursionError:
+        raise c.Bad(limit, reason="is not allowed (nested too deeply)") from None
     if encoded > MAX_PRESENCE_BYTES:
-        raise c.Bad(
-            f"a presence of at most {MAX_PRESENCE_BYTES} bytes of JSON "
-            "(identify payloads are limited to 4096 bytes)",
-            reason=f"is too large ({encoded} bytes)",
-        )
+        raise c.Bad(limit, reason=f"is too large ({encoded} bytes)")
     return result

@@ -51,8 +51,12 @@ SIMULATED_TOKEN = "simulated-token"  # noqa: S105 - not a secret
 TOKEN_CREDENTIAL = "discord_token"  # noqa: S105 - a file name
 #: Where Docker (and compose) mount secrets.
 DOCKER_SECRETS_DIR = "/run/secrets"
-#: A token file longer than this is not a token file (a wrong path, say /dev/zero's cousin).
+#: A token file longer than this is not a token file (a wrong path).
 MAX_TOKEN_FILE = 4096
+#: A config file longer than this is not a config file (every key fits in a few KiB).
+MAX_CONFIG_FILE = 1024 * 1024
+#: Tables nested deeper than this are not ours: every key is at most two levels down.
+MAX_TABLE_DEPTH = 16
 
 _FILE, _ENV, _FLAG = 0, 1, 2
 
@@ -73,9 +77,12 @@ def _read_file(cli: CliArgs) -> dict[str, Any]:
             return {}  # the default file is optional, as in the seed
         raise fail("(--config) does not exist")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:  # bounded: --config /dev/zero must not fill memory
+            data = file.read(MAX_CONFIG_FILE + 1)
     except OSError as exc:
         raise fail(f"cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_FILE:
+        raise fail(f"is too large (over {MAX_CONFIG_FILE} bytes)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -85,6 +92,8 @@ def _read_file(cli: CliArgs) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise fail(f"is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise fail("is not valid TOML: nested too deeply") from None
 
 
 def _canonical(path: str) -> str:
@@ -100,6 +109,9 @@ def _flatten_file(data: Mapping[str, Any], where: str, warnings: list[str]) -> d
     known = [*BY_PATH, *KEY_ALIASES]
 
     def visit(table: Mapping[str, Any], prefix: str) -> None:
+        if prefix.count(".") > MAX_TABLE_DEPTH:
+            warnings.append(c.unknown_key_warning(prefix.rstrip("."), where, []))
+            return
         for key, value in table.items():
             written = f"{prefix}{key}"
             path = _canonical(written)

@@ -1860,8 +1860,16 @@ def test_log_redactor_masks_every_secret(tmp_path: Path) -> None:
             '[presence.game]\nname = "x"\n[presence.game.' + ".".join(["a"] * 3000) + "]\nx = 1",
             "config key 'presence' (env DISCORD_PRESENCE): ",
         ),
+        (
+            '[presence]\nactivities = [{ name = "x", created_at = 2020-01-01 }]',
+            "is not allowed (a value JSON cannot hold); expected a presence",
+        ),
+        (
+            '[presence]\nactivities = [{ name = "x", created_at = inf }]',
+            "is not allowed (a value JSON cannot hold); expected a presence",
+        ),
     ],
-    ids=["deep-array", "deep-presence"],
+    ids=["deep-array", "deep-presence", "date-in-presence", "inf-in-presence"],
 )
 def test_deeply_nested_files_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
     err = error_of(tmp_path, text)

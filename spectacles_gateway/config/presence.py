@@ -90,9 +90,11 @@ def presence(value: object, raw: c.Raw, warnings: list[str]) -> dict[str, Any] |
         "(identify payloads are limited to 4096 bytes)"
     )
     try:
-        encoded = len(json.dumps(result).encode())
+        encoded = len(json.dumps(result, allow_nan=False).encode())
     except RecursionError:
         raise c.Bad(limit, reason="is not allowed (nested too deeply)") from None
+    except (TypeError, ValueError):  # TOML dates and times, inf, nan: not JSON
+        raise c.Bad(limit, reason="is not allowed (a value JSON cannot hold)") from None
     if encoded > MAX_PRESENCE_BYTES:
         raise c.Bad(limit, reason=f"is too large ({encoded} bytes)")
     return result

@@ -1,8 +1,13 @@
 """Keep secrets (the bot token, broker and Redis passwords) out of logs and printed config.
 
-- :func:`redact_url` masks the password of one URL (``amqp://user:***@host/``).
-- :class:`Redactor` masks a set of known secret strings, plus the password of any URL with
-  credentials, in arbitrary text.
+- :class:`SecretStr` holds the token: its ``repr``/``str`` are ``***``, and only
+  :meth:`SecretStr.get_secret_value` gives the value.
+- :func:`redact_url` masks the secrets of one URL: the password of its user-info
+  (``amqp://user:***@host/``), or the whole user-info on request, and the values of
+  password-like query parameters (``?password=***``, see :data:`SECRET_PARAM_WORDS`).
+  :func:`url_secrets` lists those secrets, for a :class:`Redactor`.
+- :class:`Redactor` masks a set of known secret strings, plus the password and the
+  password-like query parameters of any URL, in arbitrary text.
 - :class:`RedactingFilter` applies a :class:`Redactor` to every log record: message, arguments,
   exception text and stack. Attach it to the *handlers* (a filter on a logger does not see
   records propagated from its children)::
@@ -19,9 +24,67 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-__all__ = ["MASK", "RedactingFilter", "Redactor", "redact_url", "url_password"]
+__all__ = [
+    "MASK",
+    "SECRET_PARAM_WORDS",
+    "RedactingFilter",
+    "Redactor",
+    "SecretStr",
+    "redact_url",
+    "url_password",
+    "url_secrets",
+]
 
 MASK = "***"
+
+#: A query parameter whose name contains one of these (case-insensitively) holds a secret:
+#: ``password``, ``pass``, ``passwd``, ``pwd``, ``secret``, ``token``, ``access_token``,
+#: ``auth``, ``api_key``, ``credentials``, ``sig``... Masking a harmless one costs nothing.
+SECRET_PARAM_WORDS = ("pass", "pwd", "secret", "token", "auth", "key", "credential", "sig")
+# ``?name=value`` or ``&name=value`` (also ``;``) anywhere in a text, for a secret-like name.
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&;][A-Za-z0-9_.\-]*(?:"
+    + "|".join(SECRET_PARAM_WORDS)
+    + r")[A-Za-z0-9_.\-]*=)(?P<value>[^&;#\s'\"<>]+)",
+    re.IGNORECASE,
+)
+#: A user name masked as a whole (``whole_userinfo``) is a secret for a :class:`Redactor` only
+#: from this length on: masking every "u" or "bot" in every log line would help no one.
+_MIN_NAME_SECRET = 8
+
+
+class SecretStr:
+    """A string that never shows itself: ``repr()`` and ``str()`` give ``***``.
+
+    ``get_secret_value()`` is the only way to the value. Equal when the values are equal,
+    so settings that hold one still compare by value.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"SecretStr({MASK!r})"
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SecretStr):
+            return NotImplemented
+        return self._value == other._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # ``scheme://user:password@`` anywhere in a text; the password stops at whitespace or quotes.
@@ -30,34 +93,50 @@ _URL_CREDENTIALS = re.compile(
 )
 
 
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme://, user-info, @rest)`` for a URL with a non-empty user-info, else None."""
+    match = _SCHEME.match(url)
+    start = match.end() if match else 0
+    at = url.rfind("@", start)
+    if at <= start:
+        return None
+    return url[:start], url[start:at], url[at:]
+
+
 def _split_password(url: str) -> tuple[str, str, str] | None:
     """``(before, password, after)`` for a URL with a non-empty password, else None.
 
     The user-info ends at the *last* ``@``, so a password with an unescaped ``@`` or ``/`` is
     still masked whole; an ``@`` later in the URL can only make the mask cover too much.
     """
-    match = _SCHEME.match(url)
-    start = match.end() if match else 0
-    at = url.rfind("@", start)
-    if at < 0:
-        return None
-    colon = url.find(":", start, at)
-    if colon < 0 or colon + 1 == at:
-        return None
-    return url[: colon + 1], url[colon + 1 : at], url[at:]
-
-
-def redact_url(url: str) -> str:
-    """Replace the password (and only it) of ``url`` with ``***``.
-
-    ``amqp://user:pass@host/`` -> ``amqp://user:***@host/``; ``redis://:pass@host`` ->
-    ``redis://:***@host``; a URL without a password is returned unchanged.
-    """
-    parts = _split_password(url)
+    parts = _split_userinfo(url)
     if parts is None:
-        return url
-    before, _, after = parts
-    return f"{before}{MASK}{after}"
+        return None
+    head, userinfo, rest = parts
+    user, colon, password = userinfo.partition(":")
+    if not colon or not password:
+        return None
+    return f"{head}{user}:", password, rest
+
+
+def redact_url(url: str, *, whole_userinfo: bool = False) -> str:
+    """``url`` with its secrets replaced by ``***``.
+
+    The password of the user-info (``amqp://user:pass@host/`` -> ``amqp://user:***@host/``,
+    ``redis://:pass@host`` -> ``redis://:***@host``), or with ``whole_userinfo`` the user-info
+    as a whole (``wss://name:pass@host`` -> ``wss://***@host``), and the value of every
+    password-like query parameter (``redis://host/0?password=pw`` ->
+    ``redis://host/0?password=***``). A URL without secrets is returned unchanged.
+    """
+    if whole_userinfo:
+        userinfo = _split_userinfo(url)
+        if userinfo is not None:
+            url = f"{userinfo[0]}{MASK}{userinfo[2]}"
+    else:
+        parts = _split_password(url)
+        if parts is not None:
+            url = f"{parts[0]}{MASK}{parts[2]}"
+    return _QUERY_SECRET.sub(rf"\g<head>{MASK}", url)
 
 
 def url_password(url: str) -> str | None:
@@ -66,8 +145,26 @@ def url_password(url: str) -> str | None:
     return None if parts is None else parts[1]
 
 
+def url_secrets(url: str, *, whole_userinfo: bool = False) -> tuple[str, ...]:
+    """The secrets :func:`redact_url` masks in ``url``, as written (a :class:`Redactor` also
+    masks their percent-decoded forms). With ``whole_userinfo`` the user name counts too,
+    when it is long enough to be a credential rather than a word."""
+    found: list[str] = []
+    password = url_password(url)
+    if password:
+        found.append(password)
+    if whole_userinfo:
+        userinfo = _split_userinfo(url)
+        name = "" if userinfo is None else userinfo[1].partition(":")[0]
+        if len(name) >= _MIN_NAME_SECRET:
+            found.append(name)
+    found += [m.group("value") for m in _QUERY_SECRET.finditer(url)]
+    return tuple(dict.fromkeys(s for s in found if s != MASK))
+
+
 class Redactor:
-    """Replaces known secrets, and passwords of URLs with credentials, with ``***``.
+    """Replaces known secrets, the passwords of URLs with credentials and the values of
+    password-like query parameters with ``***``.
 
     Secrets are added once at start-up; :meth:`redact` may be called from any thread.
     A percent-encoded secret is also masked in its decoded form.
@@ -100,11 +197,12 @@ class Redactor:
         self._secrets = frozenset(new)
 
     def redact(self, text: str) -> str:
-        """``text`` with every known secret and URL password replaced by ``***``."""
+        """``text`` with every known secret and URL secret replaced by ``***``."""
         pattern = self._pattern
         if pattern is not None:
             text = pattern.sub(MASK, text)
-        return _URL_CREDENTIALS.sub(rf"\g<head>{MASK}", text)
+        text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}", text)
+        return _QUERY_SECRET.sub(rf"\g<head>{MASK}", text)
 
 
 class RedactingFilter(logging.Filter):

@@ -159,6 +159,10 @@ def run(loaded: Loaded, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     loaded = run_or_exit(args, os.environ)
+    if loaded.cli.command is not None:  # parsed by the config package; not run yet
+        name = type(loaded.cli.command).__name__.removesuffix("Command").lower()
+        print(f"spectacles-supervise: the {name} command is not available yet", file=sys.stderr)
+        return 1
     settings = loaded.settings
     setup_logging(settings.logging_level, settings.secrets())
     for warning in loaded.warnings:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import logging
 import os
 import subprocess
@@ -11,8 +13,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from pydantic import BaseModel, SecretStr, ValidationError
 
 from spectacles_gateway.config import (
     EX_CONFIG,
@@ -21,20 +23,28 @@ from spectacles_gateway.config import (
     BrokerSettings,
     CliArgs,
     ConfigError,
+    FleetSettings,
     HelpRequested,
     Loaded,
+    ReshardCommand,
+    SecretStr,
     Settings,
     ShardsSettings,
+    StatusCommand,
     SupervisorSettings,
+    VersionRequested,
     load,
     parse_args,
+    redacted_dump,
     run_or_exit,
 )
-from spectacles_gateway.redact import redact_url
+from spectacles_gateway.config.converters import format_size, parse_size
+from spectacles_gateway.redact import Redactor, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "gateway.toml"
 TOKEN = "MTA0NTY3ODkw.GhIjKl.secret-token-value"
+MIB = 1024 * 1024
 BASE_ENV = {"DISCORD_TOKEN": TOKEN}
 
 Get = Callable[[Settings], object]
@@ -59,11 +69,15 @@ def load_with(
     argv: Sequence[str] = (),
     *,
     base_env: Mapping[str, str] = BASE_ENV,
+    secrets_dir: Path | None = None,
 ) -> Loaded:
+    """load() with a config file written from ``toml``; Docker secrets are looked for in
+    ``secrets_dir`` (by default a directory that does not exist, not this machine's)."""
     args = list(argv)
     if toml is not None:
         args = ["--config", write_config(tmp_path, toml), *args]
-    return load(args, {**base_env, **(env or {})})
+    where = secrets_dir or tmp_path / "no-docker-secrets"
+    return load(args, {**base_env, **(env or {})}, secrets_dir=str(where))
 
 
 def error_of(
@@ -73,23 +87,23 @@ def error_of(
     argv: Sequence[str] = (),
     *,
     base_env: Mapping[str, str] = BASE_ENV,
+    secrets_dir: Path | None = None,
 ) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_with(tmp_path, toml, env, argv, base_env=base_env)
+        load_with(tmp_path, toml, env, argv, base_env=base_env, secrets_dir=secrets_dir)
     message = str(info.value)
     assert "\n" not in message
     assert TOKEN not in message
     return info.value
 
 
-def model_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
-    """Every dotted key of the settings model (sub-models are TOML tables)."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from model_keys(annotation, f"{prefix}{name}.")
+def model_keys(model: type[msgspec.Struct], prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the settings struct (sub-structs are TOML tables)."""
+    for field in msgspec.structs.fields(model):
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            yield from model_keys(field.type, f"{prefix}{field.name}.")
         else:
-            yield f"{prefix}{name}"
+            yield f"{prefix}{field.name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +149,15 @@ def test_defaults(tmp_path: Path) -> None:
     assert (s.supervisor.workers, s.supervisor.shards_per_worker) == (0, 0)
 
 
+def defaults_with_member(settings: Settings) -> Settings:
+    """The struct defaults, with the fleet member id that load() resolved (host and pid)."""
+    fleet = msgspec.structs.replace(FleetSettings(), member=settings.fleet.member)
+    return Settings(token=SecretStr(TOKEN), fleet=fleet)
+
+
 def test_loaded_defaults_equal_model_defaults(tmp_path: Path) -> None:
-    assert load_with(tmp_path).settings == Settings(token=SecretStr(TOKEN))
+    settings = load_with(tmp_path).settings
+    assert settings == defaults_with_member(settings)
 
 
 def test_key_table_matches_the_model() -> None:
@@ -359,7 +380,31 @@ ENV_CASES: list[tuple[str, str, Get, object]] = [
     ("SHARD_STORE_SESSION_TTL", "90s", lambda s: s.shard_store.session_ttl, 90.0),
     ("PROMETHEUS_MULTIPROC_DIR", "/run/gw", lambda s: s.prometheus.multiproc_dir, "/run/gw"),
     ("LOG_LEVEL", "warning", lambda s: (s.log_level, s.logging_level), ("warn", logging.WARNING)),
+    ("DISCORD_MAX_MESSAGE_SIZE", "2MiB", lambda s: s.gateway.max_message_size, 2 * MIB),
+    ("COMMAND_QUEUE_LIMIT", "50", lambda s: s.commands.queue_limit, 50),
+    ("COMMAND_MAX_AGE", "30s", lambda s: s.commands.max_age, 30.0),
+    ("SUPERVISOR_INPUT_BUFFER", "512KiB", lambda s: s.supervisor.input_buffer, 512 * 1024),
+    ("PROMETHEUS_MAX_CLIENTS", "8", lambda s: s.prometheus.max_clients, 8),
+    ("PROMETHEUS_SHARD_SERIES", "Minimal", lambda s: s.prometheus.shard_series, "minimal"),
+    ("FLEET_MEMBER", "host-a.1", lambda s: s.fleet.member, "host-a.1"),
+    ("FLEET_CAPACITY", "3", lambda s: s.fleet.capacity, 3),
+    ("FLEET_LEASE", "1500ms", lambda s: s.fleet.lease, 1.5),
+    (
+        "REDIS_SENTINELS",
+        "s1:26380, s2 ,,[::1]:5000,s1:26380",
+        lambda s: s.redis.sentinels,
+        (("s1", 26380), ("s2", 26379), ("::1", 5000)),
+    ),
+    ("REDIS_SENTINEL_MASTER", "cache-1", lambda s: s.redis.sentinel_master, "cache-1"),
+    ("RESHARD_POLICY", "Manual", lambda s: s.reshard.policy, "manual"),
+    ("RESHARD_CHECK_INTERVAL", "30m", lambda s: s.reshard.check_interval, 1800.0),
+    ("RESHARD_BUDGET_RESERVE", "0", lambda s: s.reshard.budget_reserve, 0),
 ]
+#: Env names whose tests need more than one variable or a file: see the tests named here.
+TESTED_ELSEWHERE = {
+    "DISCORD_TOKEN_FILE",  # test_token_file_*
+    "FLEET_NAME",  # test_fleet_*
+}
 
 
 @pytest.mark.parametrize(
@@ -372,7 +417,7 @@ def test_env_name_maps_to_key(
 
 
 def test_every_env_name_is_covered() -> None:
-    tested = {case[0] for case in ENV_CASES}
+    tested = {case[0] for case in ENV_CASES} | TESTED_ELSEWHERE
     assert tested == {spec.env for spec in KEYS}
     assert tested >= PRODUCT_ENV_NAMES
 
@@ -441,6 +486,37 @@ BAD_ENV = [
         "9",
     ),
     ("DISCORD_PRESENCE", '{"game": {"type": 0}}', "presence.game.name", "None"),
+    ("DISCORD_PRESENCE", "[" * 100_000, "presence", "'" + "[" * 116 + "..."),
+    ("FLEET_MEMBER", "x" * 129, "fleet.member", "'" + "x" * 116 + "..."),
+]
+#: Bad values of the newer keys; the error names the env's key and shows the value as given.
+BAD_ENV_VALUES = {
+    "DISCORD_MAX_MESSAGE_SIZE": ["512KiB", "3GiB", "64XB", "-1", "1.5.2MiB"],
+    "COMMAND_QUEUE_LIMIT": ["0"],
+    "COMMAND_MAX_AGE": ["0", "forever"],
+    "SUPERVISOR_INPUT_BUFFER": ["1KiB"],
+    "PROMETHEUS_MAX_CLIENTS": ["0"],
+    "PROMETHEUS_SHARD_SERIES": ["some"],
+    "FLEET_NAME": ["my fleet", "a:b"],
+    "FLEET_CAPACITY": ["-1"],
+    "FLEET_LEASE": ["500ms", "0"],
+    "REDIS_SENTINELS": ["host:port", "h:70000"],
+    "REDIS_SENTINEL_MASTER": ["my master"],
+    "REDIS_URL": [
+        "redis+sentinel://h:1",
+        "redis+sentinel:///m",
+        "redis+sentinel://h:1/m/x",
+        "redis+sentinel://h:1,:2/m",
+    ],
+    "RESHARD_POLICY": ["always"],
+    "RESHARD_CHECK_INTERVAL": ["10s"],
+    "RESHARD_BUDGET_RESERVE": ["-5"],
+}
+_KEY_OF_ENV = {spec.env: spec.path for spec in KEYS}
+BAD_ENV += [
+    (env, value, _KEY_OF_ENV[env], repr(value))
+    for env, values in BAD_ENV_VALUES.items()
+    for value in values
 ]
 
 
@@ -454,6 +530,7 @@ def test_bad_env_value(tmp_path: Path, env: str, value: str, key: str, shown: st
     assert err.allowed and err.allowed in message
 
 
+MAX_MESSAGE_SIZE = ("gateway.max_message_size", "DISCORD_MAX_MESSAGE_SIZE")
 BAD_FILE = [
     ('[shards]\ncount = "2"', "shards.count", "DISCORD_SHARD_COUNT", "'2'"),
     ("[shards]\ncount = true", "shards.count", "DISCORD_SHARD_COUNT", "True"),
@@ -480,6 +557,13 @@ BAD_FILE = [
     ("[presence]\nafk = 1", "presence.afk", "DISCORD_PRESENCE", "1"),
     ("[redis]\npool_size = 0", "redis.pool_size", "REDIS_POOL_SIZE", "0"),
     ('log_level = "loud"', "log_level", "LOG_LEVEL", "'loud'"),
+    ("[gateway]\nmax_message_size = 1.5", *MAX_MESSAGE_SIZE, "1.5"),
+    ("[gateway]\nmax_message_size = 1000", *MAX_MESSAGE_SIZE, "1000"),
+    ("[fleet]\nlease = 10", "fleet.lease", "FLEET_LEASE", "10"),
+    ("[fleet]\ncapacity = true", "fleet.capacity", "FLEET_CAPACITY", "True"),
+    ("[redis]\nsentinels = [1]", "redis.sentinels", "REDIS_SENTINELS", "[1]"),
+    ("[commands]\nqueue_limit = 0", "commands.queue_limit", "COMMAND_QUEUE_LIMIT", "0"),
+    ("token_file = 5", "token_file", "DISCORD_TOKEN_FILE", "5"),
 ]
 
 
@@ -607,7 +691,7 @@ SECRET_CASES = [
         None,
         {"DISCORD_GATEWAY_URL": f"http://u:{SECRET}@h/"},
         "gateway.url",
-        "'http://u:***@h/'",
+        "'http://***@h/'",  # the gateway URL's whole user-info is masked
         SECRET,
         id="any-url-password",
     ),
@@ -965,6 +1049,22 @@ def test_parse_args_all_flags() -> None:
             "config key 'log_level' (env LOG_LEVEL): 'loud' is not allowed; "
             "expected one of suppress, error, warn, info, debug",
         ),
+        # sub-commands
+        (["stop"], "command line: unexpected argument (value not shown)"),
+        (["status", "reshard"], "command line: unexpected argument (value not shown)"),
+        (["--json"], "command line: --json is only for status"),
+        (["reshard", "--json"], "command line: --json is only for status"),
+        (["status", "--to", "3"], "command line: --to is only for reshard"),
+        (["--url", "http://h:1"], "command line: --url is only for status and reshard"),
+        (
+            ["reshard", "--to", "0"],
+            "command line: --to '0' is not allowed; expected an integer >= 1",
+        ),
+        (
+            ["status", "--url", "ftp://h/"],
+            "command line: --url 'ftp://h/' is not allowed; expected an http:// or https:// "
+            "URL such as http://127.0.0.1:8080",
+        ),
     ],
 )
 def test_bad_flags_are_config_errors(argv: list[str], message: str) -> None:
@@ -1018,7 +1118,7 @@ activities = [{{ name = "quoted \\"name\\" \\u007f", type = 1, url = "https://tw
 
 def test_redacted_dump(tmp_path: Path) -> None:
     settings = load_with(tmp_path, RICH, base_env={}).settings
-    dump = settings.redacted_dump()
+    dump = redacted_dump(settings)
     assert TOKEN not in dump
     assert SECRET not in dump
     assert 'token = "***"' in dump
@@ -1036,7 +1136,7 @@ def test_redacted_dump(tmp_path: Path) -> None:
     again = reloaded.settings
     assert again.amqp.url == redact_url(settings.amqp.url)
     assert again.redis.url == redact_url(settings.redis.url)
-    assert again.model_copy(update={"amqp": settings.amqp, "redis": settings.redis}) == settings
+    assert msgspec.structs.replace(again, amqp=settings.amqp, redis=settings.redis) == settings
 
 
 def test_repr_shows_no_secret(tmp_path: Path) -> None:
@@ -1048,7 +1148,7 @@ def test_repr_shows_no_secret(tmp_path: Path) -> None:
 
 
 def test_redacted_dump_without_presence(tmp_path: Path) -> None:
-    dump = load_with(tmp_path).settings.redacted_dump()
+    dump = redacted_dump(load_with(tmp_path).settings)
     assert dump.endswith("[presence]\n# not set\n")
     assert tomllib.loads(dump)["presence"] == {}
 
@@ -1071,19 +1171,18 @@ def test_settings_direct_construction() -> None:
         shards=ShardsSettings(count=2, ids=(1,)),
     )
     assert s.broker.type == "amqp"
-    with pytest.raises(ValidationError):
-        s.gateway_version = 9
-    with pytest.raises(ValidationError):
-        Settings(token=SecretStr(""))
-    with pytest.raises(ValidationError):
-        Settings(token=t, shards=ShardsSettings(count=2, ids=(2,)))
-    with pytest.raises(ValidationError):
-        Settings(token=t, supervisor=SupervisorSettings(workers=1, shards_per_worker=1))
-    with pytest.raises(ValidationError):
-        BrokerSettings(type="kafka")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError):
+    with pytest.raises(AttributeError):
+        s.gateway_version = 9  # type: ignore[misc]
+    # The rules between keys hold for settings built directly, with the same errors as load().
+    with pytest.raises(ConfigError, match=r"^config key 'shards.ids' .*id 2 is out of range"):
+        ShardsSettings(count=2, ids=(2,))
+    with pytest.raises(ConfigError, match=r"^config key 'supervisor.shards_per_worker' "):
+        SupervisorSettings(workers=1, shards_per_worker=1)
+    with pytest.raises(ConfigError, match=r"undocumented bits 131072"):
         Settings(token=t, intents=1 << 17)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError, match=r"^config key 'fleet.name' "):
+        Settings(token=t, fleet=FleetSettings(name="f"))
+    with pytest.raises(TypeError):
         Settings(token=t, typo=1)  # type: ignore[call-arg]
 
 
@@ -1119,9 +1218,11 @@ def test_example_config_has_every_key() -> None:
 
 def test_example_config_values_are_the_defaults() -> None:
     settings = load(["--config", str(EXAMPLE)], BASE_ENV).settings
-    defaults = Settings(token=SecretStr(TOKEN))
+    defaults = defaults_with_member(settings)
     changed = {
-        key for key, value in settings.model_dump().items() if value != defaults.model_dump()[key]
+        key
+        for key, value in msgspec.structs.asdict(settings).items()
+        if value != getattr(defaults, key)
     }
     assert changed == {"events", "intents"}
 
@@ -1146,15 +1247,17 @@ def test_run_or_exit_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 
 RUN = (
     "from spectacles_gateway.config import run_or_exit; import os, sys; "
-    "run_or_exit(sys.argv[1:], os.environ)"
+    "run_or_exit(sys.argv[1:], os.environ, "
+    "secrets_dir=os.environ.get('TEST_SECRETS_DIR', '/nonexistent'))"
 )
 
 
-def run_cli(
-    tmp_path: Path, argv: Sequence[str], env: Mapping[str, str]
+def run_python(
+    tmp_path: Path, code: str, argv: Sequence[str], env: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
+    """``python -c code argv...`` in ``tmp_path``, with this checkout on the path."""
     return subprocess.run(
-        [sys.executable, "-c", RUN, *argv],
+        [sys.executable, "-c", code, *argv],
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
         cwd=tmp_path,
         capture_output=True,
@@ -1162,6 +1265,12 @@ def run_cli(
         timeout=60,
         check=False,
     )
+
+
+def run_cli(
+    tmp_path: Path, argv: Sequence[str], env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return run_python(tmp_path, RUN, argv, env)
 
 
 @pytest.mark.parametrize(
@@ -1209,7 +1318,12 @@ def test_run_or_exit_subprocess_print_config(tmp_path: Path) -> None:
     assert TOKEN not in proc.stdout + proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
     parsed = tomllib.loads(proc.stdout)
-    assert parsed["supervisor"] == {"workers": 3, "shards_per_worker": 0, "stall_timeout": "15s"}
+    assert parsed["supervisor"] == {
+        "workers": 3,
+        "shards_per_worker": 0,
+        "stall_timeout": "15s",
+        "input_buffer": "4MiB",
+    }
     assert (
         proc.stderr
         == "spectacles-gateway: warning: unknown config key 'zzz' in gateway.toml (ignored)\n"
@@ -1221,3 +1335,555 @@ def test_run_or_exit_subprocess_help(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: spectacles-supervise")
     assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes in bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "size", "formatted"),
+    [
+        ("64MiB", 64 * MIB, "64MiB"),
+        ("512KiB", 512 * 1024, "512KiB"),
+        ("1gib", 1024 * MIB, "1GiB"),
+        ("1048576", MIB, "1MiB"),
+        ("100MB", 100_000_000, "100000000"),
+        ("1.5MiB", 3 * MIB // 2, "1536KiB"),
+        (" 2 KB ", 2000, "2000"),
+        ("1000B", 1000, "1000"),
+    ],
+)
+def test_sizes(text: str, size: int, formatted: str) -> None:
+    assert parse_size(text) == size
+    assert format_size(size) == formatted
+    assert parse_size(format_size(size)) == size
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "1.MiB", "-1", "1e6", "64 XB", "1,5MiB"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_sizes_in_the_file(tmp_path: Path) -> None:
+    toml = '[gateway]\nmax_message_size = 2097152\n[supervisor]\ninput_buffer = "64KiB"'
+    s = load_with(tmp_path, toml).settings
+    assert (s.gateway.max_message_size, s.supervisor.input_buffer) == (2 * MIB, 64 * 1024)
+    assert (
+        load_with(
+            tmp_path, "[gateway]\nmax_message_size = 1048576"
+        ).settings.gateway.max_message_size
+        == MIB
+    )
+    err = error_of(tmp_path, "[gateway]\nmax_message_size = 1048575")
+    assert str(err) == (
+        "config key 'gateway.max_message_size' (env DISCORD_MAX_MESSAGE_SIZE): 1048575 is not "
+        "allowed; expected a size from 1MiB to 2GiB, such as 64MiB, 512KiB or a number of bytes"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fleet
+
+
+REDIS_STORE = {"SHARD_STORE_TYPE": "redis"}
+
+
+def test_fleet_name_needs_the_redis_store(tmp_path: Path) -> None:
+    expected = (
+        "config key 'fleet.name' (env FLEET_NAME): 'prod' is not allowed with "
+        "shard_store.type = 'memory'; expected shard_store.type = 'redis' "
+        "(SHARD_STORE_TYPE=redis): a fleet shares its leases and sessions through Redis"
+    )
+    assert str(error_of(tmp_path, env={"FLEET_NAME": "prod"})) == expected
+    assert str(error_of(tmp_path, argv=["--fleet", "prod"])) == expected
+    assert str(error_of(tmp_path, '[fleet]\nname = "prod"')) == expected
+    s = load_with(tmp_path, env={"FLEET_NAME": "prod", **REDIS_STORE}).settings
+    assert (s.fleet.name, s.fleet.enabled, s.shard_store.type) == ("prod", True, "redis")
+    s = load_with(tmp_path, '[fleet]\nname = "a"\n[shard_store]\ntype = "redis"').settings
+    assert s.fleet.name == "a"
+    assert not load_with(tmp_path).settings.fleet.enabled
+
+
+def test_fleet_name_precedence(tmp_path: Path) -> None:
+    toml = '[fleet]\nname = "from-file"'
+    env = {"FLEET_NAME": "from-env", **REDIS_STORE}
+    assert load_with(tmp_path, toml, REDIS_STORE).settings.fleet.name == "from-file"
+    assert load_with(tmp_path, toml, env).settings.fleet.name == "from-env"
+    loaded = load_with(tmp_path, toml, env, ["-fleet", "from-flag"])
+    assert loaded.settings.fleet.name == "from-flag"
+    assert loaded.cli.fleet == "from-flag"
+
+
+def test_fleet_member_defaults_to_host_and_pid(tmp_path: Path) -> None:
+    fleet = load_with(tmp_path).settings.fleet
+    host = os.uname().nodename
+    assert fleet.member == f"{host}-{os.getpid()}"
+    assert (fleet.capacity, fleet.lease) == (0, 10.0)
+    assert load_with(tmp_path, env={"FLEET_MEMBER": "m1"}).settings.fleet.member == "m1"
+    # The default stays a valid member id whatever the host is called.
+    monkey = pytest.MonkeyPatch()
+    fake = os.uname_result(("Linux", "ünï host_1.example", "r", "v", "m"))
+    with monkey.context() as m:
+        m.setattr(os, "uname", lambda: fake)
+        member = load_with(tmp_path).settings.fleet.member
+    assert member == f"n--host_1.example-{os.getpid()}"
+
+
+def test_fleet_without_redis_exits_78(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, ["--fleet", "prod"], {"DISCORD_TOKEN": TOKEN})
+    assert proc.returncode == 78
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(
+        "spectacles-gateway: configuration error: config key 'fleet.name' (env FLEET_NAME): "
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Redis Sentinel
+
+
+def test_sentinel_url(tmp_path: Path) -> None:
+    url = "redis+sentinel://:p%40ss@s1:26380,s2,[::1]:26381/cache/2"
+    r = load_with(tmp_path, env={"REDIS_URL": url}).settings.redis
+    assert r.sentinels == (("s1", 26380), ("s2", 26379), ("::1", 26381))
+    assert (r.sentinel_master, r.db, r.password, r.username) == ("cache", 2, "p@ss", None)
+    r = load_with(tmp_path, env={"REDIS_URL": "redis+sentinel://u:pw@s1/m"}).settings.redis
+    assert (r.sentinels, r.sentinel_master, r.db, r.username, r.password) == (
+        (("s1", 26379),),
+        "m",
+        0,
+        "u",
+        "pw",
+    )
+
+
+def test_sentinel_list(tmp_path: Path) -> None:
+    env = {"REDIS_SENTINELS": "s1:1,s2:2", "REDIS_URL": "redis://:pw@ignored/3"}
+    r = load_with(tmp_path, env=env).settings.redis
+    assert (r.sentinels, r.sentinel_master, r.db, r.password) == (
+        (("s1", 1), ("s2", 2)),
+        "mymaster",
+        3,
+        "pw",
+    )
+    toml = '[redis]\nsentinels = ["a:26379", "[fe80::1]"]\nsentinel_master = "m2"'
+    r = load_with(tmp_path, toml).settings.redis
+    assert (r.sentinels, r.sentinel_master, r.db, r.password) == (
+        (("a", 26379), ("fe80::1", 26379)),
+        "m2",
+        0,
+        None,
+    )
+    plain = load_with(tmp_path).settings.redis
+    assert (plain.sentinels, plain.db, plain.password) == ((), 0, None)
+
+
+def test_sentinel_url_and_keys_must_agree(tmp_path: Path) -> None:
+    url = "redis+sentinel://:pw@s1:1,s2:2/m"
+    same = {"REDIS_URL": url, "REDIS_SENTINELS": "s2:2,s1:1", "REDIS_SENTINEL_MASTER": "m"}
+    assert load_with(tmp_path, env=same).settings.redis.sentinel_master == "m"
+    err = error_of(tmp_path, env={"REDIS_URL": url, "REDIS_SENTINELS": "s3:3"})
+    assert str(err) == (
+        "config key 'redis.sentinels' (env REDIS_SENTINELS): 's3:3' is not allowed: redis.url "
+        "is a redis+sentinel:// URL with other Sentinels; expected the Sentinels named by "
+        "redis.url, or no list (the URL names them)"
+    )
+    err = error_of(tmp_path, env={"REDIS_URL": url, "REDIS_SENTINEL_MASTER": "other"})
+    assert err.key == "redis.sentinel_master"
+    assert "expected 'm' (the master named by redis.url)" in str(err)
+    assert "pw" not in str(error_of(tmp_path, f'[redis]\nurl = "{url}"\nsentinels = ["x"]'))
+
+
+def test_sentinel_dump_loads_back(tmp_path: Path) -> None:
+    url = f"redis+sentinel://:{SECRET}@s1:1,s2:2/m/1?password={SECRET}x"
+    settings = load_with(tmp_path, env={"REDIS_URL": url}).settings
+    dump = redacted_dump(settings)
+    assert SECRET not in dump
+    assert 'sentinels = ["s1:1", "s2:2"]' in dump
+    restored = dump.replace('token = "***"', f'token = "{TOKEN}"').replace(
+        "redis+sentinel://:***@", f"redis+sentinel://:{SECRET}@"
+    )
+    again = load_with(tmp_path, restored.replace("password=***", f"password={SECRET}x"))
+    assert again.warnings == ()
+    assert again.settings.redis == settings.redis
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-commands, --version
+
+
+def test_status_command(tmp_path: Path) -> None:
+    assert parse_args(["status"]).command == StatusCommand()
+    cli = parse_args(["-config", "x.toml", "status", "--json", "--url", "http://127.0.0.1:9000"])
+    assert cli.command == StatusCommand(url="http://127.0.0.1:9000", json=True)
+    assert cli.config_path == "x.toml"
+    assert parse_args(["--url=https://gw.local/", "status"]).command == StatusCommand(
+        url="https://gw.local/"
+    )
+    # No token is needed to ask a running supervisor.
+    loaded = load_with(tmp_path, argv=["status"], base_env={})
+    assert loaded.settings.token.get_secret_value() == ""
+    assert loaded.cli.command == StatusCommand()
+
+
+def test_reshard_command() -> None:
+    assert parse_args(["reshard"]).command == ReshardCommand()
+    assert parse_args(["reshard", "--to", "16"]).command == ReshardCommand(to=16)
+    assert parse_args(["reshard", "-to", "8", "-url", "http://h:1"]).command == ReshardCommand(
+        to=8, url="http://h:1"
+    )
+    assert parse_args([]).command is None
+
+
+def test_help_lists_the_commands() -> None:
+    with pytest.raises(HelpRequested) as info:
+        parse_args(["--help"])
+    assert "status [--url URL] [--json]" in info.value.text
+    assert "reshard [--to N] [--url URL]" in info.value.text
+    assert "--fleet NAME" in info.value.text
+
+
+def test_version(tmp_path: Path) -> None:
+    version = importlib.metadata.version("spectacles-gateway")
+    with pytest.raises(VersionRequested) as info:
+        parse_args(["--version"])
+    assert info.value.text == f"spectacles-gateway {version}\n"
+    # The installed command, in a directory whose gateway.toml is broken and with no token:
+    # --version reads no configuration.
+    write_config(tmp_path, "[broker\n", "gateway.toml")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "spectacles-supervise"), "--version"],
+        env={"PATH": os.environ.get("PATH", "")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"spectacles-gateway {version}\n", "")
+
+
+# --------------------------------------------------------------------------------------------
+# What the config package loads
+
+
+FORBIDDEN = ("asyncio", "pydantic", "prometheus_client", "websockets", "pika", "redis", "zstandard")
+IMPORT_CHECK = """
+import os, sys
+from spectacles_gateway.config import load, redacted_dump
+loaded = load(sys.argv[1:], {"DISCORD_TOKEN": "x"}, secrets_dir="/nonexistent")
+redacted_dump(loaded.settings)
+print(" ".join(sorted(m for m in sys.modules if m.partition(".")[0] in FORBIDDEN_NAMES)))
+"""
+
+
+def test_the_config_package_stays_small(tmp_path: Path) -> None:
+    code = IMPORT_CHECK.replace("FORBIDDEN_NAMES", repr(set(FORBIDDEN)))
+    toml = write_config(tmp_path, RICH.replace(f'token = "{TOKEN}"', ""))
+    proc = run_python(tmp_path, code, ["--config", toml, "--print-config"], {})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "\n"
+    # The check can fail: the same script sees a module that is loaded.
+    proc = run_python(tmp_path, "import asyncio\n" + code, [], {})
+    assert proc.stdout.split()[0] == "asyncio", proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The token from a file: DISCORD_TOKEN_FILE, systemd credentials, Docker secrets
+
+FILE_TOKEN = "MTA0NTY3ODkw.FiLeTo.file-token-value"
+
+
+def token_file(directory: Path, content: str | bytes, name: str = "discord_token") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8", newline="")
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content", [FILE_TOKEN, f"{FILE_TOKEN}\n", f"{FILE_TOKEN}\r\n"])
+def test_token_file_env(tmp_path: Path, content: str) -> None:
+    path = token_file(tmp_path / "t", content)
+    s = load_with(tmp_path, env={"DISCORD_TOKEN_FILE": str(path)}, base_env={}).settings
+    assert s.token.get_secret_value() == FILE_TOKEN
+    assert s.token_file == str(path)
+
+
+def test_token_file_in_the_file(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "t", FILE_TOKEN + "\n")
+    s = load_with(tmp_path, f'token_file = "{path}"', base_env={}).settings
+    assert (s.token.get_secret_value(), s.token_file) == (FILE_TOKEN, str(path))
+
+
+def test_token_file_precedence(tmp_path: Path) -> None:
+    path = str(token_file(tmp_path / "t", FILE_TOKEN))
+    # Different layers: the higher one wins, as a whole.
+    s = load_with(tmp_path, f'token = "{TOKEN}"', {"DISCORD_TOKEN_FILE": path}, base_env={})
+    assert (s.settings.token.get_secret_value(), s.settings.token_file) == (FILE_TOKEN, path)
+    s = load_with(tmp_path, f'token_file = "{path}"', {"DISCORD_TOKEN": TOKEN}, base_env={})
+    assert (s.settings.token.get_secret_value(), s.settings.token_file) == (TOKEN, "")
+    # The same layer: an error that shows the path and never the token.
+    for toml, env in (
+        (None, {"DISCORD_TOKEN": TOKEN, "DISCORD_TOKEN_FILE": path}),
+        (f'token = "{TOKEN}"\ntoken_file = "{path}"', {}),
+    ):
+        err = error_of(tmp_path, toml, env, base_env={})
+        assert str(err) == (
+            f"config key 'token_file' (env DISCORD_TOKEN_FILE): {path!r} is not allowed "
+            "together with token; expected token or token_file, not both in the same place"
+        )
+
+
+def test_token_credential_and_docker_secret(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    secrets = tmp_path / "secrets"
+    cred = token_file(creds, "from-credential\n")
+    docker = token_file(secrets, "from-docker-secret\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+
+    def token_of(environ: dict[str, str], **kw: Any) -> tuple[str, str]:
+        s = load_with(tmp_path, env=environ, base_env={}, secrets_dir=secrets, **kw).settings
+        return s.token.get_secret_value(), s.token_file
+
+    assert token_of(env) == ("from-credential", str(cred))
+    assert token_of({}) == ("from-docker-secret", str(docker))
+    # A credentials directory without the credential: on to the Docker secret.
+    assert token_of({"CREDENTIALS_DIRECTORY": str(tmp_path / "empty")}) == (
+        "from-docker-secret",
+        str(docker),
+    )
+    # Configured tokens win over both, wherever they are configured.
+    assert token_of({**env, "DISCORD_TOKEN": TOKEN}) == (TOKEN, "")
+    path = str(token_file(tmp_path / "t", FILE_TOKEN))
+    assert token_of({**env, "DISCORD_TOKEN_FILE": path}) == (FILE_TOKEN, path)
+    # --simulate only stands in when no token is found anywhere.
+    assert token_of(env, argv=["--simulate"]) == ("from-credential", str(cred))
+    docker.unlink()
+    err = error_of(tmp_path, base_env={}, secrets_dir=secrets)
+    assert err.key == "token"
+    assert "DISCORD_TOKEN_FILE" in str(err)
+    assert "'discord_token'" in str(err)
+
+
+BARE = "the bare bot token (no 'Bot ' prefix, no spaces)"
+BAD_TOKEN_FILES = [
+    pytest.param(None, "cannot be read (No such file or directory)", id="missing"),
+    pytest.param("dir", "is not a regular file", id="directory"),
+    pytest.param("fifo", "is not a regular file", id="fifo"),
+    pytest.param("", "is empty", id="empty"),
+    pytest.param("\n", "is empty", id="newline"),
+    pytest.param(f"Bot {FILE_TOKEN}\n", f"does not hold {BARE}", id="bot-prefix"),
+    pytest.param(f"{FILE_TOKEN}\n{FILE_TOKEN}\n", f"does not hold {BARE}", id="two"),
+    pytest.param(b"\xff" + FILE_TOKEN.encode(), "is not UTF-8 text", id="not-utf8"),
+    pytest.param("x" * 5000, "is too large (over 4096 bytes)", id="too-large"),
+]
+
+
+def bad_token_file(directory: Path, content: str | bytes | None) -> Path:
+    path = directory / "discord_token"
+    directory.mkdir(parents=True, exist_ok=True)
+    if content == "dir":
+        path.mkdir()
+    elif content == "fifo":
+        os.mkfifo(path)  # opening it for reading would block until a writer came
+    elif content is not None:
+        token_file(directory, content)
+    return path
+
+
+@pytest.mark.parametrize(("content", "reason"), BAD_TOKEN_FILES)
+def test_bad_token_files(tmp_path: Path, content: str | bytes | None, reason: str) -> None:
+    path = bad_token_file(tmp_path / "t", content)
+    err = error_of(tmp_path, env={"DISCORD_TOKEN_FILE": str(path)}, base_env={})
+    assert str(err) == (
+        f"config key 'token_file' (env DISCORD_TOKEN_FILE): {str(path)!r} {reason}; expected "
+        "a readable file holding the bare bot token (a trailing newline is fine)"
+    )
+    assert FILE_TOKEN not in str(err)
+    if content is None:
+        return  # a missing credential or secret is no error: the next place is looked at
+    # The same file as a systemd credential or a Docker secret: the key is the token.
+    err = error_of(tmp_path, env={"CREDENTIALS_DIRECTORY": str(path.parent)}, base_env={})
+    assert str(err).startswith(
+        f"config key 'token' (systemd credential discord_token): {str(path)!r} {reason};"
+    )
+    err = error_of(tmp_path, base_env={}, secrets_dir=path.parent)
+    assert str(err).startswith(
+        f"config key 'token' (Docker secret discord_token): {str(path)!r} {reason};"
+    )
+
+
+def test_bad_token_file_exits_78(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "t", "\n")
+    proc = run_cli(tmp_path, [], {"DISCORD_TOKEN_FILE": str(path)})
+    assert proc.returncode == 78
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"spectacles-gateway: configuration error: config key 'token_file' (env "
+        f"DISCORD_TOKEN_FILE): {str(path)!r} is empty; expected a readable file holding the "
+        "bare bot token (a trailing newline is fine)"
+    ]
+
+
+def test_print_config_names_the_token_file(tmp_path: Path) -> None:
+    path = str(token_file(tmp_path / "t", FILE_TOKEN + "\n"))
+    settings = load_with(tmp_path, env={"DISCORD_TOKEN_FILE": path}, base_env={}).settings
+    dump = redacted_dump(settings)
+    assert FILE_TOKEN not in dump
+    assert '# token = "***" (read from token_file)' in dump
+    assert f"token_file = {json.dumps(path)}" in dump
+    again = load_with(tmp_path, dump, base_env={}).settings
+    assert msgspec.structs.replace(again, amqp=settings.amqp) == settings
+
+
+# --------------------------------------------------------------------------------------------
+# Every kind of secret, in every place it can be given, stays out of printed config and logs
+
+# Distinctive values, one per secret and place (1 the file, 2 the environment, 3 a flag), so
+# that a leak says which one leaked.
+SECRETS = {
+    name: f"zz{name}Q9"
+    for name in (
+        *(
+            f"{kind}{n}"
+            for kind in ("token", "amqppw", "amqpq", "redispw", "redisq")
+            for n in (1, 2)
+        ),
+        *(f"{kind}{n}" for kind in ("gwuser", "gwpw", "gwq") for n in (1, 2, 3)),
+        "aliaspw1",
+    )
+}
+
+
+def secret_urls(n: int) -> dict[str, str]:
+    """The URL keys with a secret in every spot (user-info and query), for place ``n``."""
+    s = {k[:-1]: v for k, v in SECRETS.items() if k.endswith(str(n))}
+    urls = {"gateway": f"wss://{s['gwuser']}:{s['gwpw']}@gw.example/?v=10&token={s['gwq']}"}
+    if n < 3:
+        urls["amqp"] = f"amqp://user:{s['amqppw']}@rabbit/%2F?heartbeat=5&password={s['amqpq']}"
+        urls["redis"] = f"redis+sentinel://:{s['redispw']}@s1,s2:2/m/0?auth={s['redisq']}"
+    return urls
+
+
+def all_secret_sources(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """argv and env giving every secret in the file, the environment and a flag."""
+    f = secret_urls(1)
+    toml = (
+        f'token = "{SECRETS["token1"]}"\n'
+        f'[broker]\nurl = "amqp://u:{SECRETS["aliaspw1"]}@old/"\n'
+        f'[redis]\nurl = "{f["redis"]}"\n[gateway]\nurl = "{f["gateway"]}"\n'
+    )
+    e = secret_urls(2)
+    env = {
+        "DISCORD_TOKEN": SECRETS["token2"],
+        "AMQP_URL": e["amqp"],
+        "REDIS_URL": e["redis"],
+        "DISCORD_GATEWAY_URL": e["gateway"],
+    }
+    argv = ["--config", write_config(tmp_path, toml), "--gateway-url", secret_urls(3)["gateway"]]
+    return argv, env
+
+
+def assert_no_secret(text: str) -> None:
+    leaked = [name for name, value in SECRETS.items() if value in text]
+    assert not leaked, f"leaked: {leaked}"
+
+
+def test_secret_sources_are_all_used(tmp_path: Path) -> None:
+    """The distinctive values really are the effective ones (or overridden by a later layer)."""
+    argv, env = all_secret_sources(tmp_path)
+    s = load(argv, env).settings
+    assert s.token.get_secret_value() == SECRETS["token2"]
+    assert s.amqp.url == env["AMQP_URL"]
+    assert s.redis.url == env["REDIS_URL"]
+    assert s.gateway.url == secret_urls(3)["gateway"]
+    assert load(argv[:2], {}).settings.amqp.url.startswith("amqp://u:")  # the old spelling
+
+
+def test_print_config_shows_no_secret(tmp_path: Path) -> None:
+    argv, env = all_secret_sources(tmp_path)
+    for args, environ in ((argv, env), (argv[:2], {})):  # every layer, and the file alone
+        proc = run_cli(tmp_path, [*args, "--print-config"], environ)
+        assert proc.returncode == 0, proc.stderr
+        assert_no_secret(proc.stdout + proc.stderr)
+        parsed = tomllib.loads(proc.stdout)
+        assert parsed["token"] == "***"
+        assert ":***@" in parsed["amqp"]["url"]
+    # The token from a file, a credential or a Docker secret.
+    path = token_file(tmp_path / "t", SECRETS["token1"] + "\n")
+    for environ in ({"DISCORD_TOKEN_FILE": str(path)}, {"CREDENTIALS_DIRECTORY": str(path.parent)}):
+        proc = run_cli(tmp_path, ["--print-config"], environ)
+        assert proc.returncode == 0, proc.stderr
+        assert_no_secret(proc.stdout + proc.stderr)
+    proc = run_cli(tmp_path, ["--print-config"], {"TEST_SECRETS_DIR": str(path.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert_no_secret(proc.stdout + proc.stderr)
+    assert f"token_file = {json.dumps(str(path))}" in proc.stdout
+
+
+def test_errors_show_no_secret(tmp_path: Path) -> None:
+    argv, env = all_secret_sources(tmp_path)
+    for bad in (
+        {"BROKER_GROUP": f"g {SECRETS['gwpw1']}"},
+        {"DISCORD_SHARD_IDS": SECRETS["token1"]},
+    ):
+        proc = run_cli(tmp_path, argv, {**env, **bad})
+        assert proc.returncode == 78
+        assert_no_secret(proc.stderr)
+
+
+def test_log_redactor_masks_every_secret(tmp_path: Path) -> None:
+    argv, env = all_secret_sources(tmp_path)
+    settings = load(argv, env).settings
+    redactor = Redactor(settings.secrets())
+    effective = ["token2", "amqppw2", "amqpq2", "redispw2", "redisq2", "gwuser3", "gwpw3", "gwq3"]
+    urls = [settings.amqp.url, settings.redis.url, settings.gateway.url]
+    text = " | ".join(urls + [f"bare {SECRETS[k]} here" for k in effective])
+    assert_no_secret(redactor.redact(text))
+    assert "@gw.example/?v=10&token=*** |" in redactor.redact(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files: deep nesting, endless files
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x = " + "[" * 50_000 + "]" * 50_000, "is not valid TOML: nested too deeply"),
+        (
+            '[presence.game]\nname = "x"\n[presence.game.' + ".".join(["a"] * 3000) + "]\nx = 1",
+            "config key 'presence' (env DISCORD_PRESENCE): ",
+        ),
+        (
+            '[presence]\nactivities = [{ name = "x", created_at = 2020-01-01 }]',
+            "is not allowed (a value JSON cannot hold); expected a presence",
+        ),
+        (
+            '[presence]\nactivities = [{ name = "x", created_at = inf }]',
+            "is not allowed (a value JSON cannot hold); expected a presence",
+        ),
+    ],
+    ids=["deep-array", "deep-presence", "date-in-presence", "inf-in-presence"],
+)
+def test_deeply_nested_files_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    err = error_of(tmp_path, text)
+    assert message in str(err)
+    assert len(str(err)) < 400
+
+
+def test_deeply_nested_unknown_tables_are_one_warning(tmp_path: Path) -> None:
+    loaded = load_with(tmp_path, "[" + ".".join(["a"] * 5000) + "]\nx = 1")
+    (warning,) = loaded.warnings
+    assert warning.startswith("unknown config key 'a.a.a.")
+    assert len(warning) < 200
+
+
+def test_an_endless_config_file_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^config file '/dev/zero' is too large"):
+        load(["--config", "/dev/zero"], BASE_ENV)

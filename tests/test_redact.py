@@ -8,7 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from spectacles_gateway.redact import MASK, RedactingFilter, Redactor, redact_url, url_password
+from spectacles_gateway.redact import (
+    MASK,
+    RedactingFilter,
+    Redactor,
+    SecretStr,
+    redact_url,
+    url_password,
+    url_secrets,
+)
 
 
 @pytest.mark.parametrize(
@@ -156,3 +164,81 @@ def test_filter_on_non_string_message() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, ValueError("TOKEN123"), None, None)
     RedactingFilter(Redactor(["TOKEN123"])).filter(record)
     assert record.getMessage() == "***"
+
+
+# --------------------------------------------------------------------------------------------
+# Password-like query parameters, the whole user-info, and the secrets of a URL
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted", "secrets"),
+    [
+        (
+            "redis://h:6379/0?password=pw1&ssl_cert_reqs=none",
+            "redis://h:6379/0?password=***&ssl_cert_reqs=none",
+            ("pw1",),
+        ),
+        ("redis://h/0?db=1&PassWord=pw2#frag", "redis://h/0?db=1&PassWord=***#frag", ("pw2",)),
+        (
+            "amqp://h/?pass=a&secret=b;auth=c",
+            "amqp://h/?pass=***&secret=***;auth=***",
+            ("a", "b", "c"),
+        ),
+        (
+            "wss://gw.example/?v=10&access_token=t1&api_key=k1&sig=s1",
+            "wss://gw.example/?v=10&access_token=***&api_key=***&sig=***",
+            ("t1", "k1", "s1"),
+        ),
+        (
+            "amqp://u:pw3@h/?x_credentials=c2",
+            "amqp://u:***@h/?x_credentials=***",
+            ("pw3", "c2"),
+        ),
+        # not secrets, or nothing to mask: unchanged
+        ("redis://h/0?password=", "redis://h/0?password=", ()),
+        ("redis://h/0?timeout=5&db=2", "redis://h/0?timeout=5&db=2", ()),
+        (
+            "wss://gateway.discord.gg/?v=10&encoding=json",
+            "wss://gateway.discord.gg/?v=10&encoding=json",
+            (),
+        ),
+    ],
+)
+def test_query_parameters_that_hold_secrets(
+    url: str, redacted: str, secrets: tuple[str, ...]
+) -> None:
+    assert redact_url(url) == redacted
+    assert url_secrets(url) == secrets
+    assert url_secrets(redacted) == ()  # masked once, nothing is left to find
+    text = f"connecting to {url} now"
+    assert Redactor().redact(text) == f"connecting to {redacted} now"
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted", "secrets"),
+    [
+        ("wss://user:pw4@gw.example/", "wss://***@gw.example/", ("pw4",)),
+        ("wss://a-long-proxy-token@gw.example", "wss://***@gw.example", ("a-long-proxy-token",)),
+        # a short user name is masked in the URL, but not every "bot" in every log line
+        ("ws://bot@127.0.0.1:1/", "ws://***@127.0.0.1:1/", ()),
+        ("wss://gw.example/?token=t2", "wss://gw.example/?token=***", ("t2",)),
+        ("wss://gw.example/", "wss://gw.example/", ()),
+    ],
+)
+def test_whole_userinfo(url: str, redacted: str, secrets: tuple[str, ...]) -> None:
+    assert redact_url(url, whole_userinfo=True) == redacted
+    assert url_secrets(url, whole_userinfo=True) == secrets
+
+
+def test_secret_str_never_shows_its_value() -> None:
+    secret = SecretStr("tok-123-abc")
+    assert secret.get_secret_value() == "tok-123-abc"
+    for text in (repr(secret), str(secret), f"{secret}", repr([secret]), "%s" % secret):  # noqa: UP031
+        assert "tok-123-abc" not in text
+    assert str(secret) == MASK
+    assert secret == SecretStr("tok-123-abc")
+    assert secret != SecretStr("other")
+    assert secret != "tok-123-abc"
+    assert hash(secret) == hash(SecretStr("tok-123-abc"))
+    assert secret
+    assert not SecretStr("")

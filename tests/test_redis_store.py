@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 import redis
-from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from spectacles_gateway.config import RedisSettings, Settings, ShardStoreSettings
+from spectacles_gateway.config import RedisSettings, SecretStr, Settings, ShardStoreSettings
 from spectacles_gateway.protocol.shard import Session
 from spectacles_gateway.redis_store import RedisStore, redis_client
 

@@ -224,7 +224,7 @@ class GatewayConnection(asyncio.Protocol):
                 if ws.state is _OPEN:
                     ws.send_text(event[0])  # type: ignore[arg-type]
             elif kind is CloseRequest:
-                self._close(*event)  # type: ignore[arg-type]
+                self._close(*event)
             elif kind is IdentifySent:
                 runner.identify_sent(event[0])  # type: ignore[arg-type]
             else:

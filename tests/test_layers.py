@@ -1,0 +1,63 @@
+"""The house's boundaries, checked at run time (import-linter checks them statically in CI).
+
+The supervisor must stay small and must never load what only a worker needs; the protocol core
+must stay sans-I/O. Each check imports the module in a fresh interpreter and reads
+``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+WORKER_ONLY = [
+    "asyncio",
+    "uvloop",
+    "websockets",
+    "zstandard",
+    "backports.zstd",
+    "pika",
+    "redis.asyncio",
+    "prometheus_client",
+    "pydantic",
+    "spectacles_gateway.transport",
+    "spectacles_gateway.worker",
+]
+IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]
+
+
+def loaded_after(statement: str) -> set[str]:
+    code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return set(json.loads(result.stdout))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import supervisor.cli",
+        # What the entry point does before the first fork: configuration, plan, control codec.
+        "from spectacles_gateway.config import load; load([], {'DISCORD_TOKEN': 't'})\n"
+        "import supervisor.arbiter, supervisor.status, supervisor.relay",
+    ],
+    ids=["entry-point", "start-up"],
+)
+def test_the_supervisor_loads_none_of_the_workers_libraries(statement: str) -> None:
+    modules = loaded_after(statement)
+    assert not [m for m in WORKER_ONLY if m in modules]
+
+
+def test_the_protocol_core_loads_no_io() -> None:
+    modules = loaded_after("import spectacles_gateway.protocol.shard")
+    assert not [m for m in IO if m in modules]
+
+
+def test_the_check_sees_an_import_it_must_refuse() -> None:
+    """The check itself can fail: importing the transport does load websockets and asyncio."""
+    modules = loaded_after("import supervisor.cli, spectacles_gateway.transport")
+    assert {"websockets", "asyncio"} <= modules

@@ -22,12 +22,9 @@ jitter, backoff) comes from the ``rand`` callable given at construction.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import msgspec
 
@@ -39,6 +36,7 @@ from .closecodes import (
     classify_close,
     describe_close,
 )
+from .commands import CommandQueue, CommandRejected
 from .envelope import Opcode, decode_bool, decode_envelope, decode_hello, decode_ready
 from .events import (
     CloseRequest,
@@ -52,9 +50,10 @@ from .events import (
     SendData,
     ShardStats,
 )
-from .identify import MAX_PAYLOAD_BYTES, identify_payload
+from .identify import MAX_PAYLOAD_BYTES
 from .limiter import SendLimiter
-from .urls import build_gateway_url
+from .state import ConnectPlan, Delay, Phase, Session, ShardConfig
+from .urls import build_gateway_url, tls_kept
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -69,93 +68,6 @@ __all__ = [
 _encode = msgspec.json.encode
 #: What a malformed message from the gateway can raise while we decode it.
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
-
-
-class Phase(enum.Enum):
-    DISCONNECTED = "disconnected"
-    WAITING_HELLO = "waiting_hello"
-    IDENTIFYING = "identifying"
-    RESUMING = "resuming"
-    READY = "ready"
-    CLOSING = "closing"
-    STOPPED = "stopped"
-
-
-class _Delay(enum.Enum):
-    """How long to wait before the next connection, decided when a connection ends."""
-
-    NOW = "now"
-    BACKOFF = "backoff"  # exponential backoff with jitter (repeated failures)
-    INVALID_SESSION = "invalid_session"  # 1-5 s (discord.md §7, op 9)
-
-
-class ConnectPlan(NamedTuple):
-    url: str  # full URL with the query
-    at: float  # connect no earlier than this time
-    identify: bool  # True: the connection will IDENTIFY (take the identify gate first)
-    reason: str
-
-
-class CommandRejected(ValueError):
-    """A command that can never be sent (too large, not an object, queue full); ``reason`` is
-    a short fixed label for metrics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-@dataclass
-class Session:
-    """What a RESUME needs. ``seq`` is the last *confirmed* sequence number."""
-
-    session_id: str
-    seq: int | None
-    resume_url: str | None
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    shard_id: int
-    shard_count: int
-    token: str = field(repr=False)
-    intents: int
-    gateway_url: str  # bare base URL: from /gateway/bot or an override
-    version: int = 10
-    encoding: str = "json"
-    compress: str | None = "zstd-stream"
-    large_threshold: int = 250
-    presence: Mapping[str, Any] | None = None
-    properties: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "os": "linux",
-            "browser": "spectacles-gateway",
-            "device": "spectacles-gateway",
-        }
-    )
-    events: frozenset[str] | None = None  # None: publish every dispatch
-    hello_timeout: float = 20.0
-    send_limit: int = 120
-    send_period: float = 60.0
-    heartbeat_reserve: int = 3
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-    #: HELLO's interval is clamped into this range (seconds): Discord sends 41.25 s.
-    heartbeat_range: tuple[float, float] = (0.25, 900.0)
-    #: Commands waiting for the send limit, per shard: at most this many, this old (seconds).
-    command_queue_limit: int = 1000
-    command_max_age: float = 120.0
-
-    def identify_payload(self) -> bytes:
-        """The IDENTIFY this shard sends (raises ValueError when it is over 4096 bytes)."""
-        return identify_payload(
-            token=self.token,
-            intents=self.intents,
-            properties=self.properties,
-            large_threshold=self.large_threshold,
-            shard=(self.shard_id, self.shard_count),
-            presence=self.presence,
-        )
 
 
 class ShardProtocol:
@@ -200,7 +112,7 @@ class ShardProtocol:
         self._identify_permitted = False
         self._reached_ready = False
         self._after_close: CloseAction | None = None
-        self._after_close_delay = _Delay.NOW
+        self._after_close_delay = Delay.NOW
         # Reconnect state.
         self._failures = 0
         self._connect_at = 0.0
@@ -214,8 +126,7 @@ class ShardProtocol:
         self._packets_sent: dict[int, int] = {}
         self._commands_sent = 0
         self._confirmed_events = 0
-        # Commands: (payload, ticket, op, queued at).
-        self._commands: deque[tuple[bytes, object, int, float]] = deque()
+        self._commands = CommandQueue(config.command_queue_limit, config.command_max_age)
         self._commands_waiting = False  # commands queued and held back by the send limit
 
     # ------------------------------------------------------------------ the way out
@@ -258,7 +169,7 @@ class ShardProtocol:
     def _notice(self, kind: NoticeKind, detail: str = "") -> None:
         self._out.append(Notice(kind, detail))
 
-    def _request_close(self, code: int, reason: str, action: CloseAction, delay: _Delay) -> None:
+    def _request_close(self, code: int, reason: str, action: CloseAction, delay: Delay) -> None:
         if self.phase in (Phase.CLOSING, Phase.STOPPED, Phase.DISCONNECTED):
             return
         self._commands_waiting = False
@@ -268,6 +179,12 @@ class ShardProtocol:
         self._after_close_delay = delay
         self._heartbeat_at = None
         self._hello_deadline = None
+
+    def _next_backoff(self) -> float:
+        """One more failure in a row: how long to wait before the next connection."""
+        self._failures += 1
+        c = self.config
+        return backoff_delay(self._failures, self._rand(), base=c.backoff_base, cap=c.backoff_cap)
 
     def _drop_session(self) -> None:
         self.session_id = None
@@ -290,11 +207,7 @@ class ShardProtocol:
         return Session(self.session_id, self.confirmed_seq, self.resume_url)
 
     def _trusted_url(self, url: str | None) -> str | None:
-        """A URL Discord sent us, or None when it would take the token off TLS: unless the
-        configured gateway is ``ws://`` (a local simulator), only ``wss://`` is accepted."""
-        if url is None or url.startswith("wss://"):
-            return url
-        if self.config.gateway_url.startswith("ws://") and url.startswith("ws://"):
+        if url is None or tls_kept(url, self.config.gateway_url):
             return url
         self._notice(
             NoticeKind.DECODE_ERROR,
@@ -320,13 +233,10 @@ class ShardProtocol:
 
     def connect_failed(self, now: float, reason: str) -> None:
         """The websocket could not be opened (DNS, TCP, TLS, handshake, timeout)."""
-        self._failures += 1
         if self.session_id is not None and self.resume_url and self._use_resume_url:
             # A stale resume URL: try the main gateway URL next (the session may still resume).
             self._use_resume_url = False
-        delay = backoff_delay(
-            self._failures, self._rand(), base=self.config.backoff_base, cap=self.config.backoff_cap
-        )
+        delay = self._next_backoff()
         self._connect_at = now + delay
         self._notice(NoticeKind.CONNECT_FAILED, f"{reason}; retrying in {delay:.1f} s")
 
@@ -388,7 +298,7 @@ class ShardProtocol:
         elif op == Opcode.RECONNECT:
             self._notice(NoticeKind.RECONNECT_REQUESTED, "op 7 RECONNECT")
             self._request_close(
-                RESUMABLE_CLOSE, "reconnect requested", CloseAction.RESUME, _Delay.NOW
+                RESUMABLE_CLOSE, "reconnect requested", CloseAction.RESUME, Delay.NOW
             )
         elif op == Opcode.INVALID_SESSION:
             self._on_invalid_session(env.d)
@@ -410,12 +320,12 @@ class ShardProtocol:
             )
             self._poisoned_after = None
             self._request_close(
-                RESUMABLE_CLOSE, "unprocessable", CloseAction.IDENTIFY, _Delay.BACKOFF
+                RESUMABLE_CLOSE, "unprocessable", CloseAction.IDENTIFY, Delay.BACKOFF
             )
             return
         self._poisoned_after = point
         self._notice(NoticeKind.DECODE_ERROR, reason)
-        self._request_close(RESUMABLE_CLOSE, "decode error", CloseAction.RESUME, _Delay.BACKOFF)
+        self._request_close(RESUMABLE_CLOSE, "decode error", CloseAction.RESUME, Delay.BACKOFF)
 
     def _on_session_event(self, t: str, d: msgspec.Raw, now: float) -> None:
         if t == "READY":
@@ -423,7 +333,7 @@ class ShardProtocol:
                 info = decode_ready(d)
             except _DECODE_ERRORS as exc:
                 self._request_close(
-                    RESUMABLE_CLOSE, "bad READY", CloseAction.IDENTIFY, _Delay.BACKOFF
+                    RESUMABLE_CLOSE, "bad READY", CloseAction.IDENTIFY, Delay.BACKOFF
                 )
                 self._notice(NoticeKind.DECODE_ERROR, f"READY without a session id: {exc}")
                 return
@@ -447,11 +357,11 @@ class ShardProtocol:
         try:
             interval = float(decode_hello(d).heartbeat_interval) / 1000.0
         except _DECODE_ERRORS as exc:
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, _Delay.BACKOFF)
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, Delay.BACKOFF)
             self._notice(NoticeKind.DECODE_ERROR, f"HELLO without a heartbeat interval: {exc}")
             return
         if not interval > 0:  # also NaN
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, _Delay.BACKOFF)
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, Delay.BACKOFF)
             self._notice(NoticeKind.DECODE_ERROR, f"HELLO with heartbeat interval {interval}")
             return
         low, high = self.config.heartbeat_range
@@ -485,7 +395,7 @@ class ShardProtocol:
                 self._out.append(IdentifySent(now))
         else:
             # Planned a resume but the session vanished meanwhile: identify on a new connection.
-            self._request_close(RESUMABLE_CLOSE, "identify needed", CloseAction.RESUME, _Delay.NOW)
+            self._request_close(RESUMABLE_CLOSE, "identify needed", CloseAction.RESUME, Delay.NOW)
 
     def _on_invalid_session(self, d: msgspec.Raw) -> None:
         try:
@@ -494,12 +404,12 @@ class ShardProtocol:
             resumable = False
         if resumable and self.session_id is not None:
             self._notice(NoticeKind.INVALID_SESSION, "op 9 (resumable): reconnecting to resume")
-            self._request_close(RESUMABLE_CLOSE, "invalid session", CloseAction.RESUME, _Delay.NOW)
+            self._request_close(RESUMABLE_CLOSE, "invalid session", CloseAction.RESUME, Delay.NOW)
         else:
             self._notice(NoticeKind.INVALID_SESSION, "op 9 (not resumable): new session")
             self._drop_session()
             self._request_close(
-                RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, _Delay.INVALID_SESSION
+                RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, Delay.INVALID_SESSION
             )
 
     # ------------------------------------------------------------------ sending
@@ -539,28 +449,27 @@ class ShardProtocol:
             op = decode_envelope(payload).op
         except _DECODE_ERRORS as exc:
             raise CommandRejected("not_json", f"not a gateway payload: {exc}") from None
-        if len(self._commands) >= self.config.command_queue_limit:
-            raise CommandRejected(
-                "queue_full",
-                f"shard {self.config.shard_id} already holds "
-                f"{len(self._commands)} commands waiting for the send limit",
-            )
-        self._commands.append((payload, ticket, op, now))
+        self._commands.push(payload, ticket, op, now, self.config.shard_id)
         self._flush_commands(now)
 
     def _flush_commands(self, now: float) -> None:
         commands = self._commands
         if not commands:
             return
-        self._expire_commands(now)
+        expired = commands.expire(now)
+        if expired is not None:
+            self._notice(
+                NoticeKind.COMMANDS_EXPIRED,
+                f"commands older than {commands.max_age:g} s were dropped unsent",
+            )
+            if expired:
+                self._out.append(CommandsDropped(expired, "expired"))
         if self.phase is not Phase.READY:
             return
-        limiter = self._limiter
         sent = self._packets_sent
         tickets: list[object] = []
         out = self._out
-        while commands and limiter.try_acquire(now):
-            payload, ticket, op, _ = commands.popleft()
+        for payload, ticket, op in commands.take(now, self._limiter):
             out.append(SendData(payload))
             sent[op] = sent.get(op, 0) + 1
             self._commands_sent += 1
@@ -569,23 +478,6 @@ class ShardProtocol:
         if tickets:
             out.append(CommandsSent(tuple(tickets)))
         self._commands_waiting = bool(commands)
-
-    def _expire_commands(self, now: float) -> None:
-        commands = self._commands
-        horizon = now - self.config.command_max_age
-        if not commands or commands[0][3] > horizon:
-            return
-        tickets: list[object] = []
-        while commands and commands[0][3] <= horizon:
-            ticket = commands.popleft()[1]
-            if ticket is not None:
-                tickets.append(ticket)
-        self._notice(
-            NoticeKind.COMMANDS_EXPIRED,
-            f"commands older than {self.config.command_max_age:g} s were dropped unsent",
-        )
-        if tickets:
-            self._out.append(CommandsDropped(tuple(tickets), "expired"))
 
     # ------------------------------------------------------------------ time
 
@@ -597,8 +489,8 @@ class ShardProtocol:
             deadline = hello
         commands = self._commands
         if commands:
-            expiry = commands[0][3] + self.config.command_max_age
-            if deadline is None or expiry < deadline:
+            expiry = commands.expiry()
+            if expiry is not None and (deadline is None or expiry < deadline):
                 deadline = expiry
             if self._commands_waiting and self.phase is Phase.READY:
                 free = self._limiter.earliest_free()
@@ -613,14 +505,14 @@ class ShardProtocol:
             self._notice(
                 NoticeKind.HELLO_TIMEOUT, f"no HELLO within {self.config.hello_timeout:g} s"
             )
-            self._request_close(RESUMABLE_CLOSE, "no hello", CloseAction.RESUME, _Delay.BACKOFF)
+            self._request_close(RESUMABLE_CLOSE, "no hello", CloseAction.RESUME, Delay.BACKOFF)
             return
         beat = self._heartbeat_at
         if beat is not None and now >= beat:
             if not self._acked:
                 self._notice(NoticeKind.ZOMBIE, "no heartbeat ACK since the last heartbeat")
                 self._request_close(
-                    RESUMABLE_CLOSE, "zombie connection", CloseAction.RESUME, _Delay.NOW
+                    RESUMABLE_CLOSE, "zombie connection", CloseAction.RESUME, Delay.NOW
                 )
                 return
             self._send_heartbeat(now)
@@ -646,11 +538,9 @@ class ShardProtocol:
         saved somewhere and a later process will resume it); otherwise close with 1000.
         Queued commands are given up (:class:`CommandsDropped`)."""
         self._stopping = True
-        if self._commands:
-            tickets = tuple(t for _, t, _, _ in self._commands if t is not None)
-            self._commands.clear()
-            if tickets:
-                self._out.append(CommandsDropped(tickets, "stopping"))
+        tickets = self._commands.clear()
+        if tickets:
+            self._out.append(CommandsDropped(tickets, "stopping"))
         if self.phase in (Phase.DISCONNECTED, Phase.STOPPED):
             self.phase = Phase.STOPPED
             if not keep_session:
@@ -681,7 +571,7 @@ class ShardProtocol:
             self.last_close = "closed by us"
         else:
             action = classify_close(code)
-            delay = _Delay.NOW if self._reached_ready else _Delay.BACKOFF
+            delay = Delay.NOW if self._reached_ready else Delay.BACKOFF
             self.last_close = describe_close(code)
             self._notice(NoticeKind.CLOSED, f"server closed the connection: {describe_close(code)}")
         self._after_close = None
@@ -692,17 +582,11 @@ class ShardProtocol:
             return action
         if action is CloseAction.IDENTIFY:
             self._drop_session()
-        if delay is _Delay.NOW and not self._reached_ready and self._failures > 0:
-            delay = _Delay.BACKOFF  # still failing: a clean close right away does not reset backoff
-        if delay is _Delay.BACKOFF:
-            self._failures += 1
-            wait = backoff_delay(
-                self._failures,
-                self._rand(),
-                base=self.config.backoff_base,
-                cap=self.config.backoff_cap,
-            )
-        elif delay is _Delay.INVALID_SESSION:
+        if delay is Delay.NOW and not self._reached_ready and self._failures > 0:
+            delay = Delay.BACKOFF  # still failing: a clean close right away does not reset backoff
+        if delay is Delay.BACKOFF:
+            wait = self._next_backoff()
+        elif delay is Delay.INVALID_SESSION:
             wait = 1.0 + 4.0 * self._rand()
         else:
             wait = 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["build_gateway_url"]
+__all__ = ["build_gateway_url", "tls_kept"]
 
 
 def build_gateway_url(
@@ -30,3 +30,12 @@ def build_gateway_url(
     if compress and compress != "none":
         query.insert(2, ("compress", compress))
     return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", urlencode(query), ""))
+
+
+def tls_kept(url: str, configured: str) -> bool:
+    """May we connect to ``url``, a URL Discord sent us (a resume URL, ``/gateway/bot``'s)?
+    Only over TLS, unless what we were configured with is plain too (a local simulator): the
+    token must never go out in clear text because an answer said so."""
+    return url.startswith("wss://") or (
+        url.startswith("ws://") and configured.startswith(("ws://", "http://"))
+    )

@@ -1,0 +1,74 @@
+"""Commands waiting for the send limit: a queue bounded in count and in age (pure)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .limiter import SendLimiter
+
+__all__ = ["CommandQueue", "CommandRejected"]
+
+
+class CommandRejected(ValueError):
+    """A command that can never be sent (too large, not an object, queue full); ``reason`` is
+    a short fixed label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class CommandQueue:
+    """FIFO of ``(payload, ticket, op, queued at)``; at most ``limit`` entries, none older than
+    ``max_age`` seconds once :meth:`expire` ran."""
+
+    __slots__ = ("_items", "limit", "max_age")
+
+    def __init__(self, limit: int, max_age: float) -> None:
+        self.limit = limit
+        self.max_age = max_age
+        self._items: deque[tuple[bytes, object, int, float]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, payload: bytes, ticket: object, op: int, now: float, shard_id: int) -> None:
+        if len(self._items) >= self.limit:
+            raise CommandRejected(
+                "queue_full",
+                f"shard {shard_id} already holds {len(self._items)} commands waiting for the "
+                "send limit",
+            )
+        self._items.append((payload, ticket, op, now))
+
+    def expire(self, now: float) -> tuple[object, ...] | None:
+        """Drop what is older than ``max_age``; the tickets of what was dropped, or None."""
+        items = self._items
+        horizon = now - self.max_age
+        if not items or items[0][3] > horizon:
+            return None
+        tickets: list[object] = []
+        while items and items[0][3] <= horizon:
+            ticket = items.popleft()[1]
+            if ticket is not None:
+                tickets.append(ticket)
+        return tuple(tickets)
+
+    def take(self, now: float, limiter: SendLimiter) -> list[tuple[bytes, object, int]]:
+        """As many commands as the send limit allows now, oldest first."""
+        items = self._items
+        out: list[tuple[bytes, object, int]] = []
+        while items and limiter.try_acquire(now):
+            payload, ticket, op, _ = items.popleft()
+            out.append((payload, ticket, op))
+        return out
+
+    def expiry(self) -> float | None:
+        """When the oldest command expires (None: the queue is empty)."""
+        return self._items[0][3] + self.max_age if self._items else None
+
+    def clear(self) -> tuple[object, ...]:
+        """Give every command up; their tickets."""
+        tickets = tuple(t for _, t, _, _ in self._items if t is not None)
+        self._items.clear()
+        return tickets

@@ -1,0 +1,90 @@
+"""The shard core's plain types: its phase, its configuration, a session, a connect plan."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .identify import identify_payload
+
+__all__ = ["ConnectPlan", "Delay", "Phase", "Session", "ShardConfig"]
+
+
+class Phase(enum.Enum):
+    DISCONNECTED = "disconnected"
+    WAITING_HELLO = "waiting_hello"
+    IDENTIFYING = "identifying"
+    RESUMING = "resuming"
+    READY = "ready"
+    CLOSING = "closing"
+    STOPPED = "stopped"
+
+
+class ConnectPlan(NamedTuple):
+    url: str  # full URL with the query
+    at: float  # connect no earlier than this time
+    identify: bool  # True: the connection will IDENTIFY (take the identify gate first)
+    reason: str
+
+
+@dataclass
+class Session:
+    """What a RESUME needs. ``seq`` is the last *confirmed* sequence number."""
+
+    session_id: str
+    seq: int | None
+    resume_url: str | None
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard_id: int
+    shard_count: int
+    token: str = field(repr=False)
+    intents: int
+    gateway_url: str  # bare base URL: from /gateway/bot or an override
+    version: int = 10
+    encoding: str = "json"
+    compress: str | None = "zstd-stream"
+    large_threshold: int = 250
+    presence: Mapping[str, Any] | None = None
+    properties: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "os": "linux",
+            "browser": "spectacles-gateway",
+            "device": "spectacles-gateway",
+        }
+    )
+    events: frozenset[str] | None = None  # None: publish every dispatch
+    hello_timeout: float = 20.0
+    send_limit: int = 120
+    send_period: float = 60.0
+    heartbeat_reserve: int = 3
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    #: HELLO's interval is clamped into this range (seconds): Discord sends 41.25 s.
+    heartbeat_range: tuple[float, float] = (0.25, 900.0)
+    #: Commands waiting for the send limit, per shard: at most this many, this old (seconds).
+    command_queue_limit: int = 1000
+    command_max_age: float = 120.0
+
+    def identify_payload(self) -> bytes:
+        """The IDENTIFY this shard sends (raises ValueError when it is over 4096 bytes)."""
+        return identify_payload(
+            token=self.token,
+            intents=self.intents,
+            properties=self.properties,
+            large_threshold=self.large_threshold,
+            shard=(self.shard_id, self.shard_count),
+            presence=self.presence,
+        )
+
+
+class Delay(enum.Enum):
+    """How long to wait before the next connection, decided when a connection ends."""
+
+    NOW = "now"
+    BACKOFF = "backoff"  # exponential backoff with jitter (repeated failures)
+    INVALID_SESSION = "invalid_session"  # 1-5 s (discord.md §7, op 9)

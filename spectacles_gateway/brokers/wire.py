@@ -156,18 +156,21 @@ def parse_packet(packet: Any) -> bytes:
         raise CommandError("forbidden_op", f"op {op} is managed by the gateway itself")
     if "d" not in packet:
         raise CommandError("wrong_shape", "packet has no d")
-    return msgspec.json.encode({"op": op, "d": packet["d"]})
+    try:
+        return msgspec.json.encode({"op": op, "d": packet["d"]})
+    except (msgspec.EncodeError, OverflowError, RecursionError, TypeError, ValueError) as exc:
+        raise CommandError("wrong_shape", f"packet.d cannot be sent: {exc}") from None
 
 
 def parse_command(body: bytes | str) -> Command:
     """Parse a ``SEND`` body: JSON, plain or inside a msgpack str/bin, of the shape
     ``{"guild_id": "<snowflake>", "packet": {"op": int, "d": any}}`` (``guild_id`` optional;
     ours: ``"shard_id": N``). Raises :class:`CommandError` with a reason label."""
-    raw = body.encode() if isinstance(body, str) else unwrap_msgpack_string(body)
     try:
+        raw = body.encode() if isinstance(body, str) else unwrap_msgpack_string(body)
         obj = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise CommandError("not_json", str(exc)) from None
+    except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+        raise CommandError("not_json", f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise CommandError("wrong_shape", "command must be a JSON object")
     if "packet" not in obj:

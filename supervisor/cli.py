@@ -95,6 +95,9 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         open_timeout=gateway.open_timeout,
         shutdown_timeout=gateway.shutdown_timeout,
         max_concurrency=bot.max_concurrency,
+        max_message_size=gateway.max_message_size,
+        command_queue_limit=settings.commands.queue_limit,
+        command_max_age=settings.commands.max_age,
     )
     plan.shard_config(ids[0]).identify_payload()  # over 4096 bytes: refused now, not by Discord
     log.info(
@@ -125,6 +128,8 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         stall_timeout=settings.supervisor.stall_timeout,
         http=(address.host, address.port) if address.enabled else None,
         metrics_path=address.endpoint,
+        max_clients=address.max_clients,
+        input_buffer=settings.supervisor.input_buffer,
         budget=SessionBudget(bot.total, bot.remaining, time.monotonic() + bot.reset_after),
         notifier=_notifier(),
     )

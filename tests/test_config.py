@@ -378,7 +378,6 @@ ENV_CASES: list[tuple[str, str, Get, object]] = [
     ("REDIS_STREAM_PREFIX", "discord:", lambda s: s.redis.stream_prefix, "discord:"),
     ("REDIS_STREAM_MAXLEN", "1000", lambda s: s.redis.maxlen, 1000),
     ("SHARD_STORE_SESSION_TTL", "90s", lambda s: s.shard_store.session_ttl, 90.0),
-    ("PROMETHEUS_MULTIPROC_DIR", "/run/gw", lambda s: s.prometheus.multiproc_dir, "/run/gw"),
     ("LOG_LEVEL", "warning", lambda s: (s.log_level, s.logging_level), ("warn", logging.WARNING)),
     ("DISCORD_MAX_MESSAGE_SIZE", "2MiB", lambda s: s.gateway.max_message_size, 2 * MIB),
     ("COMMAND_QUEUE_LIMIT", "50", lambda s: s.commands.queue_limit, 50),

@@ -134,6 +134,9 @@ def test_command_shard_id_and_broadcast() -> None:
         (b'{"shard_id":-1,"packet":{"op":3,"d":1}}', "wrong_shape"),
         (b'{"packet":{"op":2,"d":{}}}', "forbidden_op"),
         (b'{"packet":{"op":6,"d":{}}}', "forbidden_op"),
+        (b'{"packet":{"op":10,"d":{}}}', "unknown_op"),  # HELLO: Discord would close 4001
+        (b'{"packet":{"op":5,"d":null}}', "unknown_op"),
+        (b'{"packet":{"op":-1,"d":null}}', "unknown_op"),
         (b"\xff\xfe", "not_json"),
     ],
 )

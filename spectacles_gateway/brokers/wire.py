@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "SENDABLE_OPS",
     "STR_BIN_WIDTHS",
     "Command",
     "CommandError",
@@ -145,6 +146,12 @@ def _snowflake(value: Any, key: str) -> int:
     return sid
 
 
+#: Opcodes a client may send beside the ones the gateway manages (heartbeat, identify, resume):
+#: presence (3), voice state (4), request guild members (8), soundboard sounds (31), channel
+#: info (43). Anything else makes Discord close the connection (4001), so it is refused here.
+SENDABLE_OPS = frozenset({3, 4, 8, 31, 43})
+
+
 def parse_packet(packet: Any) -> bytes:
     """Validate ``{"op": int, "d": any}`` and return it as compact JSON."""
     if not isinstance(packet, dict):
@@ -154,6 +161,8 @@ def parse_packet(packet: Any) -> bytes:
         raise CommandError("wrong_shape", f"packet.op must be an integer, got {op!r}")
     if op in (1, 2, 6):
         raise CommandError("forbidden_op", f"op {op} is managed by the gateway itself")
+    if op not in SENDABLE_OPS:
+        raise CommandError("unknown_op", f"op {op} is not a command a client may send")
     if "d" not in packet:
         raise CommandError("wrong_shape", "packet has no d")
     try:

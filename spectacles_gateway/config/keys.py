@@ -78,7 +78,6 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("stdio.format", "STDIO_FORMAT", c.choice("json", "msgpack")),
     KeySpec("prometheus.address", "PROMETHEUS_ADDRESS", c.listen_address),
     KeySpec("prometheus.endpoint", "PROMETHEUS_ENDPOINT", c.endpoint),
-    KeySpec("prometheus.multiproc_dir", "PROMETHEUS_MULTIPROC_DIR", c.any_string),
     KeySpec("prometheus.max_clients", "PROMETHEUS_MAX_CLIENTS", c.int_range(1, 65535)),
     KeySpec("prometheus.shard_series", "PROMETHEUS_SHARD_SERIES", c.choice("all", "minimal")),
     KeySpec("shard_store.type", "SHARD_STORE_TYPE", c.choice("memory", "redis")),

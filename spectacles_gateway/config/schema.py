@@ -111,10 +111,8 @@ class PrometheusSettings(_Section, frozen=True):
     address: str = ""
     """``host:port`` to listen on; ``""`` = disabled, ``":8080"`` = every interface."""
     endpoint: str = "/metrics"
-    multiproc_dir: str = ""
-    """Directory for prometheus_client's multiprocess files; ``""`` = a private temp dir."""
     max_clients: int = 64
-    """HTTP clients served at once; more wait in the listen backlog."""
+    """HTTP clients served at once; more are refused (closed at once) until one is done."""
     shard_series: Literal["all", "minimal"] = "all"
     """``minimal``: per-shard series for state and latency only, event counters per worker."""
 

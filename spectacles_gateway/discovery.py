@@ -1,20 +1,29 @@
-"""``GET /gateway/bot``: the gateway URL, the recommended shard count and identify limits."""
+"""``GET /gateway/bot``: the gateway URL, the recommended shard count and identify limits.
+
+The token goes in the ``Authorization`` header, so the request never follows a redirect (a 3xx
+is an error: the token must not travel to whatever host an answer names), never uses a proxy
+from the environment, and the gateway URL in the answer must be ``wss://`` unless the API itself
+is plain ``http://`` (a local simulator).
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .protocol.urls import tls_kept
 
 __all__ = ["BadToken", "GatewayBot", "fetch_gateway_bot"]
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "DiscordBot (https://github.com/spec-tacles, 0.1) spectacles-gateway"
+MAX_BODY = 1 << 20
 
 
 class BadToken(Exception):
@@ -31,22 +40,76 @@ class GatewayBot:
     max_concurrency: int
 
 
-# Ignore *_proxy environment variables: the gateway talks to Discord (or the configured base)
-# directly; a proxy is configured explicitly, never picked up by accident.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _parse(body: bytes) -> GatewayBot:
+def _parse(body: bytes, url: str, base_url: str) -> GatewayBot:
     obj = json.loads(body)
+    if not isinstance(obj, dict) or not isinstance(obj.get("url"), str):
+        raise TypeError("the answer has no gateway url")
     limit = obj.get("session_start_limit") or {}
-    return GatewayBot(
-        url=str(obj["url"]),
+    if not isinstance(limit, dict):
+        raise TypeError("session_start_limit is not an object")
+    gateway = obj["url"]
+    if not tls_kept(gateway, base_url):
+        scheme = gateway.split("://")[0]
+        raise RuntimeError(f"{url}: the gateway URL in the answer is not wss:// ({scheme}://)")
+    bot = GatewayBot(
+        url=gateway,
         shards=int(obj.get("shards", 1)),
         total=int(limit.get("total", 1000)),
         remaining=int(limit.get("remaining", 1000)),
         reset_after=float(limit.get("reset_after", 0)) / 1000.0,
         max_concurrency=int(limit.get("max_concurrency", 1)),
     )
+    if bot.shards < 1 or bot.max_concurrency < 1 or bot.total < 0 or bot.remaining < 0:
+        raise ValueError(f"implausible numbers in the answer: {bot}")
+    return bot
+
+
+def _get(url: str, token: str, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout
+        )
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request(
+            "GET", path, headers={"Authorization": f"Bot {token}", "User-Agent": USER_AGENT}
+        )
+        response = conn.getresponse()
+        body = response.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise ValueError(f"an answer over {MAX_BODY} bytes")
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def _answer(
+    url: str, base_url: str, response: tuple[int, dict[str, str], bytes], delay: float
+) -> GatewayBot | tuple[float, str]:
+    """What an answer means: the result, or (how long to wait, why) before trying again.
+    Raises BadToken (401) and RuntimeError for answers that must not be retried."""
+    status, headers, body = response
+    if status == 200:
+        try:
+            return _parse(body, url, base_url)
+        except (ValueError, TypeError) as exc:
+            return delay, f"a malformed answer: {exc}"
+    if status == 401:
+        raise BadToken(f"{url} answered 401 Unauthorized: the bot token is invalid")
+    if 300 <= status < 400:
+        where = urlsplit(headers.get("location", "")).hostname or "somewhere"
+        raise RuntimeError(f"{url} answered {status}, a redirect to {where}; not following it")
+    if status == 429:
+        try:
+            return float(json.loads(body).get("retry_after", delay)), "HTTP 429"
+        except (ValueError, AttributeError, TypeError):
+            return delay, "HTTP 429"
+    if status < 500:
+        raise RuntimeError(f"{url} answered HTTP {status}")
+    return delay, f"HTTP {status}"
 
 
 def fetch_gateway_bot(
@@ -57,36 +120,23 @@ def fetch_gateway_bot(
     attempts: int = 6,
     sleep: Callable[[float], None] = time.sleep,
 ) -> GatewayBot:
-    """Ask Discord; retry network errors, 5xx and 429 with backoff; raise BadToken on 401."""
+    """Ask Discord; retry network errors, 5xx and 429 with backoff; raise BadToken on 401 and
+    RuntimeError when it cannot be had."""
     url = base_url.rstrip("/") + "/gateway/bot"
-    request = urllib.request.Request(  # noqa: S310 - the scheme is validated by the config
-        url, headers={"Authorization": f"Bot {token}", "User-Agent": USER_AGENT}
-    )
     delay = 1.0
     for attempt in range(1, attempts + 1):
         try:
-            with _opener.open(request, timeout=timeout) as response:
-                return _parse(response.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code == 401:
-                raise BadToken(
-                    f"{url} answered 401 Unauthorized: the bot token is invalid"
-                ) from None
-            wait = delay
-            if exc.code == 429:
-                try:
-                    wait = float(json.loads(exc.read()).get("retry_after", delay))
-                except (ValueError, AttributeError):
-                    wait = delay
-            elif exc.code < 500:
-                raise RuntimeError(f"{url} answered HTTP {exc.code}") from None
-            problem = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-            wait = delay
-            problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            response = _get(url, token, timeout)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            outcome: GatewayBot | tuple[float, str] = (delay, f"{type(exc).__name__}: {exc}")
+        else:
+            outcome = _answer(url, base_url, response, delay)
+        if isinstance(outcome, GatewayBot):
+            return outcome
+        wait, problem = outcome
         if attempt == attempts:
             raise RuntimeError(f"could not reach {url} after {attempts} attempts: {problem}")
         log.warning("GET %s failed (%s); retrying in %.1f s", url, problem, wait)
-        sleep(wait)
+        sleep(min(wait, 60.0))
         delay = min(delay * 2, 30.0)
     raise AssertionError("unreachable")

@@ -76,6 +76,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self._saved: dict[int, Session | None] = {}
         self._seen: dict[int, int] = {}  # shard -> core version at the last observation
+        self._persisted_versions: dict[int, int] = {}  # ... at the last session save
         self._stats: dict[int, ShardStats] = {}  # shard -> stats at the last observation
         self._status_changes: dict[int, ShardStatus] = {}
         #: How often sessions (with their confirmed seq) are written to the store.
@@ -343,19 +344,26 @@ class Worker:
             await close_gate()
 
     async def persist_sessions(self, *, final: bool = False) -> None:
-        """Write every shard's session whose confirmed seq (or anything else) changed."""
+        """Write every shard's session whose confirmed seq (or anything else) changed; a shard
+        whose core did not change since the last round is not even looked at."""
+        versions = self._persisted_versions
         for shard_id, runner in self.runners.items():
+            version = runner.version
+            if not final and versions.get(shard_id) == version:
+                continue
             session = runner.session()
             if final and not self.keep_sessions:
                 session = None
-            if session == self._saved.get(shard_id):
-                continue
-            try:
-                await self.store.save(shard_id, self.plan.shard_count, session)
-            except Exception as exc:
-                log.warning("shard %d: could not save the session (%s); will retry", shard_id, exc)
-                continue
-            self._saved[shard_id] = session
+            if session != self._saved.get(shard_id):
+                try:
+                    await self.store.save(shard_id, self.plan.shard_count, session)
+                except Exception as exc:
+                    log.warning(
+                        "shard %d: could not save the session (%s); will retry", shard_id, exc
+                    )
+                    continue
+                self._saved[shard_id] = session
+            versions[shard_id] = version
 
     async def _persist_loop(self) -> None:
         while True:

@@ -217,7 +217,7 @@ class Supervisor(Lifecycle):
     def _on_message(self, slot: WorkerSlot, message: Message | FrameError) -> None:
         slot.last_seen = time.monotonic()
         if isinstance(message, Status):
-            slot.status.update(message.shards)
+            slot.apply_status(message.shards)
             slot.broker = message.broker
             for shard, session in message.sessions.items():
                 if shard in slot.shards:

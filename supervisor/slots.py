@@ -32,10 +32,15 @@ class WorkerSlot:
     fatal: bool = False
     rolling: bool = False
     status: dict[int, ShardStatus] = field(default_factory=dict)
+    ready_count: int = 0  # shards of ``status`` that are ready, kept as reports come in
     broker: bool = False
     #: stdin commands for this worker not yet handed to its control channel (bytes, bodies).
     pending_input: deque[bytes] = field(default_factory=deque)
     pending_bytes: int = 0
+    shard_set: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shard_set = frozenset(self.shards)
 
     @property
     def pid(self) -> int | None:
@@ -45,12 +50,21 @@ class WorkerSlot:
     def running(self) -> bool:
         return self.proc is not None
 
-    def ready_shards(self) -> int:
+    def apply_status(self, changes: dict[int, ShardStatus]) -> None:
+        """A report's changed shards (only those this slot runs)."""
         status = self.status
-        return sum(1 for shard in self.shards if (s := status.get(shard)) is not None and s.ready)
+        for shard, new in changes.items():
+            if shard not in self.shard_set:
+                continue
+            old = status.get(shard)
+            self.ready_count += (new.ready) - (old is not None and old.ready)
+            status[shard] = new
+
+    def ready_shards(self) -> int:
+        return self.ready_count
 
     def all_ready(self) -> bool:
-        return self.ready_shards() == len(self.shards)
+        return self.ready_count == len(self.shards)
 
     def reset_for_spawn(self, now: float) -> None:
         self.started = now
@@ -59,4 +73,5 @@ class WorkerSlot:
         self.stall_killed = False
         self.restart_at = None
         self.status = {}
+        self.ready_count = 0
         self.broker = False

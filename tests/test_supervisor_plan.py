@@ -130,21 +130,22 @@ def test_scheduler_cancel_frees_the_bucket_and_unsent_release_keeps_the_window()
 
 
 def test_scheduler_never_runs_the_session_budget_out() -> None:
-    budget = SessionBudget(total=1000, remaining=1, reset_at=100.0)
+    budget = SessionBudget(total=1000, remaining=2, reset_at=100.0)
     scheduler = IdentifyScheduler(4, window=5.0, budget=budget)
     for shard in range(3):
         scheduler.request(shard)
-    first = scheduler.grants(0.0)
-    assert first == [0, 1, 2]  # the budget is checked as identifies are reported sent
+    # Two session starts left: two permits, never three (a permit out is a start to come).
+    assert scheduler.grants(0.0) == [0, 1]
+    assert scheduler.next_time(0.0) is None  # the permits out decide
     scheduler.release(0, 0.1)
-    scheduler.release(1, None)
-    scheduler.release(2, None)
+    scheduler.release(1, None)  # not used: the start is still there
     scheduler.request(1)
-    scheduler.request(2)
+    assert scheduler.grants(1.0) == [1]  # one left: the lowest shard id gets it
+    scheduler.release(1, 1.1)
     assert budget.remaining == 0
-    assert scheduler.grants(1.0) == []
-    assert scheduler.next_time(1.0) == pytest.approx(100.0)
-    assert scheduler.grants(100.0) == [1, 2]
+    assert scheduler.grants(2.0) == []
+    assert scheduler.next_time(2.0) == pytest.approx(100.0)
+    assert scheduler.grants(100.0) == [2]  # the budget is back
 
 
 def test_describe_exit() -> None:

@@ -123,20 +123,28 @@ class IdentifyPacer:
         self.budget = budget
         self._buckets = [_Bucket() for _ in range(self.max_concurrency)]
         self.identified = 0  # IDENTIFYs sent through this pacer
+        self.waiting = 0  # shards waiting for a permit
+        self.holding = 0  # permits handed out and not back yet
 
     def _bucket(self, shard_id: int) -> _Bucket:
         return self._buckets[bucket_of(shard_id, self.max_concurrency)]
 
     def request(self, shard_id: int) -> None:
         """``shard_id`` wants to identify (it waits for :meth:`grants` to name it)."""
-        self._bucket(shard_id).waiting.add(shard_id)
+        waiting = self._bucket(shard_id).waiting
+        if shard_id not in waiting:
+            waiting.add(shard_id)
+            self.waiting += 1
 
     def cancel(self, shard_id: int) -> None:
         """Forget a request or a held permit without an IDENTIFY (worker died, gave up)."""
         bucket = self._bucket(shard_id)
-        bucket.waiting.discard(shard_id)
+        if shard_id in bucket.waiting:
+            bucket.waiting.discard(shard_id)
+            self.waiting -= 1
         if bucket.holder == shard_id:
             bucket.holder = None
+            self.holding -= 1
 
     def release(self, shard_id: int, sent_at: float | None) -> None:
         """The permit comes back: ``sent_at`` is when the IDENTIFY was sent, None if it wasn't."""
@@ -144,6 +152,7 @@ class IdentifyPacer:
         if bucket.holder != shard_id:
             return
         bucket.holder = None
+        self.holding -= 1
         if sent_at is not None:
             bucket.free_at = max(bucket.free_at, sent_at + self.window)
             self.identified += 1
@@ -152,30 +161,39 @@ class IdentifyPacer:
 
     def grants(self, now: float) -> list[int]:
         """Shards that may identify now (each now holds the permit of its bucket)."""
-        out: list[int] = []
+        ready = [b for b in self._buckets if b.holder is None and b.waiting and now >= b.free_at]
+        if not ready:
+            return []
+        allowed = len(ready)
         budget = self.budget
+        if budget is not None:
+            # Permits out are identifies the budget has not counted yet: never hand out more
+            # than what is left of it.
+            left = budget.total if now >= budget.reset_at else budget.remaining
+            allowed = min(allowed, left - self.holding)
         # Lowest shard ids first across buckets: the order Discord asks buckets to start in.
-        for bucket in sorted(self._buckets, key=lambda b: min(b.waiting, default=1 << 62)):
-            if bucket.holder is not None or not bucket.waiting or now < bucket.free_at:
-                continue
-            if budget is not None and budget.wait_before_identify(now) > 0:
-                break
+        ready.sort(key=lambda b: min(b.waiting))
+        out: list[int] = []
+        for bucket in ready[: max(0, allowed)]:
             shard_id = min(bucket.waiting)
             bucket.waiting.discard(shard_id)
             bucket.holder = shard_id
             out.append(shard_id)
+        self.waiting -= len(out)
+        self.holding += len(out)
         return out
 
     def next_time(self, now: float) -> float | None:
         """When :meth:`grants` may name a shard next (None: nobody is waiting)."""
+        if not self.waiting:
+            return None
         times = [b.free_at for b in self._buckets if b.waiting and b.holder is None]
         if not times:
             return None
         at = max(now, min(times))
-        if self.budget is not None:
-            at = max(at, now + self.budget.wait_before_identify(now))
+        budget = self.budget
+        if budget is not None:
+            at = max(at, now + budget.wait_before_identify(now))
+            if self.holding and budget.remaining - self.holding <= 0 and now < budget.reset_at:
+                return None  # the permits out may use the last of the budget: their release decides
         return at
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(b.waiting) for b in self._buckets)

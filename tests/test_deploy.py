@@ -797,7 +797,8 @@ def test_alerts_cover_what_operators_must_hear_about() -> None:
     assert "increase(gateway_worker_restarts_total[15m])) > 3" in joined
     assert "gateway_broker_connected" in joined
     job = yaml.safe_load((CONFIG / "prometheus.yml").read_text())["scrape_configs"][0]["job_name"]
-    assert f'up{{job="{job}"}}' in joined
+    assert f'up{{job="{job}"}} == 0' in joined
+    assert f'absent(up{{job="{job}"}})' in exprs["GatewayDown"], "a vanished target alerts too"
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"]["summary"], name
@@ -904,6 +905,23 @@ ALERT_TESTS: list[dict[str, Any]] = [
         "alert_rule_test": [
             expect("GatewayDown", "2m"),
             expect("GatewayDown", "4m", {**GW, "severity": "critical"}),
+        ],
+    },
+    {  # the target disappears from service discovery: no `up` series left, absent() fires
+        "interval": "1m",
+        "input_series": [series("up", "1 1 1 stale")],
+        "alert_rule_test": [
+            expect("GatewayDown", "3m"),
+            expect("GatewayDown", "4m"),
+            expect("GatewayDown", "6m", {"job": GW["job"], "severity": "critical"}),
+        ],
+    },
+    {  # never found at all (a wrong DNS name from the start)
+        "interval": "1m",
+        "input_series": [series("gateway_total_shards", "1x10")],
+        "alert_rule_test": [
+            expect("GatewayDown", "1m"),
+            expect("GatewayDown", "3m", {"job": GW["job"], "severity": "critical"}),
         ],
     },
     {  # one shard stays down: fires after 5 minutes, the healthy one never does

@@ -540,25 +540,48 @@ def test_compose_file_keeps_the_token_out(name: str) -> None:
         for key in environment(svc):
             assert not re.search(r"TOKEN|SECRET", key), f"{svc_name}: {key} belongs in an env file"
     for svc_name, svc in gateway_services(doc).items():
-        assert "gateway.env" in env_files(svc), f"{svc_name} reads the token from gateway.env"
+        assert "gateway.env" in env_files(svc), f"{svc_name} reads its settings from gateway.env"
+        assert svc["secrets"] == ["discord_token"], f"{svc_name}: the token is a file secret"
+        assert "DISCORD_TOKEN" not in environment(svc)
+    assert doc["secrets"] == {"discord_token": {"file": "./discord_token"}}
+    ignored = (DOCKER / ".gitignore").read_text().split()
+    assert "discord_token" in ignored and "gateway.env" in ignored
 
 
-def test_env_example_has_no_token_and_only_known_keys() -> None:
-    known = {spec.env for spec in KEYS}
-    seen: set[str] = set()
-    for raw in (DOCKER / "gateway.env.example").read_text().splitlines():
-        line = raw.lstrip("#").strip() if re.match(r"^#?[A-Z_]+=", raw) else ""
-        if not line:
+ENV_EXAMPLES = [DOCKER / "gateway.env.example", CONFIG / "gateway.env.example"]
+
+
+def env_example(path: Path) -> dict[str, tuple[str, bool]]:
+    """KEY -> (value, set): every ``KEY=value`` line, commented out (``#KEY=``) or not."""
+    entries: dict[str, tuple[str, bool]] = {}
+    for raw in path.read_text().splitlines():
+        if not re.match(r"^#?[A-Z_]+=", raw):
             continue
+        line = raw.lstrip("#").strip()
         # Read alike by docker compose (no quotes, no $ interpolation) and systemd.
         assert re.fullmatch(r"[A-Z][A-Z0-9_]*=[^\s\"'$\\`]*", line), raw
         key, _, value = line.partition("=")
+        entries[key] = (value, not raw.startswith("#"))
+    return entries
+
+
+@pytest.mark.parametrize("path", ENV_EXAMPLES, ids=lambda p: p.parent.name)
+def test_env_examples_carry_no_token_and_only_known_keys(path: Path) -> None:
+    known = {spec.env for spec in KEYS}
+    entries = env_example(path)
+    assert entries
+    for key in entries:
         assert key in known, f"{key} is not a configuration env name"
-        seen.add(key)
-        if key == "DISCORD_TOKEN":
-            assert value == "", "the example carries no token"
-    assert "DISCORD_TOKEN" in seen
-    assert not TOKEN_SHAPE.search((DOCKER / "gateway.env.example").read_text())
+    assert "DISCORD_TOKEN" not in entries, "the token is a file (secret or credential)"
+    assert not TOKEN_SHAPE.search(path.read_text())
+
+
+def test_systemd_env_example_defaults_to_rabbitmq_and_the_redis_store() -> None:
+    entries = env_example(CONFIG / "gateway.env.example")
+    assert entries["BROKER_TYPE"] == ("amqp", True)
+    assert entries["SHARD_STORE_TYPE"] == ("redis", True)
+    assert entries["AMQP_URL"][1] and entries["REDIS_URL"][1]
+    assert "ExecStart" not in (CONFIG / "gateway.env.example").read_text()
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -676,6 +699,13 @@ def test_unit_is_a_notify_service_with_watchdog_and_no_restart_on_78() -> None:
         "/etc/spectacles-gateway/gateway.env"
     )
     assert unit_value("Install", "WantedBy") == "multi-user.target"
+
+
+def test_unit_hands_the_token_over_as_a_credential() -> None:
+    name, _, source = unit_value("Service", "LoadCredential").partition(":")
+    assert (name, source) == ("discord_token", "/etc/spectacles-gateway/discord_token")
+    env = dict(v.split("=", 1) for v in unit_values("Service", "Environment"))
+    assert not any("TOKEN" in key for key in env), "never in the environment"
 
 
 def test_unit_is_hardened_and_gives_the_metrics_dir_a_runtime_directory() -> None:

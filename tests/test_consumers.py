@@ -113,15 +113,21 @@ def redis_duplicate(_group: str, prefix: str, message_id: str) -> None:
     client.close()
 
 
-def node_argv() -> list[str]:
+def node_for(folder: Path, package: str, what: str) -> str:
+    """The ``node`` binary, with ``folder``'s locked npm packages installed (``npm ci``) unless
+    ``package`` is there already; skips, saying ``what`` cannot run, without node."""
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed: the Node example cannot run")
-    folder = EXAMPLES / "node"
-    if not (folder / "node_modules" / "@spectacles" / "brokers").is_dir():
+        pytest.skip(f"node is not installed: {what} cannot run")
+    if not (folder / "node_modules" / package).is_dir():
         npm = shutil.which("npm")
-        assert npm is not None, "node without npm: cannot install examples/node"
+        assert npm is not None, f"node without npm: cannot install {folder.name}"
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=folder, check=True, timeout=300)
+    return node
+
+
+def node_argv() -> list[str]:
+    node = node_for(EXAMPLES / "node", "@spectacles/brokers", "the Node example")
     return [node, "consumer.js", "MESSAGE_CREATE"]
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from spectacles_gateway.durations import parse_duration
 
+from .test_consumers import node_for
 from .test_deploy import parse_dockerfile, parse_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,14 +101,8 @@ def test_the_validator_rejects_a_broken_manifest(
 
 
 def models_node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the ServiceMonitor's CRD schema cannot be checked")
-    if not (MODELS / "node_modules" / "@kubernetes-models" / "prometheus-operator").is_dir():
-        npm = shutil.which("npm")
-        assert npm is not None, "node without npm"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=MODELS, check=True, timeout=300)
-    return node
+    package = "@kubernetes-models/prometheus-operator"
+    return node_for(MODELS, package, "the ServiceMonitor's CRD schema check")
 
 
 def validate_monitors(monitors: list[dict[str, Any]]) -> dict[str, Any]:

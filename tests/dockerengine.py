@@ -279,15 +279,15 @@ def debian_base(engine: Engine, workdir: Path) -> None:
         for path in (rootfs / "var/cache/apt").glob("*.bin"):
             path.unlink()
         (rootfs / "etc/apt/apt.conf.d/docker-clean").write_text(APT_CLEAN)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            [engine.docker, "import", "-", DEBIAN_IMAGE],
-            stdin=tar.stdout,
-            capture_output=True,
-            check=True,
-            timeout=300,
-        )
-        assert tar.wait() == 0
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            subprocess.run(
+                [engine.docker, "import", "-", DEBIAN_IMAGE],
+                stdin=tar.stdout,
+                capture_output=True,
+                check=True,
+                timeout=300,
+            )
+        assert tar.returncode == 0
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
     engine.timings["debootstrap and import"] = time.monotonic() - start

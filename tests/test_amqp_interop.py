@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +23,14 @@ import pytest
 from .gwproc import gateway, gateway_env
 from .gwtest import simulator, wait_until
 from .test_amqp import AMQP_URL, PRESENCE, delete_group, depth, unique_group
+from .test_consumers import node_for
 
 INTEROP = Path(__file__).resolve().parent / "interop"
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the Spectacles (npm) consumer cannot run")
-    if not (INTEROP / "node_modules" / "@spectacles" / "brokers").is_dir():
-        npm = shutil.which("npm")
-        assert npm is not None, "node without npm: cannot install tests/interop"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=INTEROP, check=True, timeout=300)
-    return node
+    return node_for(INTEROP, "@spectacles/brokers", "the Spectacles (npm) consumer")
 
 
 @dataclass

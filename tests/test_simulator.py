@@ -38,18 +38,10 @@ from spectacles_gateway.simulator import (
 from tests.simclient import ZLIB_SUFFIX, SimClient, http_get
 
 # A real zstd-stream HELLO captured from Discord (the first websocket message of a connection)
-# and its text. Kept inline so the test needs no file outside the checkout; when the shared
-# copy is around, test_embedded_vector_matches_the_shared_files checks they agree.
-DISCORD_HELLO_JSON = (
-    b'{"t":null,"s":null,"op":10,"d":{"heartbeat_interval":41250,'
-    b'"_trace":["[\\"gateway-prd-us-east1-c-7s4x\\",{\\"micros\\":0.0}]"]}}'
-)
-DISCORD_HELLO_ZSTD = bytes.fromhex(
-    "28b52ffd00406403004207191c7089737428d0cb55ffa74a4b7ecbdee7ff9712d3d4ab9097d2ff33"
-    "04312247620224fd7a8d63cbe10ba22f85f106c952f55bcef7a4e29c5c6c827b0b5fc70f3db3759d"
-    "1c25414019fab608c7cd2c492f13da2d1b0ef5ca51527aa77947ad3d8cbe0f030100244a12"
-)
-SHARED_VECTORS = Path(os.environ.get("SPECTACLES_VECTORS", "/work/shared/vectors"))
+# and its text, kept in the repository (ISC, twilight: tests/data/discord-hello.LICENSE).
+VECTORS = Path(__file__).resolve().parent / "data"
+DISCORD_HELLO_JSON = (VECTORS / "discord-hello.json").read_bytes().rstrip(b"\n")
+DISCORD_HELLO_ZSTD = (VECTORS / "discord-hello.zstd").read_bytes()
 TOKEN = "simulated-token"
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -148,13 +140,6 @@ async def test_gateway_bot_http(make_sim: MakeSim, connect: Connect) -> None:
 
 
 # --- zstd framing -----------------------------------------------------------------------------
-
-
-def test_embedded_vector_matches_the_shared_files() -> None:
-    if not (SHARED_VECTORS / "discord-hello.zstd").exists():
-        pytest.skip("shared vectors not available")
-    assert (SHARED_VECTORS / "discord-hello.zstd").read_bytes() == DISCORD_HELLO_ZSTD
-    assert (SHARED_VECTORS / "discord-hello.json").read_bytes().strip() == DISCORD_HELLO_JSON
 
 
 def test_zstd_compressor_matches_the_real_discord_vector() -> None:

@@ -20,7 +20,8 @@ from spectacles_gateway.brokers.wire import (
 from spectacles_gateway.compression import DecompressError, make_decompressor
 from spectacles_gateway.records import msgpack_object_end
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+# A real zstd-stream HELLO from Discord and its text (ISC, twilight: tests/data/discord-hello.LICENSE).
+VECTORS = Path(__file__).resolve().parent / "data"
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: How often a worker whose pipe is full checks whether its last write left our buffer.
 DRAIN_CHECK = 0.02
+#: How long a stopping worker waits for the supervisor to report its last output written.
+RELAY_WAIT = 2.0
 
 
 class _Writer(asyncio.Protocol):
@@ -66,6 +68,8 @@ class StdioBroker(Broker):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._held: dict[int, tuple[str, int]] = {}  # written, waiting to leave our buffer
         self._offset = 0  # bytes written so far
+        self._relayed = 0  # ... and reported written to stdout by the supervisor
+        self._relay_waiter: asyncio.Event | None = None
         self._unrelayed: deque[tuple[int, dict[int, tuple[str, int]]]] = deque()
         self.published = 0
 
@@ -126,6 +130,7 @@ class StdioBroker(Broker):
 
     def relayed(self, offset: int) -> None:
         """The supervisor wrote our output up to byte ``offset`` to its stdout."""
+        self._relayed = max(self._relayed, offset)
         unrelayed = self._unrelayed
         done: dict[int, tuple[str, int]] = {}
         while unrelayed and unrelayed[0][0] <= offset:
@@ -133,6 +138,8 @@ class StdioBroker(Broker):
         if done:
             self._confirm_all(done)
             self._wake()
+        if self._relay_waiter is not None and self._relayed >= self._offset:
+            self._relay_waiter.set()
 
     def _check_drained_later(self) -> None:
         if self._drain_timer is None:
@@ -193,6 +200,14 @@ class StdioBroker(Broker):
 
     async def aclose(self) -> None:
         await self.drain()
+        if self.confirm_on_relay and self.connected and self._relayed < self._offset:
+            # Stopping (a rolling restart, say): the sessions we leave behind should include
+            # everything the supervisor has written out, or our successor replays it.
+            self._relay_waiter = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._relay_waiter.wait(), RELAY_WAIT)
+            except TimeoutError:
+                log.info("stdout is behind: the last events stay unconfirmed (they will replay)")
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None

@@ -24,7 +24,7 @@ from spectacles_gateway.simulator import Simulator
 
 from .gwproc import BIN, gateway_env
 from .gwtest import TOKEN, ready_count, simulator, t, wait_until
-from .test_redis_store import (
+from .support.redis import (
     REDIS_URL,
     PrivateRedis,
     cleanup,

@@ -343,6 +343,17 @@ async def test_consumer_groups_see_every_event_once_and_streams_stay_bounded() -
                             tree.log,
                         )
                         assert await tree.stop() == 0
+
+                    async def read_to_the_end() -> bool:
+                        last = (await r.xinfo_stream(stream))["last-generated-id"]
+                        groups: Any = await r.xinfo_groups(stream)
+                        return all(
+                            g["last-delivered-id"] == last and g["pending"] == 0 for g in groups
+                        )
+
+                    # Both groups read and acknowledged all the gateway wrote: a duplicate
+                    # written at the end would be in ``seen`` now.
+                    await eventually(read_to_the_end, 10, "the consumers to read to the end")
                 finally:
                     stop.set()
                     await asyncio.wait_for(asyncio.gather(*readers), t(5))

@@ -57,13 +57,13 @@ async def test_four_shards_a_minute_of_broken_connections_every_event_exactly_on
                     sim.inject(shard, InvalidSession(resumable=True))
                 elif shard not in withheld:
                     sim.inject(shard, WithholdAcks(True))
-                    withheld[shard] = loop.time() + 2.5
+                    withheld[shard] = loop.time() + t(2.5)
                 faults += 1
                 for s, until in list(withheld.items()):
                     if loop.time() >= until:
                         sim.inject(s, WithholdAcks(False))
                         del withheld[s]
-                await asyncio.sleep(rng.uniform(0.2, 0.8))
+                await asyncio.sleep(t(rng.uniform(0.2, 0.8)))  # time to recover, scaled
             for s in withheld:
                 sim.inject(s, WithholdAcks(False))
             sim.pause_dispatch()

@@ -1,4 +1,4 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules (their helpers live in ``tests/support/``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .test_redis_store import PrivateRedis, private_redis_server
+from .support.redis import PrivateRedis, private_redis_server
 
 
 @pytest.fixture

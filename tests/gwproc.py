@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 from spectacles_gateway.simulator import Simulator
 
-from .gwtest import TOKEN, t
+from .gwtest import TOKEN, t, wait_until
 
 BIN = Path(sys.executable).parent
 SECRET = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs"
@@ -29,6 +29,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def duration(seconds: float) -> str:
+    """A configuration duration (``"7.5s"``) of ``seconds``, scaled once by :func:`t`."""
+    return f"{t(seconds):g}s"
+
+
 def gateway_env(sim: Simulator, **extra: str) -> dict[str, str]:
     host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
     env = {
@@ -37,7 +42,7 @@ def gateway_env(sim: Simulator, **extra: str) -> dict[str, str]:
         "DISCORD_API_PROTOCOL": "http",
         "DISCORD_API_HOST": host,
         "DISCORD_EVENTS": "MESSAGE_CREATE",
-        "DISCORD_HELLO_TIMEOUT": "5s",
+        "DISCORD_HELLO_TIMEOUT": duration(5),
         "LOG_LEVEL": "info",
     }
     env.update(extra)
@@ -105,8 +110,34 @@ async def gateway(
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=t(5)) as response:
         return response.read().decode()
+
+
+async def metrics_when(
+    port: int,
+    predicate: Callable[[str], bool],
+    timeout: float,
+    what: str,
+    context: Callable[[], str] | None = None,
+) -> str:
+    """Scrape until ``predicate`` holds for the text, and return that text.
+
+    Workers hand their metrics to the supervisor once a second: instead of sleeping a second
+    before a scrape, wait for the value that proves the report we need has arrived.
+    """
+    text = ""
+
+    async def holds() -> bool:
+        nonlocal text
+        try:
+            text = await asyncio.to_thread(scrape, port)
+        except OSError:
+            return False
+        return predicate(text)
+
+    await wait_until(holds, timeout, what, context, interval=0.1)
+    return text
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -120,8 +151,18 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=t(5)) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def health(port: int) -> tuple[int, int]:
+    """HTTP status codes of ``/healthz`` and ``/readyz``."""
+    codes = []
+    for path in ("/healthz", "/readyz"):
+        url = f"http://127.0.0.1:{port}{path}"
+        with urllib.request.urlopen(url, timeout=t(5)) as response:
+            codes.append(response.status)
+    return codes[0], codes[1]
 
 
 def worker_pids(port: int) -> dict[int, int]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -57,19 +58,27 @@ class RecordingBroker(Broker):
 
 
 async def wait_until(
-    predicate: Callable[[], bool],
+    predicate: Callable[[], bool | Awaitable[bool]],
     timeout: float,
     what: str = "",
     context: Callable[[], str] | None = None,
+    *,
+    interval: float = 0.01,
 ) -> None:
-    """Poll ``predicate``; on timeout fail with ``what`` and the tail of ``context()``."""
+    """Poll ``predicate`` (plain or async) until it holds; on timeout fail with ``what`` and the
+    tail of ``context()``. ``timeout`` is scaled here, by :func:`t`: pass it unscaled."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + t(timeout)
-    while not predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if loop.time() > deadline:
             tail = context()[-4000:] if context is not None else ""
             raise AssertionError(f"timed out after {t(timeout):.1f} s waiting for {what}\n{tail}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager

@@ -2,6 +2,9 @@
 
 It does exactly what it is told: no heartbeating, no reconnecting. Received websocket messages
 are kept raw in ``frames`` so tests can look at the bytes; ``recv()`` returns decoded payloads.
+
+A ``timeout`` left out is a default scaled by :func:`~tests.gwtest.t`; one given is used as is
+(scale it where it is written, once).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import zstandard
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from .gwtest import t
+
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
+
+
+def _within(timeout: float | None, default: float = 5.0) -> float:
+    """The timeout given, or the default scaled once."""
+    return t(default) if timeout is None else timeout
 
 
 class ClosedError(Exception):
@@ -71,9 +81,9 @@ class SimClient:
         )
         return cls(ws, compress)
 
-    async def recv_message(self, timeout: float = 5.0) -> bytes | str:
+    async def recv_message(self, timeout: float | None = None) -> bytes | str:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(_within(timeout)):
                 message = await self.ws.recv()
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
@@ -96,8 +106,9 @@ class SimClient:
             return out
         return data
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def recv(self, timeout: float | None = None) -> dict[str, Any]:
         """The next gateway payload, decoded."""
+        timeout = _within(timeout)
         count = 0
         while True:
             count += 1
@@ -110,8 +121,11 @@ class SimClient:
             self.last_seq = payload["s"]
         return payload
 
-    async def recv_until(self, predicate: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
+    async def recv_until(
+        self, predicate: Any, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         """Payloads up to and including the first that satisfies ``predicate``."""
+        timeout = _within(timeout)
         out = []
         async with asyncio.timeout(timeout):
             while True:
@@ -120,7 +134,10 @@ class SimClient:
                 if predicate(payload):
                     return out
 
-    async def recv_dispatches(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def recv_dispatches(
+        self, count: int, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        timeout = _within(timeout, 10.0)
         out: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout):
             while len(out) < count:
@@ -129,8 +146,9 @@ class SimClient:
                     out.append(payload)
         return out
 
-    async def expect_close(self, timeout: float = 5.0) -> int | None:
+    async def expect_close(self, timeout: float | None = None) -> int | None:
         """Read until the server closes; return its close code (None if no close frame)."""
+        timeout = _within(timeout)
         try:
             async with asyncio.timeout(timeout):
                 while True:

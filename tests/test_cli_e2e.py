@@ -22,7 +22,7 @@ from spectacles_gateway.simulator import (
     WithholdAcks,
 )
 
-from .gwproc import BIN, SECRET, free_port, gateway, gateway_env, metric, scrape
+from .gwproc import BIN, SECRET, duration, free_port, gateway, gateway_env, metric, metrics_when
 from .gwtest import TOKEN, ready_count, simulator, t, wait_until
 
 
@@ -57,25 +57,25 @@ async def test_four_shards_a_minute_of_broken_connections_every_event_exactly_on
                     sim.inject(shard, InvalidSession(resumable=True))
                 elif shard not in withheld:
                     sim.inject(shard, WithholdAcks(True))
-                    withheld[shard] = loop.time() + 2.5
+                    withheld[shard] = loop.time() + t(2.5)
                 faults += 1
                 for s, until in list(withheld.items()):
                     if loop.time() >= until:
                         sim.inject(s, WithholdAcks(False))
                         del withheld[s]
-                await asyncio.sleep(rng.uniform(0.2, 0.8))
+                await asyncio.sleep(t(rng.uniform(0.2, 0.8)))  # time to recover, scaled
             for s in withheld:
                 sim.inject(s, WithholdAcks(False))
             sim.pause_dispatch()
             expected = set(sim.ledger.events_sent())
             await wait_until(lambda: set(gw.ids()) >= expected, 30, "every event on stdout")
-            await asyncio.sleep(0.5)
+            # A late duplicate would be on stdout by the end of it: stop() reads it to the end.
             code = await gw.stop()
         ids = gw.ids()
         assert code == 0, gw.log()[-3000:]
         assert len(ids) == len(set(ids)), "an event appeared twice on stdout"
         assert set(ids) == set(sim.ledger.events_sent())
-        assert len(ids) > 200 * seconds
+        assert len(ids) > 200 * seconds / t(1.0)  # 200 events per (scaled) second
         assert sim.ledger.identify_count() == 4, gw.log()[-3000:]
         resumed = sim.ledger.resume_count(success=True)
         assert resumed >= faults * 0.6, (resumed, faults)
@@ -134,8 +134,18 @@ async def test_bad_input_is_logged_counted_and_survived() -> None:
             )
             n = len(gw.ids())
             await wait_until(lambda: len(gw.ids()) > n + 100, 10, "events still flowing")
-            await asyncio.sleep(1.2)  # metrics are moved over once a second
-            text = await asyncio.to_thread(scrape, port)
+            # Metrics are moved over once a second: wait for the report that counts every event
+            # seen on stdout so far, so it comes after the faults, resumes and commands above.
+            seen = len(set(gw.ids()))
+            text = await metrics_when(
+                port,
+                lambda m: (
+                    metric(m, "gateway_events_published_total", event="MESSAGE_CREATE") >= seen
+                ),
+                10,
+                "the metrics of the events on stdout",
+                gw.log,
+            )
             code = await gw.stop()
         log = gw.log()
         assert code == 0
@@ -206,7 +216,7 @@ def test_bad_configuration_exits_78_with_one_line(
         cwd=tmp_path,
         env=full_env,
         capture_output=True,
-        timeout=30,
+        timeout=t(30),
         check=False,
     )
     err = result.stderr.decode()
@@ -243,14 +253,17 @@ async def test_disallowed_intents_close_4014_exits_78() -> None:
 
 
 async def test_sigterm_and_sigint_stop_in_time_and_keep_sessions_resumable() -> None:
-    for sig, deadline in ((signal.SIGTERM, 10.0), (signal.SIGINT, 3.0)):
+    # TERM: graceful, over before the shutdown timeout (when workers would be killed);
+    # INT: fast, workers are killed after 2 s at the latest, plus slack.
+    shutdown_timeout = 10.0
+    for sig, deadline in ((signal.SIGTERM, t(shutdown_timeout)), (signal.SIGINT, 2.0 + t(1.0))):
         async with simulator(rate=50, shard_count=2, max_concurrency=2) as sim:
-            env = gateway_env(sim, DISCORD_SHUTDOWN_TIMEOUT="10s")
+            env = gateway_env(sim, DISCORD_SHUTDOWN_TIMEOUT=duration(shutdown_timeout))
             async with gateway(env) as gw:
                 await wait_until(lambda: len(gw.ids()) > 10, 20, "events")
                 loop = asyncio.get_running_loop()
                 started = loop.time()
-                code = await gw.stop(sig, timeout=deadline + 2)
+                code = await gw.stop(sig, timeout=shutdown_timeout + 2)
                 took = loop.time() - started
             assert code == 0, gw.log()
             assert took < deadline, took

@@ -51,7 +51,7 @@ async def test_s1_hello_heartbeat_identify_ready_dispatches() -> None:
         # The first heartbeat comes after HELLO, within one interval (jitter), d = last seq.
         assert 0 <= first_beat.time - conn.opened_at <= 1.0 + t(0.2)
         beats = [h.time for h in sim.ledger.heartbeats if h.conn_id == conn.conn_id]
-        assert all(0.8 <= b - a <= 1.0 + t(0.3) for a, b in itertools.pairwise(beats[1:]))
+        assert all(1.0 - t(0.2) <= b - a <= 1.0 + t(0.3) for a, b in itertools.pairwise(beats[1:]))
         # Dispatches in seq order; the stored READY seq was 1.
         seqs = [s for _, e, s, _ in broker.events if e == "MESSAGE_CREATE"]
         assert seqs == sorted(seqs) and seqs[0] > 1
@@ -118,10 +118,11 @@ async def test_s4_heartbeat_request_is_answered_at_once() -> None:
     async with simulator(heartbeat_interval_ms=41250) as sim:
         async with running_worker(sim) as (worker, broker):
             await wait_until(lambda: ready(worker), 10, "ready")
-            await asyncio.sleep(0.05)
-            before = len(sim.ledger.heartbeats)
             sim.inject(0, HeartbeatRequest())
-            await wait_until(lambda: len(sim.ledger.heartbeats) > before, t(1), "heartbeat")
+            asked_at = sim.ledger.faults[-1].time
+            await wait_until(
+                lambda: any(h.time >= asked_at for h in sim.ledger.heartbeats), 1, "heartbeat"
+            )
         assert sim.ledger.heartbeats[-1].d is not None
 
 
@@ -143,9 +144,11 @@ async def test_s6_resume_replays_exactly_the_missed_events() -> None:
     async with simulator(rate=200) as sim:
         async with running_worker(sim) as (worker, broker):
             await wait_until(lambda: len(broker.ids()) > 50, 10, "dispatches")
-            for _ in range(3):
+            for n in range(1, 4):
                 sim.inject(0, Drop())
-                await asyncio.sleep(0.2)
+                await wait_until(
+                    lambda n=n: sim.ledger.resume_count(0, success=True) >= n, 10, f"resume {n}"
+                )
             await wait_until(lambda: sim.ledger.resume_count(0, success=True) >= 3, 10, "resumes")
             sim.pause_dispatch()
             await wait_until(
@@ -163,7 +166,7 @@ async def test_s7_failed_resume_identifies_on_original_url_after_a_wait() -> Non
         async with running_worker(sim) as (worker, broker):
             await wait_until(lambda: ready(worker) and len(broker.ids()) > 5, 10, "ready")
             sim.inject(0, Close(4000))  # resumable close, but the session expires at once
-            await wait_until(lambda: sim.ledger.identify_count() == 2, t(15), "second identify")
+            await wait_until(lambda: sim.ledger.identify_count() == 2, 15, "second identify")
             await wait_until(lambda: ready(worker), 10, "ready again")
             core = worker.runners[0].core
             assert core.session_id == sim.ledger.identifies[1].session_id
@@ -183,7 +186,7 @@ async def test_s8_op9_true_resumes_and_op9_false_identifies() -> None:
             sim.inject(0, InvalidSession(resumable=True))
             await wait_until(lambda: sim.ledger.resume_count(0, success=True) == 1, 10, "resume")
             sim.inject(0, InvalidSession(resumable=False))
-            await wait_until(lambda: sim.ledger.identify_count() == 2, t(10), "identify")
+            await wait_until(lambda: sim.ledger.identify_count() == 2, 10, "identify")
             await wait_until(lambda: ready(worker), 10, "ready")
         assert sim.ledger.resume_count(0) == 1
 
@@ -215,10 +218,11 @@ async def test_s9_close_codes(code: int, outcome: str) -> None:
             await wait_until(lambda: ready(worker), 10, "ready")
             sim.inject(0, Close(code))
             if outcome == "fatal":
+                # The shard's task has ended: it will not reconnect. The checks below run
+                # once the whole worker has returned.
                 await wait_until(lambda: worker.runners[0].task.done(), 5, "shard stopped")
-                await asyncio.sleep(0.3)
             elif outcome == "identify":
-                await wait_until(lambda: sim.ledger.identify_count() == 2, t(15), "identify")
+                await wait_until(lambda: sim.ledger.identify_count() == 2, 15, "identify")
             else:
                 await wait_until(lambda: sim.ledger.resume_count(0) == 1, 10, "resume")
         if outcome == "fatal":
@@ -251,12 +255,10 @@ async def test_s10_reconnect_paths_never_send_1000() -> None:
             ]
             for n, fault in enumerate(faults, start=1):
                 sim.inject(0, fault)
-                await wait_until(
-                    lambda n=n: len(sim.ledger.connections) > n, t(15), f"after {fault}"
-                )
+                await wait_until(lambda n=n: len(sim.ledger.connections) > n, 15, f"after {fault}")
                 await wait_until(lambda: ready(worker), 10, "ready")
             sim.inject(0, WithholdAcks(True))
-            await wait_until(lambda: len(sim.ledger.connections) > 5, t(5), "zombie reconnect")
+            await wait_until(lambda: len(sim.ledger.connections) > 5, 5, "zombie reconnect")
             sim.inject(0, WithholdAcks(False))
             await wait_until(lambda: ready(worker), 10, "ready")
         *reconnects, last = sim.ledger.connections
@@ -276,7 +278,7 @@ async def test_s11_command_flood_stays_under_the_send_limit() -> None:
                     {"shard_id": 0, "packet": {"op": 3, "d": {"status": "online", "n": i}}}
                 )
                 worker.handle_command(body.encode(), lambda i=i: acked.append(i))
-            await wait_until(lambda: len(sim.ledger.commands) == 40, t(20), "all commands")
+            await wait_until(lambda: len(sim.ledger.commands) == 40, 20, "all commands")
         assert [c.d["n"] for c in sim.ledger.commands] == list(range(40))
         assert acked == list(range(40))
         assert not [v for v in sim.ledger.violations if "4008" in v]
@@ -286,9 +288,9 @@ async def test_s11_command_flood_stays_under_the_send_limit() -> None:
 async def test_s12_identify_gate_buckets() -> None:
     async with simulator(shard_count=4, max_concurrency=2, identify_window=5.0) as sim:
         async with running_worker(sim, (0, 1, 2, 3)) as (worker, broker):
-            await wait_until(lambda: sim.ledger.identify_count() == 4, t(12), "4 identifies")
+            await wait_until(lambda: sim.ledger.identify_count() == 4, 12, "4 identifies")
         times = {r.shard_id: r.time for r in sim.ledger.identifies}
-        assert abs(times[0] - times[1]) < 1.0  # buckets 0 and 1 together
+        assert abs(times[0] - times[1]) < t(1.0)  # buckets 0 and 1 together
         assert times[2] - times[0] >= 5.0 and times[3] - times[1] >= 5.0
         assert times[2] - times[0] < 5.0 + t(1.5)
         assert not sim.ledger.violations
@@ -304,7 +306,7 @@ async def test_s12_session_start_budget_exhausted_waits_for_reset() -> None:
         gate = LocalIdentifyGate(1, budget=budget)
         started = loop.time()
         async with running_worker(sim, gate=gate) as (worker, broker):
-            await wait_until(lambda: sim.ledger.identify_count() == 1, t(10), "identify")
+            await wait_until(lambda: sim.ledger.identify_count() == 1, 10, "identify")
             elapsed = loop.time() - started
         assert elapsed >= 2.0
         assert budget.remaining == 999

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from .gwtest import t
+
 WORKER_ONLY = [
     "asyncio",
     "uvloop",
@@ -32,7 +34,7 @@ IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]
 def loaded_after(statement: str) -> set[str]:
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=t(60)
     )
     return set(json.loads(result.stdout))
 

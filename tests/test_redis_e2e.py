@@ -22,12 +22,14 @@ from redis.asyncio import Redis
 
 from spectacles_gateway.simulator import Simulator
 
-from .gwproc import BIN, gateway_env
+from .gwproc import BIN, duration, gateway_env
 from .gwtest import TOKEN, ready_count, simulator, t, wait_until
-from .test_redis_store import (
+from .support.redis import (
     REDIS_URL,
     PrivateRedis,
     cleanup,
+    keys_expire,
+    keys_outlive_their_ttl,
     raw_client,
     unique_prefix,
 )
@@ -99,7 +101,7 @@ async def supervise(env: dict[str, str], *args: str) -> AsyncIterator[Tree]:
         tree.kill_tree()  # whatever is left of the tree, workers included
         await process.wait()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(tree.pump, 5)
+            await asyncio.wait_for(tree.pump, t(5))
 
 
 async def stream_entries(r: Redis, stream: str) -> list[dict[bytes, bytes]]:
@@ -117,14 +119,8 @@ async def stream_ids(r: Redis, prefix: str) -> list[str]:
 
 
 async def eventually(check: Any, timeout: float, what: str, tree: Tree | None = None) -> None:
-    """Poll an async predicate."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + t(timeout)
-    while not await check():
-        if loop.time() > deadline:
-            tail = tree.log()[-3000:] if tree is not None else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        await asyncio.sleep(0.05)
+    """Poll an async predicate that reads Redis (every 50 ms: some reads are not small)."""
+    await wait_until(check, timeout, what, tree.log if tree is not None else None, interval=0.05)
 
 
 async def stored_seqs(r: Redis, prefix: str, shards: range) -> dict[int, int | None]:
@@ -153,7 +149,13 @@ async def test_sigkill_of_the_whole_tree_resumes_every_shard_and_loses_nothing()
                         return all(s is not None and s > 20 for s in seqs.values())
 
                     await eventually(seqs_stored, 10, "confirmed seqs in Redis", tree)
-                    await asyncio.sleep(0.3)  # in the middle of a persist interval
+                    # Kill while events are being confirmed past the seqs stored so far.
+                    published = len(await stream_ids(r, prefix))
+
+                    async def more_published() -> bool:
+                        return len(await stream_ids(r, prefix)) >= published + 30
+
+                    await eventually(more_published, 10, "more events in the stream", tree)
                     tree.kill_tree()
                     await tree.wait()
                 first_log = tree.log()
@@ -277,7 +279,8 @@ async def test_a_new_shard_count_or_an_expired_session_identifies_instead_of_res
                 assert sim.ledger.resume_count() == 0, tree.log()[-3000:]
 
                 # Away for longer than the session TTL: identify again.
-                env = redis_env(sim, prefix, SHARD_STORE_SESSION_TTL="1s")
+                ttl = 1.0
+                env = redis_env(sim, prefix, SHARD_STORE_SESSION_TTL=duration(ttl))
                 async with supervise(env) as tree:
                     await wait_until(
                         lambda: sim.ledger.resume_count(success=True) == 3,
@@ -285,11 +288,14 @@ async def test_a_new_shard_count_or_an_expired_session_identifies_instead_of_res
                         "3 resumes",
                         tree.log,
                     )
-                    await asyncio.sleep(1.2)  # quiet shards keep their keys while we run
+                    # Keys are kept alive while we run: seen renewed, and alive past two TTLs.
+                    kept = [f"{prefix}{i}{key}" for i in range(3) for key in ("session", "seq")]
+                    await keys_outlive_their_ttl(r, kept, t(ttl))
                     assert None not in (await stored_seqs(r, prefix, range(3))).values()
                     tree.kill_tree()
                     await tree.wait()
-                await asyncio.sleep(1.5)
+                gone = [f"{prefix}0session", f"{prefix}0seq"]
+                await keys_expire(r, gone, ttl + 1.0, "the session to expire with its TTL")
                 assert await r.exists(f"{prefix}0session", f"{prefix}0seq") == 0
                 async with supervise(env) as tree:
                     await wait_until(lambda: ready_count(sim.ledger) == 8, 20, "3 more READY")
@@ -337,6 +343,17 @@ async def test_consumer_groups_see_every_event_once_and_streams_stay_bounded() -
                             tree.log,
                         )
                         assert await tree.stop() == 0
+
+                    async def read_to_the_end() -> bool:
+                        last = (await r.xinfo_stream(stream))["last-generated-id"]
+                        groups: Any = await r.xinfo_groups(stream)
+                        return all(
+                            g["last-delivered-id"] == last and g["pending"] == 0 for g in groups
+                        )
+
+                    # Both groups read and acknowledged all the gateway wrote: a duplicate
+                    # written at the end would be in ``seen`` now.
+                    await eventually(read_to_the_end, 10, "the consumers to read to the end")
                 finally:
                     stop.set()
                     await asyncio.wait_for(asyncio.gather(*readers), t(5))
@@ -358,10 +375,23 @@ async def test_redis_restarted_mid_stream(private_redis: PrivateRedis) -> None:
                 seqs = await stored_seqs(r, prefix, shards)
                 return all(seqs[i] == written_seq(sim, i) for i in shards)
 
+            async def published(count: int) -> bool:
+                return len(await stream_ids(r, prefix)) >= count
+
+            await eventually(lambda: published(100), 10, "events in the stream", tree)
             # 1. A restart that keeps the data (a persistent Redis): nothing may be missing.
-            await asyncio.sleep(1.0)
             private_redis.stop(save=True)
-            await asyncio.sleep(2.0)  # the gateway buffers meanwhile
+            # The gateway buffers meanwhile: it has seen the outage, and events keep coming.
+            during = len(sim.ledger.events_sent())
+            await wait_until(
+                lambda: (
+                    "is unreachable" in tree.log() and len(sim.ledger.events_sent()) > during + 100
+                ),
+                10,
+                "the outage to be noticed while events arrive",
+                tree.log,
+                interval=0.05,
+            )
             private_redis.start()
             before = len(sim.ledger.events_sent())
             await wait_until(
@@ -380,8 +410,15 @@ async def test_redis_restarted_mid_stream(private_redis: PrivateRedis) -> None:
             # written again, new events flow, and SEND has its consumer group again.
             private_redis.stop(save=False)
             private_redis.start()
+            after = len(sim.ledger.events_sent())
             sim.resume_dispatch()
-            await asyncio.sleep(1.0)
+            await wait_until(
+                lambda: len(sim.ledger.events_sent()) > after + 150,
+                10,
+                "events after the second restart",
+                tree.log,
+                interval=0.05,
+            )
             sim.pause_dispatch()
             await eventually(seqs_caught_up, 10, "the stored seqs after a lost dataset", tree)
             # Events published after the second restart (the earlier ones went with it).

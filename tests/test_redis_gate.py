@@ -1,6 +1,8 @@
 """The Redis identify gate against a real Redis: buckets, leases, the window after IDENTIFY.
 
-Each gate has its own client, as two hosts would.
+Each gate has its own client, as two hosts would. Where a test must show that a gate still waits,
+it waits for that gate's next answer from Redis (:class:`~tests.support.redis.Replies`): the
+answer proves the gate asked and was turned away.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from spectacles_gateway.protocol.identify import SessionBudget
 from spectacles_gateway.redis_gate import RedisIdentifyGate, RedisPermit
 from spectacles_gateway.redis_store import redis_client
 
-from .gwtest import t
-from .test_redis_store import (
+from .gwtest import t, wait_until
+from .support.redis import (
     REDIS_URL,
     PrivateRedis,
+    Replies,
     cleanup,
     raw_client,
     settings_for,
@@ -57,26 +60,38 @@ async def test_one_identify_per_bucket_and_window_across_hosts() -> None:
             permit = await a.acquire(0)
             assert isinstance(permit, RedisPermit) and permit.key == f"{prefix}identify:0"
             assert await r.get(permit.key) == permit.token.encode()
-            assert 14_000 < await r.pttl(permit.key) <= 15_000  # the lease
+            assert 15_000 - t(1.0) * 1000 < await r.pttl(permit.key) <= 15_000  # the lease
 
+            b_tries = Replies(b.client, "EVALSHA")
             other = asyncio.create_task(b.acquire(1))
-            await asyncio.sleep(0.3)
-            assert not other.done()  # same bucket: waits, however long A takes to connect
+            # Same bucket: B asks, is turned away and asks again, however long A takes to connect.
+            await wait_until(lambda: len(b_tries) >= 2, 5, "B to be turned away twice")
+            assert not other.done()
             sent_at = loop.time()
             a.release(permit, sent_at)
-            await asyncio.sleep(0.05)
             # The key now lives exactly until the window after the IDENTIFY has passed.
             window_ms = (WINDOW + IDENTIFY_MARGIN) * 1000
-            assert window_ms - 150 < await r.pttl(permit.key) <= window_ms
+
+            async def windowed() -> bool:
+                return 0 < await r.pttl(permit.key) <= window_ms
+
+            await wait_until(windowed, 5, "the release to shorten the key's life to the window")
+            pttl = await r.pttl(permit.key)
+            since_sent_ms = (loop.time() - sent_at) * 1000
+            assert window_ms - since_sent_ms - 2 <= pttl <= window_ms  # 2 ms: rounding
             second = await asyncio.wait_for(other, t(5))
             got_at = loop.time()
-            assert WINDOW + IDENTIFY_MARGIN <= got_at - sent_at < WINDOW + IDENTIFY_MARGIN + 0.6
+            assert WINDOW + IDENTIFY_MARGIN <= got_at - sent_at < WINDOW + IDENTIFY_MARGIN + t(0.6)
             b.release(second, None)  # no IDENTIFY was sent: free at once
-            await asyncio.sleep(0.05)
+
+            async def deleted() -> bool:
+                return await r.exists(permit.key) == 0
+
+            await wait_until(deleted, 1, "the release to delete the key")
             assert await r.exists(permit.key) == 0
-            started = loop.time()
-            third = await a.acquire(0)
-            assert loop.time() - started < 0.1
+            a_tries = Replies(a.client, "EVALSHA")
+            third = await asyncio.wait_for(a.acquire(0), t(5))
+            assert [int(reply[0]) for _, reply in a_tries.seen] == [1]  # taken at the first try
             a.release(third, None)
 
 
@@ -84,9 +99,11 @@ async def test_different_buckets_identify_together() -> None:
     loop = asyncio.get_running_loop()
     with cleanup(unique_prefix()) as prefix:
         async with open_gate(prefix, 2) as a, open_gate(prefix, 2) as b:
+            tries = [Replies(a.client, "EVALSHA"), Replies(b.client, "EVALSHA")]
             started = loop.time()
-            p0, p1 = await asyncio.gather(a.acquire(0), b.acquire(1))
-            assert loop.time() - started < 0.2
+            p0, p1 = await asyncio.wait_for(asyncio.gather(a.acquire(0), b.acquire(1)), t(5))
+            # Both at their first try: neither waited for the other.
+            assert [[int(reply[0]) for _, reply in gate.seen] for gate in tries] == [[1], [1]]
             assert (p0.bucket, p1.bucket) == (0, 1)
             a.release(p0, loop.time())
             b.release(p1, loop.time())
@@ -102,20 +119,29 @@ async def test_a_crashed_holder_blocks_its_bucket_for_one_lease_only() -> None:
     with cleanup(unique_prefix()) as prefix:
         async with raw_client() as r:
             # A holder that died right after SET NX (its lease is 0.8 s here).
+            set_at = loop.time()
             await r.set(f"{prefix}identify:0", "dead-host-token", nx=True, px=800)
         async with open_gate(prefix) as gate:
-            started = loop.time()
-            permit = await gate.acquire(0)
-            assert 0.6 < loop.time() - started < 1.5
+            permit = await asyncio.wait_for(gate.acquire(0), t(5))
+            assert 0.6 < loop.time() - set_at < 0.8 + t(0.7)
             gate.release(permit, None)
 
 
 async def test_a_living_holder_renews_its_lease() -> None:
+    loop = asyncio.get_running_loop()
+    lease = t(0.6)
     with cleanup(unique_prefix()) as prefix:
-        async with open_gate(prefix, lease=0.6) as a, open_gate(prefix) as b, raw_client() as r:
+        async with open_gate(prefix, lease=lease) as a, open_gate(prefix) as b, raw_client() as r:
             permit = await a.acquire(0)
+            expired_twice = loop.time() + 2 * lease  # had A not renewed its lease
+            b_tries = Replies(b.client, "EVALSHA")
             waiter = asyncio.create_task(b.acquire(0))
-            await asyncio.sleep(1.5)  # longer than two leases: a slow connect
+            # A slow connect: B asks again after two leases and is still turned away.
+            await wait_until(
+                lambda: bool(b_tries.after(expired_twice)) or waiter.done(),
+                2 * 0.6 + 3,
+                "B to ask after two leases",
+            )
             assert not waiter.done()
             assert await r.get(permit.key) == permit.token.encode()
             a.release(permit, None)
@@ -123,21 +149,28 @@ async def test_a_living_holder_renews_its_lease() -> None:
 
 
 async def test_release_only_touches_a_key_that_is_still_ours() -> None:
+    loop = asyncio.get_running_loop()
     with cleanup(unique_prefix()) as prefix:
         async with open_gate(prefix) as gate, raw_client() as r:
             permit = await gate.acquire(0)
             # The lease ran out and another host took the bucket meanwhile.
             await r.set(permit.key, "someone-else", px=1000)
+            taken_at = loop.time()
+            settled = Replies(gate.client, "EVALSHA")
             gate.release(permit, None)
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: len(settled) >= 1, 5, "the release to ask Redis")
+            assert [reply for _, reply in settled.seen] == [0]  # "not ours": left alone
             assert await r.get(permit.key) == b"someone-else"
-            assert await r.pttl(permit.key) > 800
+            assert await r.pttl(permit.key) >= 1000 - (loop.time() - taken_at) * 1000 - 2
             # And after an IDENTIFY: the other holder's key keeps its own expiry.
             permit = await asyncio.wait_for(gate.acquire(0), t(3))
             await r.set(permit.key, "someone-else", px=3000)
-            gate.release(permit, asyncio.get_running_loop().time())
-            await asyncio.sleep(0.1)
-            assert await r.pttl(permit.key) > 2500
+            taken_at = loop.time()
+            settled = Replies(gate.client, "EVALSHA")
+            gate.release(permit, loop.time())
+            await wait_until(lambda: len(settled) >= 1, 5, "the release to ask Redis")
+            assert [reply for _, reply in settled.seen] == [0]
+            assert await r.pttl(permit.key) >= 3000 - (loop.time() - taken_at) * 1000 - 2
 
 
 async def test_identifies_wait_while_redis_is_down(
@@ -149,7 +182,8 @@ async def test_identifies_wait_while_redis_is_down(
     async with open_gate(prefix, url=private_redis.url) as gate:
         private_redis.stop()
         waiting = [asyncio.create_task(gate.acquire(i)) for i in (0, 1)]
-        await asyncio.sleep(1.5)
+        # The gate tried Redis three times and was refused each time.
+        await wait_until(lambda: gate.outage.failures >= 3, 10, "three refused tries")
         assert not any(task.done() for task in waiting)  # no identify without the gate
         private_redis.start()
         first = await asyncio.wait_for(waiting[0], t(5))
@@ -164,13 +198,14 @@ async def test_identifies_wait_while_redis_is_down(
 async def test_the_local_gate_is_taken_first_and_keeps_the_budget() -> None:
     loop = asyncio.get_running_loop()
     with cleanup(unique_prefix()) as prefix:
-        budget = SessionBudget(total=10, remaining=1, reset_at=loop.time() + 0.8)
+        reset_at = loop.time() + 0.8
+        budget = SessionBudget(total=10, remaining=1, reset_at=reset_at)
         local = LocalIdentifyGate(1, window=WINDOW, budget=budget)
         async with open_gate(prefix, local=local) as gate:
             permit = await gate.acquire(0)
             gate.release(permit, loop.time())
             assert budget.remaining == 0
-            started = loop.time()
-            permit = await gate.acquire(1)  # waits for the budget's reset, not only the window
-            assert loop.time() - started >= 0.7
+            permit = await asyncio.wait_for(gate.acquire(1), t(5))
+            # It waited for the budget's reset, not only for the window.
+            assert loop.time() >= reset_at
             gate.release(permit, None)

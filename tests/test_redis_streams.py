@@ -20,7 +20,7 @@ from spectacles_gateway.redis_store import redis_client
 
 from .gwtest import t, wait_until
 from .support.brokers import Driver
-from .test_redis_store import (
+from .support.redis import (
     REDIS_URL,
     PrivateRedis,
     cleanup,

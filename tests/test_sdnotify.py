@@ -14,6 +14,8 @@ import pytest
 
 from supervisor.sdnotify import Notifier
 
+from .gwtest import t
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="AF_UNIX on Linux")
 
 
@@ -29,7 +31,7 @@ def listener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
         name = f"spectacles-test-{uuid.uuid4().hex}"
         sock.bind(b"\0" + name.encode())
         address = "@" + name
-    sock.settimeout(2)
+    sock.settimeout(t(2))
     try:
         yield address, sock
     finally:
@@ -40,15 +42,12 @@ def recv(sock: socket.socket) -> list[str]:
     return sock.recv(4096).decode().split("\n")
 
 
-def nothing_waiting(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        sock.recv(4096)
-    except BlockingIOError:
-        return True
-    finally:
-        sock.settimeout(2)
-    return False
+def nothing_before_a_marker(notifier: Notifier, sock: socket.socket) -> bool:
+    """Send a marker and read the first datagram waiting: True when it is the marker, i.e.
+    nothing else was sent before it (the marker is the signal that anything would be here)."""
+    marker = f"STATUS=marker {uuid.uuid4().hex}"
+    assert notifier.notify(marker)
+    return recv(sock) == [marker]
 
 
 def test_ready_watchdog_status_stopping_arrive(listener: tuple[str, socket.socket]) -> None:
@@ -73,7 +72,7 @@ def test_ready_watchdog_status_stopping_arrive(listener: tuple[str, socket.socke
     assert recv(sock) == ["EXTEND_TIMEOUT_USEC=90000000"]
     notifier.stopping()
     assert recv(sock) == ["STOPPING=1"]
-    assert nothing_waiting(sock)
+    assert nothing_before_a_marker(notifier, sock)
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec(listener: tuple[str, socket.socket]) -> None:
@@ -105,7 +104,7 @@ def test_no_watchdog_for_us_disables_it(
     assert notifier is not None
     assert notifier.watchdog_interval() is None
     notifier.watchdog()
-    assert nothing_waiting(sock)
+    assert nothing_before_a_marker(notifier, sock)
     notifier.ready()  # the rest still works
     assert recv(sock) == ["READY=1"]
 
@@ -160,6 +159,6 @@ def test_a_forked_child_does_not_speak_for_the_main_process(
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert nothing_waiting(sock)
+    assert nothing_before_a_marker(notifier, sock)
     notifier.ready()
     assert recv(sock) == ["READY=1"]

@@ -7,7 +7,17 @@ import os
 import signal
 from collections import Counter
 
-from .gwproc import free_port, gateway, gateway_env, metric, scrape, status, worker_pids
+from .gwproc import (
+    duration,
+    free_port,
+    gateway,
+    gateway_env,
+    health,
+    metric,
+    metrics_when,
+    status,
+    worker_pids,
+)
 from .gwtest import ready_count, simulator, t, wait_until
 
 
@@ -80,7 +90,9 @@ async def test_hup_rolling_restart_no_identify_no_loss() -> None:
         assert sim.ledger.resume_count(success=True) == 4  # each shard resumed once
         ids = gw.ids()
         assert set(ids) == set(sim.ledger.events_sent())
-        assert len(ids) == len(set(ids))  # graceful hand-over: not even a duplicate
+        duplicates = [id_ for id_, n in Counter(ids).items() if n > 1]
+        # A graceful hand-over: not even a duplicate.
+        assert not duplicates, f"{len(duplicates)} duplicates\n{gw.log()[-6000:]}"
         assert "rolling restart" in gw.log()
 
 
@@ -102,7 +114,8 @@ async def test_sixteen_shards_four_buckets_start_as_fast_as_discord_allows() -> 
             f"16 shards, max_concurrency 4, 4 workers: all READY {took:.2f} s after start; "
             f"identifies span {times[-1] - times[0]:.2f} s"
         )
-        assert 15.0 <= took <= 18.0 + t(1.0) - 1.0, took
+        # Three identify windows of 5 s (the rule), then start-up, margins and READY (slack).
+        assert 15.0 <= took <= 15.0 + t(3.0), took
         assert "identified" in gw.log()  # progress lines
 
 
@@ -127,8 +140,17 @@ async def test_metrics_aggregate_workers_and_do_not_double_count_after_a_restart
         env = gateway_env(sim, PROMETHEUS_ADDRESS=f"127.0.0.1:{port}", SUPERVISOR_WORKERS="4")
         async with gateway(env) as gw:
             await wait_until(lambda: all_ready(port, 4), 30, "ready")
-            await asyncio.sleep(1.5)
-            text = await asyncio.to_thread(scrape, port)
+            # Workers report once a second: wait for the reports that carry every shard's events.
+            text = await metrics_when(
+                port,
+                lambda m: all(
+                    metric(m, "gateway_packets_received", shard=str(s), op="0") > 0
+                    for s in range(4)
+                ),
+                10,
+                "every shard's events in the metrics",
+                gw.log,
+            )
             for shard in range(4):
                 assert metric(text, "gateway_shards_alive", id=str(shard)) == 1
                 assert metric(text, "gateway_packets_received", shard=str(shard), op="0") > 0
@@ -143,25 +165,21 @@ async def test_metrics_aggregate_workers_and_do_not_double_count_after_a_restart
                 30,
                 "worker 2 back",
             )
-            await asyncio.sleep(1.5)
-            after = await asyncio.to_thread(scrape, port)
-            ready = await asyncio.to_thread(lambda: scrape_ok(port))
+            # The new worker's report of its resume (its shard is alive again in the same one).
+            after = await metrics_when(
+                port,
+                lambda m: metric(m, "gateway_resumes_total") >= 1,
+                10,
+                "the new worker's resume in the metrics",
+                gw.log,
+            )
+            ready = await asyncio.to_thread(health, port)
             await gw.stop()
         assert sum(metric(after, "gateway_shards_alive", id=str(s)) for s in range(4)) == 4
         assert metric(after, "gateway_workers") == 4
         assert metric(after, "gateway_worker_restarts_total", reason="sigkill") == 1
         assert metric(after, "gateway_resumes_total") >= 1
         assert ready == (200, 200)
-
-
-def scrape_ok(port: int) -> tuple[int, int]:
-    import urllib.request
-
-    codes = []
-    for path in ("/healthz", "/readyz"):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            codes.append(response.status)
-    return codes[0], codes[1]
 
 
 async def test_a_stalled_worker_is_killed_and_restarted() -> None:
@@ -171,7 +189,7 @@ async def test_a_stalled_worker_is_killed_and_restarted() -> None:
             sim,
             PROMETHEUS_ADDRESS=f"127.0.0.1:{port}",
             SUPERVISOR_WORKERS="2",
-            SUPERVISOR_STALL_TIMEOUT="3s",
+            SUPERVISOR_STALL_TIMEOUT=duration(3),
         )
         async with gateway(env) as gw:
             await wait_until(lambda: all_ready(port, 2), 30, "ready")

@@ -34,20 +34,28 @@ async def test_ready_only_after_shards_connect_then_watchdog_pings(tmp_path: Pat
                 await wait_until(
                     lambda: any("READY=1" in m for _, m, _ in received), 30, "READY=1", gw.log
                 )
-                ready_at = next(t for t, m, _ in received if "READY=1" in m)
-                await asyncio.sleep(2.0)
+                ready_at = next(at for at, m, _ in received if "READY=1" in m)
+                await wait_until(
+                    lambda: sum("WATCHDOG=1" in m for at, m, _ in received if at > ready_at) >= 3,
+                    5,
+                    "three watchdog pings after READY=1",
+                    gw.log,
+                )
                 code = await gw.stop()
-                await asyncio.sleep(0.1)
+                # STOPPING=1 (sent at the stop) has arrived, so has everything sent before it.
+                await wait_until(
+                    lambda: any("STOPPING=1" in m for _, m, _ in received), 5, "STOPPING=1"
+                )
         finally:
             listener.cancel()
             sock.close()
     assert code == 0
-    ready_msgs = [(t, n) for t, m, n in received if "READY=1" in m]
+    ready_msgs = [(at, n) for at, m, n in received if "READY=1" in m]
     assert len(ready_msgs) == 1
     assert ready_msgs[0][1] == 2  # every shard had its READY when systemd was told
     # The two shards identify 5 s apart, so READY=1 cannot have come early by luck.
     identifies = sorted(r.time for r in sim.ledger.identifies)
     assert identifies[-1] - identifies[0] >= 5.0
-    pings = [t for t, m, _ in received if "WATCHDOG=1" in m and t > ready_at]
+    pings = [at for at, m, _ in received if "WATCHDOG=1" in m and at > ready_at]
     assert len(pings) >= 3, received  # every 0.5 s (half of WATCHDOG_USEC) from the main loop
     assert any("STOPPING=1" in m for _, m, _ in received)

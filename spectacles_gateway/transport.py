@@ -67,8 +67,9 @@ class EventHandler(Protocol):
     def publish(self, shard_id: int, dispatch: Dispatch) -> None:
         """A dispatch that passed the filter."""
 
-    def end_of_batch(self) -> None:
-        """All messages of one read were handed over: a good moment to flush buffers."""
+    def end_of_batch(self, shard_id: int) -> None:
+        """All messages of one read (or of one timer) were handed over: a good moment to flush
+        buffers; the shard's state may have changed."""
 
     def shard_event(self, runner: ShardRunner, event: Event) -> None:
         """Any other event of the core: a notice, commands sent or dropped."""
@@ -230,7 +231,7 @@ class GatewayConnection(asyncio.Protocol):
             else:
                 handler.shard_event(runner, event)
         self._write_ws()
-        handler.end_of_batch()
+        handler.end_of_batch(shard_id)
         deadline = self.core.next_deadline()
         if deadline != self._timer_at:
             if self._timer is not None:
@@ -241,9 +242,14 @@ class GatewayConnection(asyncio.Protocol):
                 self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
+        # The loop's clock can read a hair before the deadline when its timer fires (timers
+        # have millisecond resolution): the deadline has come, or the core would ask again at
+        # once, and again, until the clock caught up.
+        at = self._timer_at
         self._timer = None
         self._timer_at = None
-        self.core.tick(self.loop.time())
+        now = self.loop.time()
+        self.core.tick(now if at is None or now >= at else at)
         self.pump()
 
     def _write_ws(self) -> None:
@@ -360,11 +366,6 @@ class ShardRunner:
     def stats(self) -> ShardStats:
         return self.core.stats()
 
-    @property
-    def version(self) -> int:
-        """Grows whenever :meth:`stats` may show something new."""
-        return self.core.version
-
     def session(self) -> Session | None:
         return self.core.session()
 
@@ -474,3 +475,4 @@ class ShardRunner:
         for event in self.core.events_received():
             if type(event) not in (SendData, CloseRequest, IdentifySent):
                 handler.shard_event(self, event)
+        handler.end_of_batch(self.shard_id)  # the shard's state changed (closed, failed, ...)

@@ -75,12 +75,16 @@ class Worker:
         self._wake_scheduled = False
         self._background: list[asyncio.Task[None]] = []
         self._saved: dict[int, Session | None] = {}
-        self._seen: dict[int, int] = {}  # shard -> core version at the last observation
-        self._persisted_versions: dict[int, int] = {}  # ... at the last session save
+        # Shards that may have changed since the last observation, and since the last save:
+        # the periodic work looks at these only, so idle shards cost nothing.
+        self._changed: set[int] = set()
+        self._unsaved: set[int] = set()
         self._stats: dict[int, ShardStats] = {}  # shard -> stats at the last observation
         self._status_changes: dict[int, ShardStatus] = {}
         #: How often sessions (with their confirmed seq) are written to the store.
         self.persist_interval = 1.0
+        #: Called after each periodic round (the worker process reports to its supervisor).
+        self.after_round: Callable[[], None] | None = None
         self.fatal_code: int | None = None
         self.output_failed = False
 
@@ -99,12 +103,16 @@ class Worker:
             self._latency_probe[shard_id] = (session, seq, self._clock())
         self._publish(shard_id, event, seq, data, session)
 
-    def end_of_batch(self) -> None:
+    def end_of_batch(self, shard_id: int) -> None:
+        self._changed.add(shard_id)
+        self._unsaved.add(shard_id)
         progress = self.broker.flush()
         if progress is not None:
             self._apply(progress)
 
     def shard_event(self, runner: ShardRunner, event: Event) -> None:
+        self._changed.add(runner.shard_id)
+        self._unsaved.add(runner.shard_id)
         kind = type(event)
         if kind is Notice:
             self._notice(runner.shard_id, event)  # type: ignore[arg-type]
@@ -151,10 +159,14 @@ class Worker:
     def _apply(self, progress: Progress) -> None:
         runners = self.runners
         probes = self._latency_probe
+        changed = self._changed
+        unsaved = self._unsaved
         for shard_id, (session, seq) in progress.confirmed.items():
             runner = runners.get(shard_id)
             if runner is not None:
                 runner.confirm(session, seq)
+                changed.add(shard_id)
+                unsaved.add(shard_id)
             probe = probes.get(shard_id)
             if probe is not None and probe[0] == session and probe[1] <= seq:
                 del probes[shard_id]
@@ -275,14 +287,12 @@ class Worker:
                 max_message_size=self.plan.max_message_size,
             )
             metrics.shards_alive.labels(str(shard_id)).set(0)
+        self._changed.update(self.runners)  # the first report shows every shard
         # After the runners exist: a command that arrives at once finds its shard (and is
         # queued until the shard is connected) instead of being handed on to itself.
         await self.broker.start()
         tasks = {runner.start(): runner for runner in self.runners.values()}
-        self._background = [
-            loop.create_task(self._every(1.0, self.observe)),
-            loop.create_task(self._persist_loop()),
-        ]
+        self._background = [loop.create_task(self._periodic())]
         stop_wait = loop.create_task(self._stop_requested.wait())
         pending: set[asyncio.Future[Any]] = {*tasks, stop_wait}
         try:
@@ -344,42 +354,43 @@ class Worker:
             await close_gate()
 
     async def persist_sessions(self, *, final: bool = False) -> None:
-        """Write every shard's session whose confirmed seq (or anything else) changed; a shard
-        whose core did not change since the last round is not even looked at."""
-        versions = self._persisted_versions
-        for shard_id, runner in self.runners.items():
-            version = runner.version
-            if not final and versions.get(shard_id) == version:
+        """Write every shard's session whose confirmed seq (or anything else) changed; only
+        shards that saw activity since the last round are looked at."""
+        if final:
+            self._unsaved.update(self.runners)
+        unsaved, self._unsaved = self._unsaved, set()
+        for shard_id in unsaved:
+            runner = self.runners.get(shard_id)
+            if runner is None:
                 continue
             session = runner.session()
             if final and not self.keep_sessions:
                 session = None
-            if session != self._saved.get(shard_id):
-                try:
-                    await self.store.save(shard_id, self.plan.shard_count, session)
-                except Exception as exc:
-                    log.warning(
-                        "shard %d: could not save the session (%s); will retry", shard_id, exc
-                    )
-                    continue
-                self._saved[shard_id] = session
-            versions[shard_id] = version
+            if session == self._saved.get(shard_id):
+                continue
+            try:
+                await self.store.save(shard_id, self.plan.shard_count, session)
+            except Exception as exc:
+                log.warning("shard %d: could not save its session (%s); retrying", shard_id, exc)
+                self._unsaved.add(shard_id)
+                continue
+            self._saved[shard_id] = session
 
-    async def _persist_loop(self) -> None:
+    async def _periodic(self) -> None:
+        """Once a second (one wake-up for everything periodic): metrics and statuses of the
+        shards that changed, their sessions to the store, then the owner's report."""
         while True:
             await asyncio.sleep(self.persist_interval)
+            self.observe()
             await self.persist_sessions()
-
-    async def _every(self, seconds: float, call: Callable[[], None]) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            call()
+            if self.after_round is not None:
+                self.after_round()
 
     # ------------------------------------------------------------------ observation
 
     def observe(self) -> None:
         """Move counts into the metrics and note the shards whose status changed; only shards
-        whose core changed since the last call are looked at (idle shards cost nothing)."""
+        that saw activity since the last call are looked at (idle shards cost nothing)."""
         if self._published:
             for event, count in self._published.items():
                 metrics.events_published.labels(event).inc(count)
@@ -390,12 +401,11 @@ class Worker:
                 histogram.observe(seconds)
             self._latencies.clear()
         confirmed = 0
-        seen = self._seen
-        for shard_id, runner in self.runners.items():
-            version = runner.version
-            if seen.get(shard_id) == version:
+        changed, self._changed = self._changed, set()
+        for shard_id in changed:
+            runner = self.runners.get(shard_id)
+            if runner is None:
                 continue
-            seen[shard_id] = version
             stats = runner.stats()
             confirmed += self._record_stats(shard_id, stats, self._stats.get(shard_id))
             self._stats[shard_id] = stats
@@ -430,14 +440,8 @@ class Worker:
             metrics.ping.labels(shard).observe(stats.latency * 1000.0)
         return stats.confirmed_events - (old.confirmed_events if old else 0)
 
-    def status_changes(
-        self, *, everything: bool = False
-    ) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:
-        """Shard statuses and sessions that changed since the last call (all of them with
-        ``everything``)."""
-        if everything:
-            self._seen.clear()
-        self.observe()
+    def status_changes(self) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:
+        """Shard statuses and sessions noted by :meth:`observe` since the last call."""
         changes, self._status_changes = self._status_changes, {}
         sessions = {shard_id: self.runners[shard_id].session() for shard_id in changes}
         return changes, sessions

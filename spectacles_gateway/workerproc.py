@@ -44,8 +44,6 @@ __all__ = ["ControlLink", "SupervisorGate", "main"]
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 1.0
-
 
 def read_start(sock: socket.socket) -> Start:
     """Read the first control message (blocking, before the event loop starts)."""
@@ -164,15 +162,15 @@ class SupervisorGate:
         self.link.send(Identified(permit, sent))
 
 
-def status(worker: Worker, *, everything: bool = False) -> Status:
-    shards, sessions = worker.status_changes(everything=everything)
-    changes = metrics.REGISTRY.everything() if everything else metrics.REGISTRY.changes()
+def status(worker: Worker) -> Status:
+    """What changed since the last report (the first one: everything)."""
+    shards, sessions = worker.status_changes()
     return Status(
         pid=os.getpid(),
         broker=worker.broker.connected,
         shards=shards,
         sessions=sessions,
-        metrics=changes,
+        metrics=metrics.REGISTRY.changes(),
     )
 
 
@@ -203,25 +201,20 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
     )
     link.attach(worker)
 
-    async def report() -> None:
-        link.send(status(worker, everything=True))
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL)
-            link.send(status(worker))
+    worker.after_round = lambda: link.send(status(worker))
 
     async def orphaned() -> None:
         await link.closed.wait()
         log.warning("the supervisor went away; stopping")
         worker.request_stop(fast=False)
 
-    reporter = asyncio.create_task(report())
     watcher = asyncio.create_task(orphaned())
     try:
         code = await worker.run()
     finally:
-        reporter.cancel()
         watcher.cancel()
         with contextlib.suppress(Exception):
+            worker.observe()
             link.send(status(worker))  # final sessions, after the broker flushed
             await link.drain(2.0)
         if link.transport is not None:

@@ -55,7 +55,7 @@ __all__ = ["Supervisor", "SupervisorOptions", "describe_exit"]
 
 log = logging.getLogger("spectacles_gateway.supervisor")
 
-TICK = 0.25  # seconds between two rounds of periodic work
+TICK = 1.0  # seconds between two rounds of periodic work (deadlines inside are kept exactly)
 
 
 @dataclass
@@ -302,7 +302,7 @@ class Supervisor(Lifecycle):
                 self._handle_signals()
                 if self.stopping is not None and all(s.proc is None for s in self.slots):
                     break
-                if now >= self._next_tick:
+                if now >= self._next_tick or self._due(now):
                     self._reap()
                     self._tick(now)
                     self._next_tick = now + TICK
@@ -321,12 +321,24 @@ class Supervisor(Lifecycle):
             self._shutdown_io()
         return self.exit_code
 
+    def _due(self, now: float) -> bool:
+        """A deadline of the periodic round has come before the round (a restart, a client)."""
+        if any(s.restart_at is not None and now >= s.restart_at for s in self.slots):
+            return True
+        deadline = self.http.next_deadline() if self.http is not None else None
+        return deadline is not None and now >= deadline
+
     def _timeout(self, now: float, next_grant: float | None) -> float:
         if self._signals:
             return 0.0
         at = self._next_tick
         if next_grant is not None:
             at = min(at, next_grant)
+        for slot in self.slots:
+            if slot.restart_at is not None:
+                at = min(at, slot.restart_at)
+        if self.http is not None and (deadline := self.http.next_deadline()) is not None:
+            at = min(at, deadline)
         if self.relay is not None and (ack := self.relay.next_ack()) is not None:
             at = min(at, ack)
         return max(0.0, at - now)

@@ -151,13 +151,11 @@ def test_stopping_hands_queued_commands_back() -> None:
     assert dropped.tickets == ("a",) and dropped.reason == "stopping"
 
 
-def test_stats_are_a_snapshot_and_version_tracks_changes() -> None:
+def test_stats_are_a_snapshot() -> None:
     core = make()
     connected_ready(core)
     before = core.stats()
-    version = core.version
     core.receive(dispatch(2), 1.0)
-    assert core.version > version
     after = core.stats()
     assert before.packets_received.get(("MESSAGE_CREATE", 0), 0) == 0
     assert after.packets_received[("MESSAGE_CREATE", 0)] == 1
@@ -166,3 +164,20 @@ def test_stats_are_a_snapshot_and_version_tracks_changes() -> None:
     assert after.phase == Phase.READY.value and after.ready
     assert NoticeKind.POISON.reconnect == "poison"
     assert core.session() == Session("sess-1", 1, RESUME)
+
+
+def test_heartbeats_of_many_shards_fall_on_a_shared_grid() -> None:
+    """Deadlines are moved a little earlier onto a grid of a fortieth of the interval, so the
+    heartbeats of many shards share wake-ups; never later than the interval."""
+    times = set()
+    for i in range(50):
+        core = make(rand=i / 50)
+        core.connection_opened(0.0, identify_permitted=True)
+        core.receive(hello(), 0.0)  # 41.25 s
+        first = core.next_deadline()
+        assert first is not None and first <= 41.25 * i / 50 + 1e-9
+        core.tick(first)
+        second = core.next_deadline()
+        assert second is not None and 41.25 - 41.25 / 40 < second - first <= 41.25 + 1e-9
+        times.add(round(second, 6))
+    assert len(times) <= 41  # fifty shards, at most one wake-up per grid step

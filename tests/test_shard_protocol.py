@@ -480,7 +480,8 @@ def test_commands_wait_for_ready_then_respect_the_send_limit() -> None:
         assert sum(1 for u in times if t <= u < t + 60.0) <= 120
     beats = [t for t, p in sends if p["op"] == 1]
     gaps = [b - a for a, b in itertools.pairwise(beats)]
-    assert gaps and all(g == pytest.approx(41.25) for g in gaps)  # heartbeats never delayed
+    # Never late, and early by less than the grid that lets shards share wake-ups.
+    assert gaps and all(41.25 - 41.25 / 40 < g <= 41.25 + 1e-9 for g in gaps)
     assert commands[-1][0] == pytest.approx(0.5 + 61.5)  # the last ones waited for the window
 
 

@@ -20,30 +20,31 @@ class CommandRejected(ValueError):
 
 class CommandQueue:
     """FIFO of ``(payload, ticket, op, queued at)``; at most ``limit`` entries, none older than
-    ``max_age`` seconds once :meth:`expire` ran."""
+    ``max_age`` seconds once :meth:`expire` ran. ``items`` is the deque itself: hot paths test
+    it for emptiness without a Python-level call."""
 
-    __slots__ = ("_items", "limit", "max_age")
+    __slots__ = ("items", "limit", "max_age")
 
     def __init__(self, limit: int, max_age: float) -> None:
         self.limit = limit
         self.max_age = max_age
-        self._items: deque[tuple[bytes, object, int, float]] = deque()
+        self.items: deque[tuple[bytes, object, int, float]] = deque()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def push(self, payload: bytes, ticket: object, op: int, now: float, shard_id: int) -> None:
-        if len(self._items) >= self.limit:
+        if len(self.items) >= self.limit:
             raise CommandRejected(
                 "queue_full",
-                f"shard {shard_id} already holds {len(self._items)} commands waiting for the "
+                f"shard {shard_id} already holds {len(self.items)} commands waiting for the "
                 "send limit",
             )
-        self._items.append((payload, ticket, op, now))
+        self.items.append((payload, ticket, op, now))
 
     def expire(self, now: float) -> tuple[object, ...] | None:
         """Drop what is older than ``max_age``; the tickets of what was dropped, or None."""
-        items = self._items
+        items = self.items
         horizon = now - self.max_age
         if not items or items[0][3] > horizon:
             return None
@@ -56,7 +57,7 @@ class CommandQueue:
 
     def take(self, now: float, limiter: SendLimiter) -> list[tuple[bytes, object, int]]:
         """As many commands as the send limit allows now, oldest first."""
-        items = self._items
+        items = self.items
         out: list[tuple[bytes, object, int]] = []
         while items and limiter.try_acquire(now):
             payload, ticket, op, _ = items.popleft()
@@ -65,10 +66,10 @@ class CommandQueue:
 
     def expiry(self) -> float | None:
         """When the oldest command expires (None: the queue is empty)."""
-        return self._items[0][3] + self.max_age if self._items else None
+        return self.items[0][3] + self.max_age if self.items else None
 
     def clear(self) -> tuple[object, ...]:
         """Give every command up; their tickets."""
-        tickets = tuple(t for _, t, _, _ in self._items if t is not None)
-        self._items.clear()
+        tickets = tuple(t for _, t, _, _ in self.items if t is not None)
+        self.items.clear()
         return tickets

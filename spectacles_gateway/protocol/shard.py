@@ -98,8 +98,6 @@ class ShardProtocol:
             self.seq = session.seq
         # The one way out.
         self._out: list[Event] = []
-        #: Grows whenever something a status report shows may have changed (cheap to compare).
-        self.version = 0
         # Connection state.
         self._limiter = self._new_limiter()
         self._heartbeat_interval = 0.0
@@ -138,7 +136,6 @@ class ShardProtocol:
         out = self._out
         if out:
             self._out = []
-            self.version += 1
         return out
 
     def stats(self) -> ShardStats:
@@ -179,6 +176,13 @@ class ShardProtocol:
         self._after_close_delay = delay
         self._heartbeat_at = None
         self._hello_deadline = None
+
+    def _on_grid(self, now: float, at: float) -> float:
+        """``at`` moved earlier onto a grid of a fortieth of the interval (1 s for Discord's
+        41.25 s): heartbeats of many shards then share their wake-ups. Beating a little early
+        is always allowed; never before ``now``."""
+        grid = self._heartbeat_interval / 40.0
+        return max(now, math.floor(at / grid) * grid) if grid > 0 else at
 
     def _next_backoff(self) -> float:
         """One more failure in a row: how long to wait before the next connection."""
@@ -242,7 +246,6 @@ class ShardProtocol:
 
     def connection_opened(self, now: float, *, identify_permitted: bool) -> None:
         """The websocket is open; wait for HELLO. ``identify_permitted``: the gate was taken."""
-        self.version += 1
         self.phase = Phase.WAITING_HELLO
         self._limiter = self._new_limiter()
         self._after_close = None
@@ -259,7 +262,6 @@ class ShardProtocol:
         """Feed one complete gateway message (decompressed JSON text)."""
         if self.phase is Phase.CLOSING or self.phase is Phase.STOPPED:
             return  # after we asked to close, nothing counts: it will be replayed
-        self.version += 1
         try:
             env = decode_envelope(data)
         except _DECODE_ERRORS as exc:
@@ -381,7 +383,7 @@ class ShardProtocol:
         beats = math.ceil(c.send_period / interval) + 2
         self._limiter.reserved = min(c.send_limit - 1, max(c.heartbeat_reserve, beats))
         self._acked = True
-        self._heartbeat_at = now + interval * self._rand()
+        self._heartbeat_at = self._on_grid(now, now + interval * self._rand())
         if self.session_id is not None:
             # Resume after the last event handed to the broker: this process still holds what
             # the broker has not confirmed yet (it retries until it can), so a replay would only
@@ -429,7 +431,7 @@ class ShardProtocol:
             self._acked = False
             self._heartbeat_sent_at = now
             if self._heartbeat_interval:
-                self._heartbeat_at = now + self._heartbeat_interval
+                self._heartbeat_at = self._on_grid(now, now + self._heartbeat_interval)
         else:  # cannot happen while commands keep to their share; retry when a slot frees
             self._heartbeat_at = self._limiter.next_free(now, priority=True)
 
@@ -454,7 +456,7 @@ class ShardProtocol:
 
     def _flush_commands(self, now: float) -> None:
         commands = self._commands
-        if not commands:
+        if not commands.items:
             return
         expired = commands.expire(now)
         if expired is not None:
@@ -477,7 +479,7 @@ class ShardProtocol:
                 tickets.append(ticket)
         if tickets:
             out.append(CommandsSent(tuple(tickets)))
-        self._commands_waiting = bool(commands)
+        self._commands_waiting = bool(commands.items)
 
     # ------------------------------------------------------------------ time
 
@@ -488,7 +490,7 @@ class ShardProtocol:
         if hello is not None and (deadline is None or hello < deadline):
             deadline = hello
         commands = self._commands
-        if commands:
+        if commands.items:
             expiry = commands.expiry()
             if expiry is not None and (deadline is None or expiry < deadline):
                 deadline = expiry
@@ -529,9 +531,7 @@ class ShardProtocol:
         while pending and pending[0] <= seq:
             pending.popleft()
             popped += 1
-        if popped:
-            self._confirmed_events += popped
-            self.version += 1
+        self._confirmed_events += popped
 
     def stop(self, *, keep_session: bool) -> None:
         """Shut this shard down. ``keep_session``: close with a resumable code (the session is
@@ -557,7 +557,6 @@ class ShardProtocol:
 
     def connection_closed(self, now: float, code: int | None) -> CloseAction:
         """The websocket is closed. ``code``: the close code the server sent (None: no frame)."""
-        self.version += 1
         self._heartbeat_at = None
         self._hello_deadline = None
         if self._stopping:

@@ -22,7 +22,8 @@ import pika
 import pytest
 from pika import frame, spec
 
-from spectacles_gateway.brokers.amqp import FORWARD, AmqpBroker, ConfirmTracker, _Connection
+from spectacles_gateway.brokers.amqp import AmqpBroker
+from spectacles_gateway.brokers.amqp_confirms import FORWARD, ConfirmTracker
 from spectacles_gateway.brokers.amqp_frames import (
     FrameBuilder,
     event_headers_table,
@@ -358,35 +359,6 @@ def test_forwarded_commands_are_handed_back_for_their_ack_when_confirmed() -> No
     assert c.tracker.unconfirmed == 0
 
 
-def test_confirm_frames_take_the_fast_path_and_anything_else_goes_to_pika(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: list[tuple[int, bool, bool]] = []
-    handed: list[bytes] = []
-    monkeypatch.setattr(
-        pika.connection.Connection,
-        "_on_data_available",
-        lambda self, data: handed.append(data),
-    )
-    conn = _Connection.__new__(_Connection)
-    conn._frame_buffer = b""
-    conn.frames_received = conn.bytes_received = 0
-    conn.fast_channel = 1
-    conn.on_confirm = lambda tag, multiple, ok: seen.append((tag, multiple, ok))
-    ack = frame.Method(1, spec.Basic.Ack(delivery_tag=5, multiple=True)).marshal()
-    nack = frame.Method(1, spec.Basic.Nack(delivery_tag=6, multiple=False)).marshal()
-    other = frame.Method(2, spec.Basic.Ack(delivery_tag=1)).marshal()  # another channel
-    heartbeat = frame.Heartbeat().marshal()
-    conn._on_data_available(ack + nack + heartbeat + ack)
-    assert seen == [(5, True, True), (6, False, False)]
-    assert handed == [heartbeat + ack]
-    conn._on_data_available(other + ack)
-    assert handed[-1] == other + ack
-    conn._on_data_available(ack[:10])  # a partial frame: pika buffers it
-    assert handed[-1] == ack[:10]
-    assert conn.frames_received == 2 and conn.bytes_received == 42
-
-
 # --------------------------------------------------------------------------------------------
 # Against RabbitMQ
 
@@ -494,17 +466,17 @@ async def test_a_dropped_connection_republishes_the_unconfirmed_with_the_same_id
                 await wait_until(lambda: shard_ready(worker) and broker.connected, 10, "ready")
                 tracker = broker.tracker
                 await wait_until(lambda: tracker.confirmed == 2, 10, "the 2 GUILD_CREATEs")
-                conn = broker._conn
+                conn = broker.link.conn
                 assert conn is not None
                 # RabbitMQ takes everything, but its confirms stay unread ...
-                asyncio.get_running_loop().remove_reader(conn._transport._sock.fileno())
+                asyncio.get_running_loop().remove_reader(conn.fileno())
                 confirmed = broker.tracker.confirmed
                 sim.burst(0, 500)
                 await wait_until(lambda: depth(queue) == 500, 10, "500 messages in the queue")
                 assert broker.tracker.confirmed == confirmed
                 assert broker.tracker.unconfirmed == 500
                 # ... and then the connection drops, as on a socket error.
-                conn._transport._initiate_abort(ConnectionResetError("dropped by the test"))
+                conn.drop(ConnectionResetError("dropped by the test"))
                 await wait_until(lambda: broker.reconnects == 1, 10, "a new connection")
                 await wait_until(lambda: broker.tracker.unconfirmed == 0, 10, "all confirmed")
                 core = worker.runners[0].core

@@ -1,24 +1,17 @@
 """The AMQP broker: its pure parts (frames, confirm bookkeeping) with bytes and tables, then the
 broker in a worker against the simulator and the real RabbitMQ (restart, blocked publishing,
-bad commands, forwarding, an unreachable server).
-
-Also home of the helpers that the AMQP interop test shares: unique group names, a short-lived
-pika connection per operation, ``rabbitmqctl``.
+bad commands, forwarding, an unreachable server). The helpers shared with the other AMQP tests
+(unique group names, a short-lived pika connection per operation) are in tests/support/brokers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
-import pika
 import pytest
 from pika import frame, spec
 
@@ -31,76 +24,22 @@ from spectacles_gateway.brokers.amqp_frames import (
     message_id,
 )
 from spectacles_gateway.brokers.wire import msgpack_string
-from spectacles_gateway.metrics import REGISTRY
-from spectacles_gateway.simulator import Simulator
 
-from .gwtest import running_worker, simulator, t, wait_until
-from .support.brokers import Driver
-
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-PRESENCE = {"status": "idle", "since": None, "activities": [], "afk": False}
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers (also used by test_amqp_interop.py)
-
-
-def unique_group() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@contextlib.contextmanager
-def channel() -> Iterator[Any]:
-    """A short-lived pika channel (blocking): one per operation, so any thread may use it."""
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        yield conn.channel()
-    finally:
-        if conn.is_open:
-            conn.close()
-
-
-def declare_event_queue(group: str, event: str = "MESSAGE_CREATE") -> str:
-    """What a Spectacles consumer declares: the exchange and ``<group>:<event>`` bound."""
-    queue = f"{group}:{event}"
-    with channel() as ch:
-        ch.exchange_declare(group, "direct", durable=True)
-        ch.queue_declare(queue, durable=True)
-        ch.queue_bind(queue, group, event)
-    return queue
-
-
-def depth(queue: str) -> int:
-    with channel() as ch:
-        return int(ch.queue_declare(queue, passive=True).method.message_count)
-
-
-def drain(queue: str) -> list[tuple[Any, bytes]]:
-    """Every message in ``queue`` as (properties, body), acked."""
-    out: list[tuple[Any, bytes]] = []
-    with channel() as ch:
-        ch.basic_qos(prefetch_count=1000)
-        for method, props, body in ch.consume(queue, inactivity_timeout=0.5):
-            if method is None:
-                break
-            out.append((props, body))
-            ch.basic_ack(method.delivery_tag)
-        ch.cancel()
-    return out
-
-
-def publish(group: str, routing_key: str, body: bytes) -> None:
-    with channel() as ch:
-        ch.confirm_delivery()
-        ch.basic_publish(group, routing_key, body)
-
-
-def delete_group(group: str, queues: list[str] = (), shards: int = 4) -> None:  # type: ignore[assignment]
-    names = [*queues, f"{group}:SEND", *(f"{group}:{i}" for i in range(shards))]
-    with channel() as ch:
-        for name in names:
-            ch.queue_delete(name)
-        ch.exchange_delete(group)
+from .gwtest import simulator, t, wait_until
+from .support.brokers import (
+    PRESENCE,
+    Driver,
+    channel,
+    declare_event_queue,
+    delete_group,
+    depth,
+    drain,
+    gateway,
+    publish,
+    sample,
+    shard_ready,
+    unique_group,
+)
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60) -> str:
@@ -120,21 +59,6 @@ def d_of(props: Any, body: bytes) -> dict[str, Any]:
     text = msgspec.msgpack.decode(body)
     assert isinstance(text, str)
     return json.loads(text)  # type: ignore[no-any-return]
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def shard_ready(worker: Any, shard_id: int = 0) -> bool:
-    runner = worker.runners.get(shard_id)
-    return runner is not None and bool(runner.ready)
-
-
-def amqp_broker(group: str, shard_ids: tuple[int, ...] = (0,), **options: Any) -> AmqpBroker:
-    options.setdefault("reconnect_base", 0.1)
-    options.setdefault("reconnect_cap", 1.0)
-    return AmqpBroker(AMQP_URL, group=group, shard_ids=shard_ids, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,15 +285,6 @@ def test_forwarded_commands_are_handed_back_for_their_ack_when_confirmed() -> No
 
 # --------------------------------------------------------------------------------------------
 # Against RabbitMQ
-
-
-@contextlib.asynccontextmanager
-async def gateway(
-    sim: Simulator, group: str, shard_ids: tuple[int, ...] = (0,), **options: Any
-) -> AsyncIterator[tuple[Any, AmqpBroker]]:
-    broker = amqp_broker(group, shard_ids, **options)
-    async with running_worker(sim, shard_ids, broker=broker) as (worker, _):
-        yield worker, broker
 
 
 async def test_events_reach_a_spectacles_queue_with_our_properties() -> None:

@@ -26,7 +26,7 @@ from spectacles_gateway.brokers.amqp_link import call
 from spectacles_gateway.brokers.amqp_pika import CONFIRM_FRAME_SIZE, PikaConnection
 
 from .gwtest import t
-from .test_amqp import AMQP_URL
+from .support.brokers import AMQP_URL
 
 ACK = frame.Method(1, spec.Basic.Ack(delivery_tag=5, multiple=True)).marshal()
 NACK = frame.Method(1, spec.Basic.Nack(delivery_tag=6, multiple=False)).marshal()

@@ -8,9 +8,14 @@ Inputs (product.md "Inputs"):
   the queue name): bare packets for that shard.
 - Manual acks, prefetch ``amqp.prefetch``; ``ack()`` is idempotent and a no-op after the
   channel went away (RabbitMQ then redelivers the command).
-- Bodies over 64 KiB are dropped before parsing
-  (``gateway_input_dropped_total{source="amqp",reason="too_large"}``); the worker logs, counts
-  and acks every other malformed command.
+- Each delivery is taken inside its own boundary: a body over 64 KiB is dropped before parsing
+  (``gateway_input_dropped_total{source="amqp",reason="too_large"}``); anything that raises
+  while a delivery is taken is logged with its reason and traceback, counted
+  (``reason="internal_error"``) and the delivery acked, and consuming goes on. (Without it, an
+  exception escaping pika's consumer callback tears the connection down; the delivery comes
+  back while the next connection is set up and does it again, and again: no command taken and
+  no event published, for good.) The worker parses the body, and logs, counts and acks every
+  malformed command in its own boundary.
 
 Forwarding (:class:`Forwarder`): a packet for a shard of another worker is published to
 ``<group>:<shard>`` through the default exchange (the compact JSON, persistent when configured),
@@ -45,7 +50,7 @@ Deliver = Callable[[bytes, Ack, int | None], None]
 
 class CommandIntake:
     """The consumers of ``<group>:SEND`` and ``<group>:<shard>``: each delivery is handed to
-    ``deliver`` or dropped (and acked).
+    ``deliver`` or dropped (and acked) inside its own boundary.
 
     ``owns(channel)`` tells whether a delivery's channel is still the open command channel:
     an ack on any other one would be refused (RabbitMQ redelivers those deliveries anyway).
@@ -67,7 +72,12 @@ class CommandIntake:
 
         def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
             ack = self._acker(channel, method.delivery_tag)
-            self._take(queue, shard_id, body, ack)
+            try:
+                self._take(queue, shard_id, body, ack)
+            except Exception:  # a bug of ours: one delivery must not stop the intake
+                log.exception("rejected a command: internal_error while taking it from %s", queue)
+                metrics.input_dropped.labels(SOURCE, "internal_error").inc()
+                ack()
 
         return on_message
 

@@ -1,0 +1,79 @@
+"""Every AMQP command delivery is taken inside its own boundary (issue 10): whatever one
+delivery does, it is logged with the reason, counted in ``gateway_input_dropped_total``,
+acknowledged, and the consumers go on. Against the worker, the simulator and the real RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from spectacles_gateway.brokers.amqp import AmqpBroker
+from spectacles_gateway.brokers.wire import msgpack_string
+
+from .gwtest import simulator, wait_until
+from .support.brokers import (
+    PRESENCE,
+    delete_group,
+    depth,
+    gateway,
+    publish,
+    sample,
+    shard_ready,
+    unique_group,
+)
+
+GOOD = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": PRESENCE}}).encode()
+POISON = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": {"poison": True}}}).encode()
+
+
+def poison(broker: AmqpBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours that one body triggers while the broker takes it (the seam: handing the
+    command over); every other body goes through."""
+    take: Callable[..., None] = broker._command
+
+    def command(body: bytes, ack: Callable[[], None], shard_id: int | None = None) -> None:
+        if POISON in body:
+            raise RuntimeError("a bug that this body triggers")
+        take(body, ack, shard_id)
+
+    monkeypatch.setattr(broker, "_command", command)
+
+
+def internal_errors() -> float:
+    return sample("gateway_input_dropped_total", source="amqp", reason="internal_error")
+
+
+@pytest.mark.parametrize(("key", "wrap"), [("SEND", False), ("SEND", True), ("0", False)])
+async def test_a_delivery_that_raises_is_logged_counted_acked_and_the_next_one_goes_on(
+    key: str, wrap: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    group = unique_group()
+    internal = internal_errors()
+    bad = msgpack_string(POISON) if wrap else POISON
+    good = GOOD if key == "SEND" else json.dumps({"op": 3, "d": PRESENCE}).encode()
+    try:
+        async with simulator() as sim:
+            async with gateway(sim, group) as (worker, broker):
+                poison(broker, monkeypatch)
+                await wait_until(lambda: shard_ready(worker) and broker.connected, 10, "ready")
+                await asyncio.to_thread(publish, group, key, bad)
+                await asyncio.to_thread(publish, group, key, good)
+                await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the good command")
+                assert broker.connected and broker.reconnects == 0  # the connection survived
+                await wait_until(lambda: internal_errors() == internal + 1, 5, "the drop counted")
+            # Both acked: nothing comes back once the consumer is gone.
+            queue = f"{group}:{key}"
+            assert await asyncio.to_thread(depth, queue) == 0
+        assert sim.ledger.commands[0].d == PRESENCE
+    finally:
+        delete_group(group)
+    (record,) = [r for r in caplog.records if "internal_error" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert queue in record.getMessage()
+    assert "a bug that this body triggers" in caplog.text  # the reason, with its traceback

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from .. import metrics
 from ..protocol.backoff import backoff_delay
 from ..redact import redact_url
-from .amqp_commands import MAX_COMMAND_BODY, CommandIntake, Forwarder
+from .amqp_commands import CommandIntake, Forwarder
 from .amqp_confirms import FORWARD, ConfirmTracker
 from .amqp_frames import FrameBuilder, message_body
 from .amqp_link import AmqpLink, describe
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..plan import WorkerPlan
 
-__all__ = ["FORWARD", "MAX_COMMAND_BODY", "AmqpBroker", "ConfirmTracker"]
+__all__ = ["FORWARD", "AmqpBroker", "ConfirmTracker"]
 
 log = logging.getLogger(__name__)
 

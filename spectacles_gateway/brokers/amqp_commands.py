@@ -35,13 +35,12 @@ from .. import metrics
 from .amqp_confirms import ConfirmTracker, Message
 from .amqp_link import AmqpLink, ChannelGone, CommandQueue, QueueRefused
 from .base import Ack
+from .wire import MAX_COMMAND_BODY
 
-__all__ = ["MAX_COMMAND_BODY", "CommandIntake", "Forwarder"]
+__all__ = ["CommandIntake", "Forwarder"]
 
 log = logging.getLogger(__name__)
 
-#: A command body larger than this is dropped without being parsed (a valid one is < 5 KiB).
-MAX_COMMAND_BODY = 65536
 SOURCE = "amqp"
 
 #: Takes a command: (body, ack, shard id or None for a ``SEND`` body).

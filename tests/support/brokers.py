@@ -13,10 +13,13 @@ import pika
 
 from spectacles_gateway.brokers.amqp import AmqpBroker
 from spectacles_gateway.brokers.base import Ack, Broker, Progress
+from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
 from spectacles_gateway.metrics import REGISTRY
+from spectacles_gateway.redis_store import redis_client
 from spectacles_gateway.simulator import Simulator
 
 from ..gwtest import running_worker
+from ..test_redis_store import REDIS_URL, settings_for
 
 
 def _nothing(*args: object) -> None:
@@ -169,3 +172,18 @@ async def gateway(
     broker = amqp_broker(group, shard_ids, **options)
     async with running_worker(sim, shard_ids, broker=broker) as (worker, _):
         yield worker, broker
+
+
+# ------------------------------------------------------------------------------ Redis streams
+
+
+def redis_streams_broker(prefix: str, url: str | None = None, **kwargs: Any) -> RedisStreamsBroker:
+    """A streams broker on ``prefix`` (its streams, ``<prefix>SEND``, group ``gateway``) with
+    its two clients, as :meth:`RedisStreamsBroker.from_settings` builds them."""
+    url = url or REDIS_URL
+    settings = settings_for(prefix, url=url)
+    kwargs.setdefault("stream_prefix", prefix)
+    kwargs.setdefault("group", "gateway")
+    return RedisStreamsBroker(
+        redis_client(settings), redis_client(settings, max_connections=1), url=url, **kwargs
+    )

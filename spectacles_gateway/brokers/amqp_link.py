@@ -179,6 +179,11 @@ class AmqpLink:
             return False
         return True
 
+    @property
+    def command_channel(self) -> Any:
+        """The channel the command queues are consumed on (None: not connected)."""
+        return self._sub
+
     def owns(self, channel: Any) -> bool:
         """``channel`` is this connection's open command channel (its deliveries can be acked)."""
         return channel is self._sub and bool(channel.is_open)

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 
 import pika
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
+from spectacles_gateway import metrics
 from spectacles_gateway.brokers.amqp import AmqpBroker
 from spectacles_gateway.brokers.base import Ack, Broker, Progress
 from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
+from spectacles_gateway.brokers.wire import msgpack_string
 from spectacles_gateway.metrics import REGISTRY
 from spectacles_gateway.redis_store import redis_client
 from spectacles_gateway.simulator import Simulator
 
-from ..gwtest import running_worker
+from ..gwtest import running_worker, t
 from ..test_redis_store import REDIS_URL, settings_for
+
+T = TypeVar("T")
 
 
 def _nothing(*args: object) -> None:
@@ -187,3 +196,169 @@ def redis_streams_broker(prefix: str, url: str | None = None, **kwargs: Any) -> 
     return RedisStreamsBroker(
         redis_client(settings), redis_client(settings, max_connections=1), url=url, **kwargs
     )
+
+
+# ------------------------------------------------------------------------------ fuzzing
+
+#: Hypothesis examples per property: 200 in CI; FUZZ_EXAMPLES=20000 for a long run.
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+
+
+def fuzz_settings() -> settings:
+    """The settings of the broker fuzz tests: every example drives real servers, so no
+    deadline, no example database in the working tree, and a bounded number of examples."""
+    return settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        report_multiple_bugs=False,
+    )
+
+
+class LoopThread:
+    """An event loop in a thread of its own, for (synchronous) hypothesis tests that drive
+    the asynchronous gateway: :meth:`run` a coroutine there and wait for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fuzz-loop")
+        self.stack = contextlib.AsyncExitStack()
+
+    def __enter__(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.run(self.stack.aclose(), 60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(t(timeout))
+
+    def enter(self, manager: contextlib.AbstractAsyncContextManager[T]) -> T:
+        """Enter ``manager`` on the loop; it is left when this object is."""
+        return self.run(self.stack.enter_async_context(manager))
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``predicate`` (it may read what the loop writes) for ``t(timeout)`` seconds."""
+        deadline = time.monotonic() + t(timeout)
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {t(timeout):.1f} s waiting for {what}")
+            time.sleep(0.002)
+
+
+def dropped_by_reason(source: str) -> dict[str, float]:
+    """``gateway_input_dropped_total`` of ``source``, by reason."""
+    children = list(metrics.input_dropped.children.items())
+    return {labels[1]: child.value() for labels, child in children if labels[0] == source}
+
+
+def dropped_since(before: dict[str, float], source: str) -> dict[str, float]:
+    now = dropped_by_reason(source)
+    return {r: v - before.get(r, 0.0) for r, v in now.items() if v != before.get(r, 0.0)}
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=24)
+)
+#: Any JSON value, nested a little.
+json_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+#: Snowflakes as Discord writes them, and everything else: big, negative, non-ASCII digits.
+snowflakes = (
+    st.integers(0, 2**64 - 1).map(str)
+    | st.integers(-(2**70), 2**70)
+    | st.text(alphabet="0123456789²³¹٣߃", max_size=24)
+    | json_values
+)
+#: Packets: valid ones (ops the simulator takes, an object d), forbidden ops, ops of the wrong
+#: type, missing keys, not an object. (Other integer ops, or a valid op with a d that is not an
+#: object, are sent as they are, and the simulator closes the connection for them: a reconnect
+#: per example would only slow the run, and lose the commands written meanwhile.)
+_ops = st.sampled_from([3, 4, 43])
+_wrong_ops = _scalars.filter(lambda v: not isinstance(v, int) or isinstance(v, bool))
+packets = st.one_of(
+    st.fixed_dictionaries({"op": _ops, "d": json_objects}),
+    st.fixed_dictionaries({"op": st.sampled_from([1, 2, 6]), "d": json_values}),
+    st.fixed_dictionaries({"op": _wrong_ops | st.lists(_scalars, max_size=2), "d": json_values}),
+    st.fixed_dictionaries({}, optional={"op": _ops, "x": json_values}),
+    st.fixed_dictionaries({"d": json_values}, optional={"x": json_values}),
+    json_values.filter(lambda v: not isinstance(v, dict)),
+)
+#: Commands that are sent (or handed on to shard 1): valid, addressed every way.
+valid_commands = st.fixed_dictionaries(
+    {"packet": st.fixed_dictionaries({"op": st.sampled_from([3, 4]), "d": json_objects})},
+    optional={
+        "guild_id": st.integers(0, 2**64 - 1).map(str) | st.integers(0, 2**64 - 1),
+        "shard_id": st.sampled_from([0, 1]),
+    },
+)
+#: SEND commands: packet, guild_id, shard_id, in every shape.
+send_commands = st.fixed_dictionaries(
+    {"packet": packets},
+    optional={
+        "guild_id": snowflakes,
+        "shard_id": st.integers(-2, 3) | json_values,
+        "extra": json_values,
+    },
+)
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _broken_msgpack(parts: tuple[int, bytes, bytes]) -> bytes:
+    header, length, rest = parts
+    return bytes((header,)) + length + rest
+
+
+def _nested(parts: tuple[int, bool]) -> bytes:
+    depth, as_object = parts
+    if as_object:
+        return b'{"packet":' * depth + b"1" + b"}" * depth
+    return b"[" * depth + b"]" * depth
+
+
+def hostile_bodies(documents: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    """Command bodies: ``documents`` as JSON (plain, in a msgpack string, or spoiled), random
+    bytes, broken msgpack headers, deep nesting, and huge ones around the 64 KiB limit."""
+    encoded = documents.map(_json)
+    return st.one_of(
+        encoded,
+        encoded.map(msgpack_string),
+        st.tuples(encoded, st.binary(min_size=1, max_size=4)).map(lambda p: p[0] + p[1]),
+        st.tuples(st.binary(max_size=4), encoded).map(lambda p: msgpack_string(p[0] + p[1])),
+        st.binary(max_size=300),
+        st.tuples(
+            st.sampled_from([0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6, 0xA5, 0xBF]),
+            st.binary(max_size=4),
+            st.binary(max_size=40),
+        ).map(_broken_msgpack),
+        st.tuples(st.integers(50, 50_000), st.booleans()).map(_nested),
+        st.integers(1, 300_000).map(lambda n: b'"' + b"x" * n + b'"'),
+        st.integers(4_000, 70_000).map(
+            lambda n: _json({"shard_id": 0, "packet": {"op": 3, "d": {"x": "y" * n}}})
+        ),
+    )
+
+
+#: Bodies for ``SEND`` and for a per-shard queue or stream (bare packets).
+send_bodies = hostile_bodies(send_commands | valid_commands | json_values)
+packet_bodies = hostile_bodies(packets)

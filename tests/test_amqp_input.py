@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from spectacles_gateway.brokers.wire import msgpack_string
 from .gwtest import simulator, wait_until
 from .support.brokers import (
     PRESENCE,
+    amqp_broker,
     delete_group,
     depth,
     gateway,
@@ -77,3 +79,39 @@ async def test_a_delivery_that_raises_is_logged_counted_acked_and_the_next_one_g
     assert record.levelno == logging.ERROR and record.exc_info is not None
     assert queue in record.getMessage()
     assert "a bug that this body triggers" in caplog.text  # the reason, with its traceback
+
+
+async def test_a_bug_that_ends_the_connection_task_does_not_stop_reconnecting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug of ours in the connect loop's error path (injected: the first set-up fails, and
+    so does the clean-up after it) ends the task; it is started again and connects."""
+    caplog.set_level(logging.WARNING)
+    group = unique_group()
+    broker = amqp_broker(group, connect_wait=0.1)
+    connect, abandon = broker.link._connect, broker.link._abandon
+    failures = {"connect": 1, "abandon": 1}
+
+    async def failing_connect() -> Any:
+        if failures["connect"]:
+            failures["connect"] -= 1
+            raise RuntimeError("set-up failed")
+        return await connect()
+
+    def failing_abandon() -> None:
+        if failures["abandon"]:
+            failures["abandon"] -= 1
+            raise RuntimeError("a bug in the clean-up")
+        abandon()
+
+    monkeypatch.setattr(broker.link, "_connect", failing_connect)
+    monkeypatch.setattr(broker.link, "_abandon", failing_abandon)
+    try:
+        await broker.start()
+        await wait_until(lambda: broker.connected, 10, "a connection after the failure")
+        assert failures == {"connect": 0, "abandon": 0}
+        await broker.aclose()
+    finally:
+        delete_group(group)
+    (record,) = [r for r in caplog.records if "connection task failed" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "a bug in the clean-up" in caplog.text

@@ -18,7 +18,8 @@ queue, durable, bound to the exchange and consumed with manual acks. Then the ha
 Outages: when the connection is lost (RabbitMQ restarted, network, a channel error, a consumer
 cancelled because its queue was deleted) the handler hears :meth:`LinkHandler.link_down` and the
 link reconnects with backoff (``backoff_delay``: 0.25–0.5 s, doubling up to 10 s) and sets
-everything up again. Connection blocked by RabbitMQ (memory or disk alarm): :attr:`AmqpLink.
+everything up again; a bug of ours that ends that connect loop is logged and the loop started
+again a second later. Connection blocked by RabbitMQ (memory or disk alarm): :attr:`AmqpLink.
 blocked` until it is unblocked (:meth:`LinkHandler.on_unblocked`).
 
 pika's own logger is raised to CRITICAL at :meth:`AmqpLink.start` unless this package logs at
@@ -172,7 +173,7 @@ class AmqpLink:
             # pika logs every lost connection at ERROR with a traceback; we log it once, here.
             logging.getLogger("pika").setLevel(logging.CRITICAL)
         self._first_ready = loop.create_future()
-        self._task = loop.create_task(self._run(), name="amqp-connection")
+        self._start_task()
         try:
             await asyncio.wait_for(asyncio.shield(self._first_ready), wait)
         except TimeoutError:
@@ -241,6 +242,29 @@ class AmqpLink:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _start_task(self) -> None:
+        if self.closing:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="amqp-connection")
+        self._task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """The connect loop ends only at :meth:`close`; if a bug of ours ends it sooner, say so
+        and start it again (a second later), so that the broker reconnects."""
+        if self.closing or task.cancelled():
+            return
+        error = task.exception()
+        log.error(
+            "the RabbitMQ connection task failed (%s); starting it again",
+            describe(error),
+            exc_info=error,
+        )
+        asyncio.get_running_loop().call_later(1.0, self._start_task)
+        try:
+            self._abandon()
+        except Exception:
+            log.exception("cannot drop the RabbitMQ connection that was being set up")
+
     def _closing_now(self) -> bool:
         return self.closing  # (a method: mypy would take the loop's check for still true)
 
@@ -288,10 +312,12 @@ class AmqpLink:
                 closed.set_result(None)
 
         def on_close(conn: PikaConnection, reason: BaseException) -> None:
-            if conn is self.conn:
-                self._lost(reason)
-            if not closed.done():
-                closed.set_result(None)
+            try:
+                if conn is self.conn:
+                    self._lost(reason)
+            finally:  # whatever happens, the connect loop goes on
+                if not closed.done():
+                    closed.set_result(None)
 
         conn = PikaConnection(
             pika.URLParameters(self.url),

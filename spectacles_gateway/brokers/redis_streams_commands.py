@@ -88,9 +88,10 @@ class CommandReader:
         self.lost = lost
         self.ok = ok
         self.health = health
-        #: Entries Redis acknowledged (XACK replies), and reader restarts, so far.
+        #: Entries Redis acknowledged (XACK replies), reader restarts and claim rounds, so far.
         self.acked = 0
         self.restarts = 0
+        self.claim_rounds = 0
         self._acks: dict[str, list[bytes]] = {}
         self._ack_wake = asyncio.Event()
         self._holding: set[tuple[str, bytes]] = set()  # delivered, not acknowledged yet
@@ -235,6 +236,7 @@ class CommandReader:
                         self._deliver(stream, entry_id, fields)
                 if start in (b"0-0", "0-0"):
                     break
+        self.claim_rounds += 1
 
     async def stop_reading(self) -> None:
         """Let the reader finish its command (a blocking read is interrupted with CLIENT

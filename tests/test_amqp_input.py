@@ -8,42 +8,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from spectacles_gateway.brokers.amqp import AmqpBroker
 from spectacles_gateway.brokers.wire import msgpack_string
 
 from .gwtest import simulator, wait_until
 from .support.brokers import (
+    GOOD_SEND,
+    POISON,
     PRESENCE,
     amqp_broker,
     delete_group,
     depth,
     gateway,
+    inject_poison,
     publish,
     sample,
     shard_ready,
     unique_group,
 )
-
-GOOD = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": PRESENCE}}).encode()
-POISON = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": {"poison": True}}}).encode()
-
-
-def poison(broker: AmqpBroker, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug of ours that one body triggers while the broker takes it (the seam: handing the
-    command over); every other body goes through."""
-    take: Callable[..., None] = broker._command
-
-    def command(body: bytes, ack: Callable[[], None], shard_id: int | None = None) -> None:
-        if POISON in body:
-            raise RuntimeError("a bug that this body triggers")
-        take(body, ack, shard_id)
-
-    monkeypatch.setattr(broker, "_command", command)
 
 
 def internal_errors() -> float:
@@ -58,11 +43,11 @@ async def test_a_delivery_that_raises_is_logged_counted_acked_and_the_next_one_g
     group = unique_group()
     internal = internal_errors()
     bad = msgpack_string(POISON) if wrap else POISON
-    good = GOOD if key == "SEND" else json.dumps({"op": 3, "d": PRESENCE}).encode()
+    good = GOOD_SEND if key == "SEND" else json.dumps({"op": 3, "d": PRESENCE}).encode()
     try:
         async with simulator() as sim:
             async with gateway(sim, group) as (worker, broker):
-                poison(broker, monkeypatch)
+                inject_poison(broker, monkeypatch)
                 await wait_until(lambda: shard_ready(worker) and broker.connected, 10, "ready")
                 await asyncio.to_thread(publish, group, key, bad)
                 await asyncio.to_thread(publish, group, key, good)

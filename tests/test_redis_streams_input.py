@@ -10,40 +10,29 @@ had passed the next worker claimed it and its reader died too, while ``connected
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
 from spectacles_gateway.brokers.wire import msgpack_string
 
 from .gwtest import running_worker, simulator, wait_until
-from .support.brokers import PRESENCE, redis_streams_broker, sample, shard_ready
+from .support.brokers import (
+    GOOD_SEND,
+    POISON,
+    PRESENCE,
+    inject_poison,
+    redis_streams_broker,
+    sample,
+    shard_ready,
+)
 from .test_redis_store import cleanup, raw_client, unique_prefix
-
-GOOD = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": PRESENCE}}).encode()
-POISON = json.dumps({"shard_id": 0, "packet": {"op": 3, "d": {"poison": True}}}).encode()
 
 
 def dropped(reason: str) -> float:
     return sample("gateway_input_dropped_total", source="redis", reason=reason)
-
-
-def poison(broker: RedisStreamsBroker, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug of ours that one body triggers while the broker takes it (the seam: handing the
-    command over); every other body goes through."""
-    take: Callable[..., None] = broker._command
-
-    def command(body: bytes, ack: Callable[[], None], shard_id: int | None = None) -> None:
-        if POISON in body:
-            raise RuntimeError("a bug that this body triggers")
-        take(body, ack, shard_id)
-
-    monkeypatch.setattr(broker, "_command", command)
 
 
 async def pending(r: Redis, stream: str) -> int:
@@ -58,12 +47,12 @@ async def test_an_entry_that_raises_is_logged_counted_acked_and_the_next_one_goe
     with cleanup(unique_prefix()) as prefix:
         send = f"{prefix}SEND"
         broker = redis_streams_broker(prefix)
-        poison(broker, monkeypatch)
+        inject_poison(broker, monkeypatch)
         async with simulator() as sim, raw_client() as r:
             async with running_worker(sim, broker=broker) as (worker, _):
                 await wait_until(lambda: shard_ready(worker) and broker.connected, 10, "ready")
                 await r.xadd(send, {"data": POISON})
-                await r.xadd(send, {"data": msgpack_string(GOOD)})
+                await r.xadd(send, {"data": msgpack_string(GOOD_SEND)})
                 await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the good command")
                 assert dropped("internal_error") == internal + 1
                 await wait_until(lambda: broker.commands.acked == 2, 5, "both acknowledged")
@@ -87,14 +76,14 @@ async def test_a_claimed_entry_that_raises_leaves_the_claiming_reader_alive(
             # Another worker read it, then died before acknowledging it.
             await r.xreadgroup("gateway", "dead-host:1", {send: ">"}, count=10)
             broker = redis_streams_broker(prefix, message_timeout=0.3)
-            poison(broker, monkeypatch)
+            inject_poison(broker, monkeypatch)
             async with simulator() as sim:
                 async with running_worker(sim, broker=broker) as (worker, _):
                     await wait_until(lambda: shard_ready(worker), 10, "ready")
                     await wait_until(
                         lambda: dropped("internal_error") == internal + 1, 10, "the claim"
                     )
-                    await r.xadd(send, {"data": GOOD})
+                    await r.xadd(send, {"data": GOOD_SEND})
                     await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the next one")
                     await wait_until(lambda: broker.commands.acked == 2, 5, "both acknowledged")
                     assert await pending(r, send) == 0
@@ -129,7 +118,7 @@ async def test_a_reader_that_fails_is_started_again_and_shows_as_not_connected(
                 failing[0] = False
                 await wait_until(lambda: broker.connected, 10, "the reader reading again")
                 assert sample("gateway_broker_connected") == 1
-                await r.xadd(send, {"data": GOOD})
+                await r.xadd(send, {"data": GOOD_SEND})
                 await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "a command")
                 await wait_until(lambda: broker.commands.acked == 1, 5, "acknowledged")
     failures = [r for r in caplog.records if "command reader failed" in r.getMessage()]
@@ -162,7 +151,7 @@ async def test_hostile_entries_are_dropped_with_their_reason_and_intake_goes_on(
                 await wait_until(lambda: shard_ready(worker), 10, "ready")
                 for _, fields in HOSTILE:
                     await r.xadd(send, fields)
-                await r.xadd(send, {"data": GOOD})
+                await r.xadd(send, {"data": GOOD_SEND})
                 await wait_until(lambda: len(sim.ledger.commands) == 1, 10, "the good command")
                 await wait_until(
                     lambda: broker.commands.acked == len(HOSTILE) + 1, 5, "all acknowledged"

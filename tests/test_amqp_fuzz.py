@@ -9,7 +9,7 @@ tag; a second ack of a tag would also close the channel), and each body has exac
 dropped and counted in ``gateway_input_dropped_total{source="amqp"}``, written to the shard's
 websocket (the simulator's ledger), or handed on to shard 1's queue.
 
-``FUZZ_EXAMPLES`` examples per property (200 by default).
+``HYPOTHESIS_MAX_EXAMPLES`` examples per property (200 by default).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and Redis' replies say each was pending), and each entry has exactly one outcome
 counted in ``gateway_input_dropped_total{source="redis"}``, written to the shard's websocket
 (the simulator's ledger), or handed on to the stream of shard 1.
 
-``FUZZ_EXAMPLES`` examples per property (200 by default).
+``HYPOTHESIS_MAX_EXAMPLES`` examples per property (200 by default).
 """
 
 from __future__ import annotations

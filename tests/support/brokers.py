@@ -20,7 +20,7 @@ from spectacles_gateway import metrics
 from spectacles_gateway.brokers.amqp import AmqpBroker
 from spectacles_gateway.brokers.base import Ack, Broker, Progress
 from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
-from spectacles_gateway.brokers.wire import msgpack_string
+from spectacles_gateway.brokers.wire import SENDABLE_OPS, msgpack_string
 from spectacles_gateway.metrics import REGISTRY
 from spectacles_gateway.redis_store import redis_client
 from spectacles_gateway.simulator import Simulator
@@ -200,8 +200,9 @@ def redis_streams_broker(prefix: str, url: str | None = None, **kwargs: Any) -> 
 
 # ------------------------------------------------------------------------------ fuzzing
 
-#: Hypothesis examples per property: 200 in CI; FUZZ_EXAMPLES=20000 for a long run.
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+#: Hypothesis examples per property: 200 in CI; HYPOTHESIS_MAX_EXAMPLES=20000 for a long run
+#: (the variable of tests/test_fuzz.py and scripts/fuzz.py).
+FUZZ_EXAMPLES = int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "200"))
 
 
 def fuzz_settings() -> settings:
@@ -287,15 +288,21 @@ snowflakes = (
     | st.text(alphabet="0123456789²³¹٣߃", max_size=24)
     | json_values
 )
-#: Packets: valid ones (ops the simulator takes, an object d), forbidden ops, ops of the wrong
-#: type, missing keys, not an object. (Other integer ops, or a valid op with a d that is not an
-#: object, are sent as they are, and the simulator closes the connection for them: a reconnect
+#: Packets: valid ones (ops the simulator takes, an object d), forbidden and unknown ops, ops of
+#: the wrong type, missing keys, not an object. (A valid op with a d that is not an object is
+#: sent as it is, and the simulator closes the connection for it, as Discord would: a reconnect
 #: per example would only slow the run, and lose the commands written meanwhile.)
 _ops = st.sampled_from([3, 4, 43])
 _wrong_ops = _scalars.filter(lambda v: not isinstance(v, int) or isinstance(v, bool))
 packets = st.one_of(
     st.fixed_dictionaries({"op": _ops, "d": json_objects}),
-    st.fixed_dictionaries({"op": st.sampled_from([1, 2, 6]), "d": json_values}),
+    st.fixed_dictionaries(
+        {
+            "op": st.sampled_from([1, 2, 6, 0, 5, 7, 9, 10, 11])
+            | st.integers(-(2**70), 2**70).filter(lambda op: op not in SENDABLE_OPS),
+            "d": json_values,
+        }
+    ),
     st.fixed_dictionaries({"op": _wrong_ops | st.lists(_scalars, max_size=2), "d": json_values}),
     st.fixed_dictionaries({}, optional={"op": _ops, "x": json_values}),
     st.fixed_dictionaries({"d": json_values}, optional={"x": json_values}),

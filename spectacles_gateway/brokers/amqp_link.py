@@ -205,10 +205,11 @@ class AmqpLink:
                     conn.drop(ConnectionError("no reply to connection.close"))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(closed), 1.0)
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        if task is not None and not task.done():  # (a failed one was reported already)
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self.ready = False
 
     # ------------------------------------------------------------------ side channel

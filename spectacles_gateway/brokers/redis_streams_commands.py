@@ -99,7 +99,7 @@ class CommandReader:
         self._room.set()
         self._alive = True
         self._failures = 0
-        self._closing = False  # stop() began: the reader stops
+        self._closing = False  # stop_reading() began: the reader stops
         self._stopped = False  # stop() drained: the acknowledger stops
         self._task: asyncio.Task[None] | None = None
         self._acker_task: asyncio.Task[None] | None = None
@@ -139,8 +139,8 @@ class CommandReader:
             delay,
             exc_info=error,
         )
-        self._reading(False)
         self._restart = asyncio.get_running_loop().call_later(delay, self._start_reader)
+        self._reading(False)
 
     def _reading(self, alive: bool) -> None:
         if alive != self._alive:

@@ -1,28 +1,22 @@
 """The AMQP broker: its pure parts (frames, confirm bookkeeping) with bytes and tables, then the
 broker in a worker against the simulator and the real RabbitMQ (restart, blocked publishing,
-bad commands, forwarding, an unreachable server).
-
-Also home of the helpers that the AMQP interop test shares: unique group names, a short-lived
-pika connection per operation, ``rabbitmqctl``.
+bad commands, forwarding, an unreachable server). The helpers shared with the other AMQP tests
+(unique group names, a short-lived pika connection per operation) are in tests/support/brokers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
-import pika
 import pytest
 from pika import frame, spec
 
-from spectacles_gateway.brokers.amqp import FORWARD, AmqpBroker, ConfirmTracker, _Connection
+from spectacles_gateway.brokers.amqp import AmqpBroker
+from spectacles_gateway.brokers.amqp_confirms import FORWARD, ConfirmTracker
 from spectacles_gateway.brokers.amqp_frames import (
     FrameBuilder,
     event_headers_table,
@@ -30,76 +24,22 @@ from spectacles_gateway.brokers.amqp_frames import (
     message_id,
 )
 from spectacles_gateway.brokers.wire import msgpack_string
-from spectacles_gateway.metrics import REGISTRY
-from spectacles_gateway.simulator import Simulator
 
-from .gwtest import running_worker, simulator, t, wait_until
-from .support.brokers import Driver
-
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-PRESENCE = {"status": "idle", "since": None, "activities": [], "afk": False}
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers (also used by test_amqp_interop.py)
-
-
-def unique_group() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@contextlib.contextmanager
-def channel() -> Iterator[Any]:
-    """A short-lived pika channel (blocking): one per operation, so any thread may use it."""
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        yield conn.channel()
-    finally:
-        if conn.is_open:
-            conn.close()
-
-
-def declare_event_queue(group: str, event: str = "MESSAGE_CREATE") -> str:
-    """What a Spectacles consumer declares: the exchange and ``<group>:<event>`` bound."""
-    queue = f"{group}:{event}"
-    with channel() as ch:
-        ch.exchange_declare(group, "direct", durable=True)
-        ch.queue_declare(queue, durable=True)
-        ch.queue_bind(queue, group, event)
-    return queue
-
-
-def depth(queue: str) -> int:
-    with channel() as ch:
-        return int(ch.queue_declare(queue, passive=True).method.message_count)
-
-
-def drain(queue: str) -> list[tuple[Any, bytes]]:
-    """Every message in ``queue`` as (properties, body), acked."""
-    out: list[tuple[Any, bytes]] = []
-    with channel() as ch:
-        ch.basic_qos(prefetch_count=1000)
-        for method, props, body in ch.consume(queue, inactivity_timeout=0.5):
-            if method is None:
-                break
-            out.append((props, body))
-            ch.basic_ack(method.delivery_tag)
-        ch.cancel()
-    return out
-
-
-def publish(group: str, routing_key: str, body: bytes) -> None:
-    with channel() as ch:
-        ch.confirm_delivery()
-        ch.basic_publish(group, routing_key, body)
-
-
-def delete_group(group: str, queues: list[str] = (), shards: int = 4) -> None:  # type: ignore[assignment]
-    names = [*queues, f"{group}:SEND", *(f"{group}:{i}" for i in range(shards))]
-    with channel() as ch:
-        for name in names:
-            ch.queue_delete(name)
-        ch.exchange_delete(group)
+from .gwtest import simulator, t, wait_until
+from .support.brokers import (
+    PRESENCE,
+    Driver,
+    channel,
+    declare_event_queue,
+    delete_group,
+    depth,
+    drain,
+    gateway,
+    publish,
+    sample,
+    shard_ready,
+    unique_group,
+)
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60) -> str:
@@ -119,21 +59,6 @@ def d_of(props: Any, body: bytes) -> dict[str, Any]:
     text = msgspec.msgpack.decode(body)
     assert isinstance(text, str)
     return json.loads(text)  # type: ignore[no-any-return]
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def shard_ready(worker: Any, shard_id: int = 0) -> bool:
-    runner = worker.runners.get(shard_id)
-    return runner is not None and bool(runner.ready)
-
-
-def amqp_broker(group: str, shard_ids: tuple[int, ...] = (0,), **options: Any) -> AmqpBroker:
-    options.setdefault("reconnect_base", 0.1)
-    options.setdefault("reconnect_cap", 1.0)
-    return AmqpBroker(AMQP_URL, group=group, shard_ids=shard_ids, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,46 +283,8 @@ def test_forwarded_commands_are_handed_back_for_their_ack_when_confirmed() -> No
     assert c.tracker.unconfirmed == 0
 
 
-def test_confirm_frames_take_the_fast_path_and_anything_else_goes_to_pika(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: list[tuple[int, bool, bool]] = []
-    handed: list[bytes] = []
-    monkeypatch.setattr(
-        pika.connection.Connection,
-        "_on_data_available",
-        lambda self, data: handed.append(data),
-    )
-    conn = _Connection.__new__(_Connection)
-    conn._frame_buffer = b""
-    conn.frames_received = conn.bytes_received = 0
-    conn.fast_channel = 1
-    conn.on_confirm = lambda tag, multiple, ok: seen.append((tag, multiple, ok))
-    ack = frame.Method(1, spec.Basic.Ack(delivery_tag=5, multiple=True)).marshal()
-    nack = frame.Method(1, spec.Basic.Nack(delivery_tag=6, multiple=False)).marshal()
-    other = frame.Method(2, spec.Basic.Ack(delivery_tag=1)).marshal()  # another channel
-    heartbeat = frame.Heartbeat().marshal()
-    conn._on_data_available(ack + nack + heartbeat + ack)
-    assert seen == [(5, True, True), (6, False, False)]
-    assert handed == [heartbeat + ack]
-    conn._on_data_available(other + ack)
-    assert handed[-1] == other + ack
-    conn._on_data_available(ack[:10])  # a partial frame: pika buffers it
-    assert handed[-1] == ack[:10]
-    assert conn.frames_received == 2 and conn.bytes_received == 42
-
-
 # --------------------------------------------------------------------------------------------
 # Against RabbitMQ
-
-
-@contextlib.asynccontextmanager
-async def gateway(
-    sim: Simulator, group: str, shard_ids: tuple[int, ...] = (0,), **options: Any
-) -> AsyncIterator[tuple[Any, AmqpBroker]]:
-    broker = amqp_broker(group, shard_ids, **options)
-    async with running_worker(sim, shard_ids, broker=broker) as (worker, _):
-        yield worker, broker
 
 
 async def test_events_reach_a_spectacles_queue_with_our_properties() -> None:
@@ -453,9 +340,9 @@ async def test_rabbitmq_restart_mid_stream_loses_nothing_and_duplicates_share_id
                 try:
                     await rabbitmqctl("stop_app")
                     await wait_until(lambda: not broker.connected, 5, "the connection lost")
-                    await asyncio.sleep(t(1.0))  # the shards go on; events wait in the buffer
+                    # The shards go on; events wait in the buffer.
+                    await wait_until(lambda: broker.tracker.unconfirmed > 100, 5, "a backlog")
                     waiting = broker.tracker.unconfirmed
-                    assert waiting > 100
                 finally:
                     await rabbitmqctl("start_app")
                     await rabbitmqctl("await_startup")
@@ -494,17 +381,17 @@ async def test_a_dropped_connection_republishes_the_unconfirmed_with_the_same_id
                 await wait_until(lambda: shard_ready(worker) and broker.connected, 10, "ready")
                 tracker = broker.tracker
                 await wait_until(lambda: tracker.confirmed == 2, 10, "the 2 GUILD_CREATEs")
-                conn = broker._conn
+                conn = broker.link.conn
                 assert conn is not None
                 # RabbitMQ takes everything, but its confirms stay unread ...
-                asyncio.get_running_loop().remove_reader(conn._transport._sock.fileno())
+                asyncio.get_running_loop().remove_reader(conn.fileno())
                 confirmed = broker.tracker.confirmed
                 sim.burst(0, 500)
                 await wait_until(lambda: depth(queue) == 500, 10, "500 messages in the queue")
                 assert broker.tracker.confirmed == confirmed
                 assert broker.tracker.unconfirmed == 500
                 # ... and then the connection drops, as on a socket error.
-                conn._transport._initiate_abort(ConnectionResetError("dropped by the test"))
+                conn.drop(ConnectionResetError("dropped by the test"))
                 await wait_until(lambda: broker.reconnects == 1, 10, "a new connection")
                 await wait_until(lambda: broker.tracker.unconfirmed == 0, 10, "all confirmed")
                 core = worker.runners[0].core
@@ -675,8 +562,12 @@ async def test_commands_reach_their_shard_or_are_handed_on_to_its_queue() -> Non
                 await asyncio.to_thread(publish, group, "0", json.dumps(packet).encode())
                 await wait_until(lambda: len(sim.ledger.commands) == 2, 10, "shard 0's commands")
                 await wait_until(lambda: not broker.tracker.unconfirmed, 10, "forwards confirmed")
-                await asyncio.sleep(0.2)
-        assert [c.shard_id for c in sim.ledger.commands] == [0, 0]
+                # A last command for shard 0: once it is there, anything else would be too.
+                last = {"op": 3, "d": dict(PRESENCE, since=1)}
+                await asyncio.to_thread(publish, group, "0", json.dumps(last).encode())
+                await wait_until(lambda: len(sim.ledger.commands) == 3, 10, "the last command")
+        assert [c.shard_id for c in sim.ledger.commands] == [0, 0, 0]
+        assert sim.ledger.commands[-1].d == last["d"]
         handed_on = await asyncio.to_thread(drain, f"{group}:1")
         assert [json.loads(body) for _, body in handed_on] == [packet, packet]
         assert await asyncio.to_thread(depth, f"{group}:SEND") == 0
@@ -704,7 +595,7 @@ async def test_an_unreachable_rabbitmq_is_not_connected_and_buffers_then_gives_u
         broker.publish(0, "MESSAGE_CREATE", seq, b"{}", "s")
     driver.flush()
     assert paused == [True] and broker.tracker.unconfirmed == 3
-    await asyncio.sleep(0.5)  # a few reconnect attempts
+    await wait_until(lambda: caplog.text.count("cannot connect") >= 2, 5, "a few attempts")
     await asyncio.wait_for(broker.aclose(), 5)
     assert not broker.connected
     assert "cannot connect to RabbitMQ" in caplog.text

@@ -22,7 +22,7 @@ import pytest
 
 from .gwproc import gateway, gateway_env
 from .gwtest import simulator, wait_until
-from .test_amqp import AMQP_URL, PRESENCE, delete_group, depth, unique_group
+from .support.brokers import AMQP_URL, PRESENCE, delete_group, depth, unique_group
 from .test_consumers import node_for
 
 INTEROP = Path(__file__).resolve().parent / "interop"

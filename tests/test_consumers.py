@@ -31,7 +31,7 @@ from spectacles_gateway.brokers.wire import msgpack_string
 
 from .gwproc import gateway, gateway_env
 from .gwtest import simulator, wait_until
-from .test_amqp import AMQP_URL, delete_group, unique_group
+from .support.brokers import AMQP_URL, delete_group, unique_group
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -14,7 +14,7 @@ import redis
 
 from .gwproc import SECRET, gateway
 from .gwtest import simulator, wait_until
-from .test_amqp import AMQP_URL, channel, delete_group, depth, unique_group
+from .support.brokers import AMQP_URL, channel, delete_group, depth, unique_group
 from .test_consumers import REDIS_URL
 from .test_deploy import CONFIG, env_example, unit_value
 

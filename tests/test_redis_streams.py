@@ -222,11 +222,12 @@ async def test_send_commands_are_acknowledged_only_once_handled() -> None:
             await r.xadd(send, {"not-data": b"x"})  # malformed: dropped and acknowledged
             await wait_until(lambda: len(bound.commands) == 1, 5, "the command")
             assert bound.commands[0][0] == msgpack_string(body)
-            await asyncio.sleep(0.2)
+            # The malformed one, read after it, was acknowledged: the command was not.
+            await wait_until(lambda: broker.commands.acked == 1, 5, "the malformed one's XACK")
             pending = await r.xpending(send, "gateway")
             assert pending["pending"] == 1  # not acknowledged before the worker says so
             bound.commands[0][1]()
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: broker.commands.acked == 2, 5, "the command's XACK")
             assert (await r.xpending(send, "gateway"))["pending"] == 0
 
 
@@ -236,9 +237,12 @@ async def test_commands_written_before_the_first_gateway_ran_are_delivered() -> 
             await r.xadd(f"{prefix}SEND", {"data": b'{"packet":{"op":3,"d":{}}}'})
         async with open_broker(prefix) as (_, bound):
             await wait_until(lambda: len(bound.commands) == 1, 5, "the early command")
-        async with open_broker(prefix) as (_, bound):  # the group keeps its place
-            await asyncio.sleep(0.5)
-            assert bound.commands == []
+        # The group keeps its place: the next broker gets the next command, not the first.
+        later = b'{"packet":{"op":4,"d":{}}}'
+        async with open_broker(prefix) as (_, bound), raw_client() as r:
+            await r.xadd(f"{prefix}SEND", {"data": later})
+            await wait_until(lambda: len(bound.commands) == 1, 5, "the later command")
+            assert [body for body, _ in bound.commands] == [later]
 
 
 async def test_commands_left_pending_by_a_dead_worker_are_claimed() -> None:
@@ -249,12 +253,15 @@ async def test_commands_left_pending_by_a_dead_worker_are_claimed() -> None:
             await r.xadd(send, {"data": b'{"packet":{"op":3,"d":{"n":1}}}'})
             # Another worker read it, then died before sending it.
             await r.xreadgroup("gateway", "dead-host:1", {send: ">"}, count=10)
-            async with open_broker(prefix, message_timeout=0.5) as (_, bound):
+            async with open_broker(prefix, message_timeout=0.5) as (broker, bound):
                 await wait_until(lambda: len(bound.commands) == 1, 5, "the claimed command")
-                await asyncio.sleep(0.2)
+                await wait_until(lambda: broker.commands.acked == 1, 5, "its XACK")
                 assert (await r.xpending(send, "gateway"))["pending"] == 0
-                await asyncio.sleep(1.0)  # claimed once, not again and again
-                assert len(bound.commands) == 1
+                rounds = broker.commands.claim_rounds
+                await wait_until(
+                    lambda: broker.commands.claim_rounds >= rounds + 2, 5, "two more claim rounds"
+                )
+                assert len(bound.commands) == 1  # claimed once, not again and again
 
 
 async def test_a_command_for_another_workers_shard_goes_to_its_stream() -> None:

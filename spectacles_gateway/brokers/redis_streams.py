@@ -12,19 +12,15 @@ consumers can drop duplicates. Events are pipelined in batches; a batch's reply 
 events, which advances each shard's confirmed seq. At most ``[broker] buffer`` events wait
 unconfirmed: then the worker's shards stop reading (``pause``) until half of that is left.
 
-Input: the ``<stream_prefix>SEND`` stream, read through the consumer group ``[broker] group``
-with one consumer per worker process (``<hostname>:<pid>``). The group is created at ``0``
-with ``MKSTREAM``, as Spectacles' consumers do: commands written before any gateway ever ran
-are delivered too; a group that already exists keeps its position, so nothing is read twice.
-An entry is acknowledged (``XACK``) only once the worker calls ``ack()`` (sent or rejected).
-Entries that another consumer (a dead worker) left pending longer than
-``[broker] message_timeout`` are claimed with ``XAUTOCLAIM``. A command for a shard this worker
-does not run is re-published to ``<stream_prefix>SEND:<shard_id>``, which the worker running
-that shard reads (bare ``{"op", "d"}`` packets, like AMQP's per-shard queues).
+Input (:mod:`.redis_streams_commands`): the ``<stream_prefix>SEND`` stream through the consumer
+group ``[broker] group``, each entry taken inside its own boundary. A command for a shard this
+worker does not run is re-published to ``<stream_prefix>SEND:<shard_id>``, which the worker
+running that shard reads (bare ``{"op", "d"}`` packets, like AMQP's per-shard queues).
 
 Outages: a failed batch goes back to the head of the buffer and is published again after a
 backoff (duplicates carry the same ``id``); reads and acknowledgements are retried the same
-way; ``connected`` is False meanwhile. Groups lost with a restarted Redis are created again.
+way; ``connected`` is False meanwhile, and while the command reader is down (it is started
+again). Groups lost with a restarted Redis are created again.
 """
 
 from __future__ import annotations
@@ -40,11 +36,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from .. import metrics
 from ..redis_store import REDIS_ERRORS, Outage, describe_error, redis_client
-from .base import Broker, Progress
+from .base import Ack, Broker, Progress
+from .redis_streams_commands import CommandReader, finish, transient
 from .wire import msgpack_string
 
 if TYPE_CHECKING:
@@ -57,14 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Events per pipelined batch, at most.
 MAX_BATCH = 1000
-#: Entries read per XREADGROUP / XAUTOCLAIM call.
-READ_COUNT = 100
-#: Milliseconds an XREADGROUP blocks waiting for commands.
-BLOCK_MS = 1000
-#: Commands handed to the worker and not yet acknowledged, at most.
-MAX_UNACKED = 1000
-# Replies that mean "try again later", not "this entry is wrong".
-_TRANSIENT = ("OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
 
 
 @dataclass(slots=True)
@@ -120,16 +108,26 @@ class RedisStreamsBroker(Broker):
         self._paused = False
         self._send_wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
-        self._acks: dict[str, list[bytes]] = {}
-        self._ack_wake: asyncio.Event | None = None
-        self._holding: set[tuple[str, bytes]] = set()  # delivered, not acknowledged yet
-        self._room: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ever_connected = False
-        self._closing = False  # aclose() began: the reader stops
-        self._stopped = False  # aclose() drained: the sender and the acknowledger stop
-        self._reader_id: int | None = None
-        self._blocking = False
+        self._link_up = False  # Redis answers (the reader being alive is the other half)
+        self._reader_alive = True
+        self._closing = False  # aclose() began
+        self._stopped = False  # aclose() drained: the sender stops
+        self.commands = CommandReader(
+            client,
+            reader,
+            group=group,
+            consumer=self.consumer,
+            streams=self.command_streams,
+            message_timeout=message_timeout,
+            op_timeout=op_timeout,
+            outage=self.outage,
+            deliver=self._take_command,
+            lost=self._lost,
+            ok=self._connected,
+            health=self._reader_health,
+        )
         self.published = 0
 
     @classmethod
@@ -147,10 +145,6 @@ class RedisStreamsBroker(Broker):
             buffer=settings.broker.buffer,
             url=settings.redis.url,
         )
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     def stream(self, event: str) -> str:
         return self.stream_prefix + event
@@ -232,7 +226,7 @@ class RedisStreamsBroker(Broker):
         done = len(batch)
         for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
-                if _transient(reply):
+                if transient(reply):
                     self._lost(loop.time(), reply)
                     done = i
                     break
@@ -281,192 +275,32 @@ class RedisStreamsBroker(Broker):
     def _lost(self, now: float, exc: BaseException) -> None:
         detail = "" if self._closing else f"; buffering up to {self.limit} events, reconnecting"
         self.outage.failed(now, exc, detail)
-        if self.connected:
-            self.connected = False
-            metrics.broker_connected.set(0)
+        self._link_up = False
+        self._show_connected()
 
     def _connected(self, now: float) -> None:
         self.outage.succeeded(now)
-        if not self.connected:
+        if not self._link_up:
             if self._ever_connected:
                 metrics.broker_reconnects.labels("redis").inc()
-            self.connected = True
+            self._link_up = True
             self._ever_connected = True
-            metrics.broker_connected.set(1)
+            self._show_connected()
 
-    async def _pause_after_failure(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.05, self.outage.retry_at - loop.time()))
+    def _reader_health(self, alive: bool) -> None:
+        self._reader_alive = alive
+        self._show_connected()
 
-    # ------------------------------------------------------------------ input
+    def _show_connected(self) -> None:
+        """``connected``: Redis answers and the command reader runs."""
+        up = self._link_up and self._reader_alive
+        if up != self.connected:
+            self.connected = up
+            metrics.broker_connected.set(int(up))
 
-    async def _create_groups(self) -> None:
-        for stream in self.command_streams:
-            try:
-                await self.reader.xgroup_create(stream, self.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-    async def _reader_loop(self) -> None:
-        assert self._room is not None
-        loop = asyncio.get_running_loop()
-        need_groups = True
-        need_id = True
-        claim_every = max(0.2, min(30.0, self.message_timeout / 4))
-        next_claim = 0.0
-        while not self._closing:
-            try:
-                if need_id:  # so that aclose() can interrupt a blocking read
-                    self._reader_id = int(await self.reader.client_id())
-                    need_id = False
-                if need_groups:
-                    await self._create_groups()
-                    # Our own pending entries (a previous process with our name): again.
-                    await self._read("0")
-                    need_groups = False
-                if loop.time() >= next_claim:
-                    await self._claim()
-                    next_claim = loop.time() + claim_every
-                await self._room.wait()
-                if self.closing:  # aclose() woke us up
-                    break
-                self._blocking = True
-                try:
-                    await self._read(">")
-                finally:
-                    self._blocking = False
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    log.info("redis broker: consumer group %r is gone; creating it", self.group)
-                    need_groups = True
-                    continue
-                self._lost(loop.time(), exc)
-                await self._pause_after_failure()
-            except REDIS_ERRORS as exc:
-                need_id = True
-                self._lost(loop.time(), exc)
-                await self._pause_after_failure()
-
-    async def _stop_reader(self, task: asyncio.Task[None]) -> None:
-        """Let the reader finish its command (a blocking read is interrupted with CLIENT
-        UNBLOCK): cancelling it mid-command could leave its connection half-open."""
-        if self._room is not None:
-            self._room.set()
-        if self._blocking and self._reader_id is not None:
-            with contextlib.suppress(*REDIS_ERRORS):
-                async with asyncio.timeout(1.0):
-                    await self.client.client_unblock(self._reader_id)
-        await _finish([task], BLOCK_MS / 1000 + 1.0)
-
-    async def _read(self, start: str) -> None:
-        loop = asyncio.get_running_loop()
-        streams: dict[Any, Any] = dict.fromkeys(self.command_streams, start)
-        reply: Any = await self.reader.xreadgroup(
-            self.group,
-            self.consumer,
-            streams,
-            count=READ_COUNT,
-            block=BLOCK_MS if start == ">" else None,
-        )
-        self._connected(loop.time())
-        if isinstance(reply, dict):  # RESP3
-            reply = list(reply.items())
-        for stream, entries in reply or ():
-            name = stream.decode() if isinstance(stream, bytes) else str(stream)
-            for entry_id, fields in entries:
-                if entry_id is not None:
-                    self._deliver(name, entry_id, fields)
-
-    async def _claim(self) -> None:
-        """Take over entries that other consumers left pending for ``message_timeout``."""
-        min_idle = max(1, round(self.message_timeout * 1000))
-        for stream in self.command_streams:
-            start: Any = "0-0"
-            for _ in range(100):  # bounded: at most 100 x READ_COUNT entries per round
-                reply = await self.reader.xautoclaim(
-                    stream, self.group, self.consumer, min_idle, start, count=READ_COUNT
-                )
-                start = reply[0]
-                for entry_id, fields in reply[1]:
-                    if entry_id is not None and (stream, entry_id) not in self._holding:
-                        log.info("redis broker: claimed command %s of %s", entry_id, stream)
-                        self._deliver(stream, entry_id, fields)
-                if start in (b"0-0", "0-0"):
-                    break
-
-    def _deliver(self, stream: str, entry_id: bytes, fields: dict[Any, Any] | None) -> None:
-        key = (stream, entry_id)
-        if key in self._holding or entry_id in self._acks.get(stream, ()):
-            return  # handed over already (its XACK may still be on its way)
-        self._holding.add(key)
-        self._update_room()
-        acked = False
-
-        def ack() -> None:
-            nonlocal acked
-            if acked:
-                return
-            acked = True
-            self._holding.discard(key)
-            self._acks.setdefault(stream, []).append(entry_id)
-            self._update_room()
-            if self._ack_wake is not None:
-                self._ack_wake.set()
-
-        body = fields.get(b"data") if fields else None
-        if not isinstance(body, bytes):
-            log.warning("redis broker: entry %s of %s has no data field; dropped", entry_id, stream)
-            metrics.input_dropped.labels("redis", "wrong_shape").inc()
-            ack()
-            return
-        self._command(body, ack, self.command_streams.get(stream))
+    def _take_command(self, body: bytes, ack: Ack, shard_id: int | None) -> None:
+        self._command(body, ack, shard_id)
         self._wake()
-
-    def _update_room(self) -> None:
-        if self._room is None:
-            return
-        if len(self._holding) < MAX_UNACKED:
-            self._room.set()
-        else:
-            self._room.clear()
-
-    async def _acker(self) -> None:
-        assert self._ack_wake is not None
-        while not self._stopped:
-            if not self._acks:
-                self._ack_wake.clear()
-                await self._ack_wake.wait()
-                continue
-            if not await self._flush_acks():
-                await self._pause_after_failure()
-
-    async def _flush_acks(self) -> bool:
-        loop = asyncio.get_running_loop()
-        acks, self._acks = self._acks, {}
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for stream, ids in acks.items():
-                    pipe.xack(stream, self.group, *ids)
-                async with asyncio.timeout(self.op_timeout):
-                    replies = await pipe.execute(raise_on_error=False)
-        except REDIS_ERRORS as exc:
-            for stream, ids in acks.items():
-                self._acks.setdefault(stream, [])[:0] = ids
-            self._lost(loop.time(), exc)
-            return False
-        ok = True
-        for (stream, ids), reply in zip(acks.items(), replies, strict=True):
-            if not isinstance(reply, Exception):
-                continue
-            if _transient(reply):
-                self._acks.setdefault(stream, [])[:0] = ids
-                ok = False
-            else:  # NOGROUP after Redis lost the group: nothing left to acknowledge
-                log.debug("redis broker: XACK on %s: %s", stream, reply)
-        if ok:
-            self._connected(loop.time())
-        return ok
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -474,9 +308,6 @@ class RedisStreamsBroker(Broker):
         loop = asyncio.get_running_loop()
         self._send_wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self._ack_wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
         metrics.broker_connected.set(0)
         try:
             async with asyncio.timeout(self.op_timeout):
@@ -493,11 +324,8 @@ class RedisStreamsBroker(Broker):
                 self.group,
                 self.consumer,
             )
-        self._tasks = [
-            loop.create_task(self._sender(), name="redis-broker-sender"),
-            loop.create_task(self._acker(), name="redis-broker-acker"),
-        ]
-        self._tasks.append(loop.create_task(self._reader_loop(), name="redis-broker-reader"))
+        self._tasks = [loop.create_task(self._sender(), name="redis-broker-sender")]
+        self.commands.start()
 
     async def drain(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         """Wait until every buffered event was published (False: ``timeout`` first)."""
@@ -521,51 +349,18 @@ class RedisStreamsBroker(Broker):
                 "replay them on resume",
                 len(self._queue),
             )
-        for task in self._tasks:
-            if task.get_name() == "redis-broker-reader":
-                await self._stop_reader(task)
-        if self._acks:
-            self.outage.retry_at = 0.0
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await self._flush_acks()
+        await self.commands.stop_reading()
+        await self.commands.stop()
         self._stopped = True
-        for event in (self._send_wake, self._ack_wake):
-            if event is not None:
-                event.set()
-        await _finish(self._tasks, 2.0)
+        if self._send_wake is not None:
+            self._send_wake.set()
+        await finish(self._tasks, 2.0)
         self._tasks = []
-        if not self._holding and not self._acks and self.connected:
+        if self.commands.idle and self.connected:
             with contextlib.suppress(*REDIS_ERRORS):
                 async with asyncio.timeout(1.0):
-                    await self._forget_consumer()
+                    await self.commands.forget_consumer()
         self.connected = False
         metrics.broker_connected.set(0)
         await self.reader.aclose()
         await self.client.aclose()
-
-    async def _forget_consumer(self) -> None:
-        """Leave the group tidy (as Spectacles' consumers do): remove our consumer from each
-        stream's group where it holds nothing pending."""
-        for stream in self.command_streams:
-            pending = await self.client.xpending_range(
-                stream, self.group, min="-", max="+", count=1, consumername=self.consumer
-            )
-            if not pending:
-                await self.client.xgroup_delconsumer(stream, self.group, self.consumer)
-
-
-async def _finish(tasks: list[asyncio.Task[None]], timeout: float) -> None:  # noqa: ASYNC109
-    """Wait for ``tasks`` to end by themselves, then cancel what is left (and never wait
-    forever for a cancellation that redis-py may swallow)."""
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=1.0)
-
-
-def _transient(exc: Exception) -> bool:
-    return not isinstance(exc, ResponseError) or str(exc).startswith(_TRANSIENT)

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "MAX_COMMAND_BODY",
     "SENDABLE_OPS",
     "STR_BIN_WIDTHS",
     "Command",
@@ -24,6 +25,9 @@ __all__ = [
     "target_shard",
     "unwrap_msgpack_string",
 ]
+
+#: A command body from a broker larger than this is dropped unparsed (a valid one is < 5 KiB).
+MAX_COMMAND_BODY = 65536
 
 _pack_u16 = struct.Struct(">H").pack
 _pack_u32 = struct.Struct(">I").pack

@@ -70,8 +70,9 @@ def progress(view: View, now: float) -> dict[str, Any]:
     }
 
 
-def status(view: View, now: float) -> dict[str, Any]:
-    shards: dict[str, Any] = {}
+def shard_entries(view: View) -> dict[str, dict[str, Any]]:
+    """Every shard's state, seq, latency, last close and worker: ``/status?shards=1``."""
+    shards: dict[str, dict[str, Any]] = {}
     for slot in view.slots:
         for shard in slot.shards:
             info = slot.status.get(shard)
@@ -90,12 +91,24 @@ def status(view: View, now: float) -> dict[str, Any]:
             entry["worker"] = slot.index
             entry["worker_pid"] = slot.pid
             shards[str(shard)] = entry
-    return {
+    return shards
+
+
+def status(view: View, now: float, *, shards: bool = False) -> dict[str, Any]:
+    """The summary (quick at any shard count); with ``shards``, every shard too."""
+    states: dict[str, int] = {}
+    for slot in view.slots:
+        for shard in slot.shards:
+            info = slot.status.get(shard)
+            state = "starting" if info is None else info.state
+            states[state] = states.get(state, 0) + 1
+    out: dict[str, Any] = {
         "ready": readiness(view)[0],
         "stopping": view.stopping,
         "uptime": round(now - view.started, 1),
         "shard_count": view.shard_count,
         "progress": progress(view, now),
+        "states": states,
         "workers": [
             {
                 "worker": s.index,
@@ -107,8 +120,10 @@ def status(view: View, now: float) -> dict[str, Any]:
             }
             for s in view.slots
         ],
-        "shards": shards,
     }
+    if shards:
+        out["shards"] = shard_entries(view)
+    return out
 
 
 def human(seconds: float) -> str:
@@ -138,6 +153,7 @@ class Routes:
             ready, why = readiness(self.view)
             return Response(200 if ready else 503, (why + "\n").encode())
         if path == "/status":
-            body = json.dumps(status(self.view, time.monotonic()), indent=1).encode()
+            detail = "shards=1" in query.split("&") or "shards=all" in query.split("&")
+            body = json.dumps(status(self.view, time.monotonic(), shards=detail)).encode()
             return Response(200, body, "application/json")
         return Response(404, b"not found\n")

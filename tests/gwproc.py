@@ -150,8 +150,9 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=t(5)) as response:
+def status(port: int, *, shards: bool = False) -> dict[str, Any]:
+    query = "?shards=1" if shards else ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status{query}", timeout=t(5)) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 

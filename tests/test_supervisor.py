@@ -23,10 +23,12 @@ from .gwtest import ready_count, simulator, t, wait_until
 
 def all_ready(port: int, expect: int) -> bool:
     try:
-        info = status(port)
+        info = status(port, shards=True)
     except OSError:
         return False
-    return sum(1 for s in info["shards"].values() if s.get("ready")) == expect
+    ready = sum(1 for s in info["shards"].values() if s.get("ready"))
+    assert info["progress"]["ready"] == ready  # the summary counts the same
+    return ready == expect
 
 
 async def test_kill9_one_worker_its_shards_resume_and_no_event_is_lost() -> None:
@@ -38,7 +40,9 @@ async def test_kill9_one_worker_its_shards_resume_and_no_event_is_lost() -> None
             await wait_until(lambda: len(gw.ids()) > 200, 20, "events")
             before = await asyncio.to_thread(worker_pids, port)
             victim = before[1]
-            victim_shards = {int(k) for k, v in status(port)["shards"].items() if v["worker"] == 1}
+            victim_shards = {
+                int(k) for k, v in status(port, shards=True)["shards"].items() if v["worker"] == 1
+            }
             os.kill(victim, signal.SIGKILL)
             await wait_until(
                 lambda: worker_pids(port).get(1) not in (None, victim) and all_ready(port, 4),

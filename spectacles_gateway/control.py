@@ -5,8 +5,9 @@ big-endian length on a ``socketpair``. Pure code (no asyncio, no sockets): the s
 loop and the worker's asyncio protocol both frame with :func:`encode` and :class:`FrameReader`.
 
 Supervisor -> worker: :class:`Start` (first, once), :class:`Grant`, :class:`Relayed`,
-:class:`Deliver`. Worker -> supervisor: :class:`IdentifyRequest`, :class:`Identified`,
-:class:`Status`.
+:class:`Deliver`, and in fleet mode :class:`Assign`, :class:`Release`, :class:`Leases`.
+Worker -> supervisor: :class:`IdentifyRequest`, :class:`Identified`, :class:`Status`,
+:class:`Released`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from .protocol.shard import Session
 
 __all__ = [
     "MAX_FRAME",
+    "Assign",
     "Deliver",
     "FrameError",
     "FrameReader",
     "Grant",
     "Identified",
     "IdentifyRequest",
+    "Leases",
     "Message",
     "Relayed",
+    "Release",
+    "Released",
     "ShardStatus",
     "Start",
     "Status",
@@ -53,6 +58,8 @@ class Start(_Message, tag="start"):
     sessions: dict[int, Session | None]
     #: stdio: confirm an event only once the supervisor reported it written (:class:`Relayed`).
     confirm_on_relay: bool = False
+    #: Fleet mode: shards come (:class:`Assign`) and go (:class:`Release`).
+    fleet: bool = False
 
 
 class Grant(_Message, tag="grant"):
@@ -107,7 +114,51 @@ class Status(_Message, tag="status"):
     metrics: list[tuple[str, tuple[str, ...], Any]] = []
 
 
-Message = Start | Grant | Relayed | Deliver | IdentifyRequest | Identified | Status
+class Assign(_Message, tag="assign"):
+    """Fleet: run ``shard`` (its session is loaded from the store), owned under lease
+    ``epoch``; publish nothing for it after ``until`` (monotonic clock) unless extended."""
+
+    shard: int
+    epoch: int
+    until: float
+
+
+class Release(_Message, tag="release"):
+    """Fleet: stop ``shard``, resumably. ``save``: write its final confirmed session first (a
+    handoff); otherwise the lease is already gone and the store would refuse it."""
+
+    shard: int
+    save: bool = True
+
+
+class Leases(_Message, tag="leases"):
+    """Fleet: the leases were renewed; each shard may publish until its new deadline."""
+
+    until: dict[int, float]
+
+
+class Released(_Message, tag="released"):
+    """Fleet: ``shard`` is stopped; ``session`` is what it left in the store (None: nothing
+    to resume, or not saved). ``reason``: ``release``, ``expired`` or ``fatal``."""
+
+    shard: int
+    session: Session | None
+    reason: str = "release"
+
+
+Message = (
+    Start
+    | Grant
+    | Relayed
+    | Deliver
+    | IdentifyRequest
+    | Identified
+    | Status
+    | Assign
+    | Release
+    | Leases
+    | Released
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

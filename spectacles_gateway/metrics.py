@@ -128,3 +128,35 @@ identify_progress = Gauge(
     registry=_R,
     mode="max",
 )
+
+# --- fleet (the supervisor and the fleet agent) ---
+leases_held = Gauge("gateway_fleet_leases_held", "Shard leases this member holds.", registry=_R)
+lease_acquisitions = Counter(
+    "gateway_fleet_lease_acquisitions", "Shard leases taken.", ["how"], registry=_R
+)
+lease_losses = Counter(
+    "gateway_fleet_lease_losses",
+    "Shard leases lost (not renewed in time, or taken over).",
+    ["reason"],
+    registry=_R,
+)
+handoffs = Counter(
+    "gateway_fleet_handoffs", "Shards handed to another member, by why.", ["reason"], registry=_R
+)
+failovers = Counter(
+    "gateway_fleet_failovers",
+    "Shards taken over from a member whose lease ran out, by the shard's state.",
+    ["reason"],
+    registry=_R,
+)
+failover_seconds = Histogram(
+    "gateway_fleet_failover_seconds",
+    "From a lease's expiry to the shard's RESUMED (or READY) on its new owner.",
+    registry=_R,
+    buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34),
+)
+fenced_writes = Counter(
+    "gateway_fleet_fenced_writes",
+    "Session writes refused because a newer lease epoch owns the shard.",
+    registry=_R,
+)

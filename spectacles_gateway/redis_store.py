@@ -7,8 +7,11 @@ Key layout, per shard (``prefix`` is ``[shard_store] prefix``, default ``gateway
     <prefix><id>resume_url   resume_gateway_url    (absent while there is none)
     <prefix><id>shard_count  shard count the session was identified with
 
-All four are written in one MULTI/EXEC with a TTL of ``[shard_store] session_ttl``: a gateway that
-stays away longer than that re-identifies, as Discord would refuse the resume anyway. A
+All four are written at once by one Lua script, with a TTL of ``[shard_store] session_ttl``: a
+gateway that stays away longer than that re-identifies, as Discord would refuse the resume
+anyway. In fleet mode every write carries the writer's lease epoch, and the script refuses it
+when the shard's stored epoch (``<prefix>fleet:<name>:epoch:<id>``) is newer: a member that was
+paused past its lease can never overwrite the new owner's session. A
 background task rewrites every live session every third of the TTL, so a quiet shard (whose seq
 does not move, so the worker does not save it) keeps its keys, and keys that a restarted Redis
 lost come back.
@@ -35,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
+from .fleet.keys import FleetKeys
 from .protocol.backoff import backoff_delay
 from .protocol.shard import Session
 from .redact import redact_url
@@ -154,6 +158,33 @@ class _Entry:
     session: Session | None  # None: delete the keys
     version: int = 0
     dirty: bool = True
+    epoch: int = 0  # fleet: the lease epoch we hold the shard under (0: not fenced)
+
+
+# KEYS: session, seq, resume_url, shard_count, epoch. ARGV: epoch (0: unfenced), ttl (ms),
+# then a flag and a value each for session id, seq and resume URL, then the shard count.
+# Returns 0 (and writes nothing) when the stored epoch is newer than ours.
+_WRITE = """
+local mine = tonumber(ARGV[1])
+if mine > 0 and tonumber(redis.call('GET', KEYS[5]) or '0') > mine then
+  return 0
+end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  return 1
+end
+local ttl = ARGV[2]
+redis.call('SET', KEYS[1], ARGV[4], 'PX', ttl)
+for i = 0, 1 do
+  if ARGV[5 + 2 * i] == '1' then
+    redis.call('SET', KEYS[2 + i], ARGV[6 + 2 * i], 'PX', ttl)
+  else
+    redis.call('DEL', KEYS[2 + i])
+  end
+end
+redis.call('SET', KEYS[4], ARGV[9], 'PX', ttl)
+return 1
+"""
 
 
 class RedisStore:
@@ -171,9 +202,11 @@ class RedisStore:
         startup_retry: float = 5.0,
         op_timeout: float = 3.0,
         refresh_interval: float | None = None,
+        fleet: FleetKeys | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.fleet = fleet
         self.ttl_ms = max(1, round(session_ttl * 1000))
         #: Seconds after :meth:`start` during which :meth:`load` keeps retrying an outage.
         self.startup_retry = startup_retry
@@ -191,14 +224,20 @@ class RedisStore:
         self._startup_deadline: float | None = None
         self._gave_up = False
         self._closing = False
+        self._write_script = client.register_script(_WRITE)
+        #: Writes the store refused because a newer epoch owns the shard (fleet mode).
+        self.fenced = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStore:
+        prefix = settings.shard_store.prefix
+        fleet = settings.fleet.name
         return cls(
             redis_client(settings, name="spectacles-store"),
-            prefix=settings.shard_store.prefix,
+            prefix=prefix,
             session_ttl=settings.shard_store.session_ttl,
             url=settings.redis.url,
+            fleet=FleetKeys(prefix, fleet) if fleet else None,
         )
 
     @property
@@ -252,27 +291,32 @@ class RedisStore:
                 return None
             await asyncio.sleep(max(0.01, min(self.outage.retry_at, deadline) - now))
 
-    async def save(self, shard_id: int, shard_count: int, session: Session | None) -> None:
+    async def save(
+        self, shard_id: int, shard_count: int, session: Session | None, *, epoch: int = 0
+    ) -> None:
         """Remember the shard's session (None: forget it) and write it; during an outage the
-        write happens when Redis is back. Never raises for an outage."""
+        write happens when Redis is back. Never raises for an outage. ``epoch``: see
+        :meth:`ShardStore.save`."""
         entry = self._entries.get(shard_id)
         if entry is None:
-            if session is None:
-                # Nothing of ours to delete, but another process (or our previous life) may
-                # have left keys behind: delete them once.
-                entry = _Entry(shard_count, None)
-                self._entries[shard_id] = entry
-            else:
-                entry = self._entries[shard_id] = _Entry(shard_count, session)
+            # None: nothing of ours to delete, but another process (or our previous life) may
+            # have left keys behind: delete them once.
+            entry = self._entries[shard_id] = _Entry(shard_count, session, epoch=epoch)
         else:
             entry.shard_count = shard_count
             entry.session = session
             entry.dirty = True
             entry.version += 1
+            entry.epoch = epoch
         if self.outage.down:
             self._kick()
             return
         await self._write([shard_id])
+
+    def forget(self, shard_id: int) -> None:
+        """Stop refreshing the shard's keys (it went to another member: its TTL runs out
+        there unless the new owner writes it)."""
+        self._entries.pop(shard_id, None)
 
     async def aclose(self) -> None:
         """Write what is still unwritten (one try, bounded) and disconnect."""
@@ -344,11 +388,11 @@ class RedisStore:
                 return True
             versions = [e.version for _, e in todo]
             try:
-                async with self.client.pipeline(transaction=True) as pipe:
+                async with self.client.pipeline(transaction=False) as pipe:
                     for shard_id, entry in todo:
-                        self._queue_write(pipe, shard_id, entry)
+                        await self._queue_write(pipe, shard_id, entry)
                     async with asyncio.timeout(self.op_timeout):
-                        await pipe.execute()
+                        results = await pipe.execute()
             except REDIS_ERRORS as exc:
                 self.outage.failed(
                     loop.time(), exc, "; sessions are kept in memory until it is back"
@@ -356,30 +400,35 @@ class RedisStore:
                 self._kick()
                 return False
             self.outage.succeeded(loop.time())
-            for (shard_id, entry), version in zip(todo, versions, strict=True):
-                if entry.version == version:
+            for (shard_id, entry), version, written in zip(todo, versions, results, strict=True):
+                if not int(written):  # a newer owner holds the shard: never write it again
+                    self.fenced += 1
+                    log.warning(
+                        "shard %d: session not saved: a newer lease (epoch above %d) owns it",
+                        shard_id,
+                        entry.epoch,
+                    )
+                    if self._entries.get(shard_id) is entry:
+                        del self._entries[shard_id]
+                elif entry.version == version:
                     entry.dirty = False
                     if entry.session is None and self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
             return True
 
-    def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
-        k_session, k_seq, k_url, k_count = self.keys(shard_id)
+    async def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
+        keys = [*self.keys(shard_id), self.fleet.epoch(shard_id) if self.fleet else "-"]
         session = entry.session
+        args: list[Any] = [entry.epoch if self.fleet else 0, self.ttl_ms]
         if session is None:
-            pipe.delete(k_session, k_seq, k_url, k_count)
-            return
-        ttl = self.ttl_ms
-        pipe.set(k_session, session.session_id, px=ttl)
-        if session.seq is None:
-            pipe.delete(k_seq)
+            args += ["0", "", "0", "", "0", "", 0]
         else:
-            pipe.set(k_seq, session.seq, px=ttl)
-        if session.resume_url is None:
-            pipe.delete(k_url)
-        else:
-            pipe.set(k_url, session.resume_url, px=ttl)
-        pipe.set(k_count, entry.shard_count, px=ttl)
+            seq, url = session.seq, session.resume_url
+            args += ["1", session.session_id]
+            args += ["0", ""] if seq is None else ["1", seq]
+            args += ["0", ""] if url is None else ["1", url]
+            args.append(entry.shard_count)
+        await self._write_script(keys=keys, args=args, client=pipe)  # queued, run by execute
 
     async def _keeper(self) -> None:
         """Write dirty entries after an outage (with backoff) and refresh every live session's

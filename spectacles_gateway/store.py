@@ -25,7 +25,17 @@ class ShardStore(Protocol):
 
     async def load(self, shard_id: int, shard_count: int) -> Session | None: ...
 
-    async def save(self, shard_id: int, shard_count: int, session: Session | None) -> None: ...
+    async def save(
+        self, shard_id: int, shard_count: int, session: Session | None, *, epoch: int = 0
+    ) -> None:
+        """``epoch`` (fleet mode): the lease epoch this process holds the shard under; a store
+        that knows a newer one refuses the write (a member that lost the shard must never
+        overwrite its new owner's state)."""
+        ...
+
+    def forget(self, shard_id: int) -> None:
+        """This process no longer runs the shard: stop keeping its session alive."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -47,11 +57,16 @@ class MemoryStore:
             return None
         return entry[0]
 
-    async def save(self, shard_id: int, shard_count: int, session: Session | None) -> None:
+    async def save(
+        self, shard_id: int, shard_count: int, session: Session | None, *, epoch: int = 0
+    ) -> None:
         if session is None:
             self._sessions.pop(shard_id, None)
         else:
             self._sessions[shard_id] = (session, shard_count)
+
+    def forget(self, shard_id: int) -> None:
+        return None  # the session stays: a shard that comes back here resumes it
 
     async def aclose(self) -> None:
         return None

@@ -34,6 +34,7 @@ class Registry:
     def __init__(self) -> None:
         self.families: dict[str, Family] = {}
         self.dirty: set[Child] = set()
+        self.removed: set[tuple[str, Labels]] = set()
 
     def add(self, family: Family) -> None:
         if family.name in self.families:
@@ -41,12 +42,16 @@ class Registry:
         self.families[family.name] = family
 
     def changes(self) -> list[Sample]:
-        """The series that changed since the last call, with their current values."""
+        """The series that changed since the last call, with their current values; a series
+        that was removed comes with the value None."""
         dirty = self.dirty
-        if not dirty:
+        removed = self.removed
+        if not dirty and not removed:
             return []
-        out = [(child.family.name, child.labels, child.value()) for child in dirty]
+        out: list[Sample] = [(name, labels, None) for name, labels in removed]
+        out += [(child.family.name, child.labels, child.value()) for child in dirty]
         dirty.clear()
+        removed.clear()
         return out
 
     def get_sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -180,8 +185,12 @@ class Family:
         return child
 
     def remove(self, *values: object) -> None:
-        """Forget one series (a shard that moved away)."""
-        self.children.pop(tuple(str(v) for v in values), None)
+        """Forget one series (a shard that moved away); the supervisor forgets it too."""
+        key = tuple(str(v) for v in values)
+        child = self.children.pop(key, None)
+        if child is not None:
+            self.registry.dirty.discard(child)
+            self.registry.removed.add((self.name, key))
 
 
 class Counter(Family):
@@ -231,10 +240,12 @@ class Aggregator:
         families = self.families
         unknown = 0
         for name, labels, value in samples:
-            if name in families:
-                table[(name, tuple(labels))] = value
-            else:
+            if name not in families:
                 unknown += 1
+            elif value is None:
+                table.pop((name, tuple(labels)), None)
+            else:
+                table[(name, tuple(labels))] = value
         return unknown
 
     def retire(self, source: object) -> None:

@@ -74,6 +74,9 @@ class EventHandler(Protocol):
     def shard_event(self, runner: ShardRunner, event: Event) -> None:
         """Any other event of the core: a notice, commands sent or dropped."""
 
+    def lease_expired(self, runner: ShardRunner) -> None:
+        """Fleet: the shard's lease deadline passed; it publishes nothing more and closes."""
+
 
 class IdentifyGateLike(Protocol):
     async def acquire(self, shard_id: int) -> object: ...
@@ -217,10 +220,15 @@ class GatewayConnection(asyncio.Protocol):
         runner = self.runner
         handler = self.handler
         shard_id = self.shard_id
+        lease = runner.lease_until
+        if lease is not None and self.loop.time() > lease:
+            runner.expire()  # fleet: past the lease, nothing more is published
+        expired = runner.expired
         for event in self.core.events_received():
             kind = type(event)  # exact types, not isinstance: this loop runs for every event
             if kind is Dispatch:
-                handler.publish(shard_id, event)  # type: ignore[arg-type]
+                if not expired:
+                    handler.publish(shard_id, event)  # type: ignore[arg-type]
             elif kind is SendData:
                 if ws.state is _OPEN:
                     ws.send_text(event[0])  # type: ignore[arg-type]
@@ -329,6 +337,9 @@ class ShardRunner:
         self._permit: object | None = None
         self._stopping = False
         self.connects = 0
+        #: Fleet: publish nothing after this time (the loop's clock); None: no lease.
+        self.lease_until: float | None = None
+        self.expired = False
 
     # ---------------------------------------------------------------- what the worker asks
 
@@ -368,6 +379,31 @@ class ShardRunner:
 
     def session(self) -> Session | None:
         return self.core.session()
+
+    def expire(self) -> None:
+        """The lease deadline passed: drop what arrives, close resumably (the next owner
+        resumes), and tell the worker. Called by :meth:`GatewayConnection.pump`, which then
+        carries out the close."""
+        if self.expired:
+            return
+        self.expired = True
+        self._stopping = True
+        self.core.stop(keep_session=True)
+        self.handler.lease_expired(self)
+
+    def check_lease(self, now: float) -> None:
+        """Close the shard if its lease deadline has passed (for shards that are quiet: a
+        busy one notices at its next read)."""
+        if self.expired or self.lease_until is None or now <= self.lease_until:
+            return
+        conn = self.connection
+        if conn is not None and not conn.closed.done():
+            conn.pump()
+        else:
+            self.expire()
+            self._report()
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
 
     def identify_sent(self, sent_at: float) -> None:
         permit, self._permit = self._permit, None

@@ -15,7 +15,6 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
@@ -37,6 +36,7 @@ from .protocol.events import (
     ShardStats,
 )
 from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Session
+from .shardset import ShardSet
 from .store import MemoryStore, ShardStore
 from .transport import IdentifyGateLike, ShardRunner
 
@@ -56,6 +56,7 @@ class Worker:
         store: ShardStore | None = None,
         gate: IdentifyGateLike | None = None,
         keep_sessions: bool | None = None,
+        dynamic: bool = False,
     ) -> None:
         self.plan = plan
         self.broker = broker
@@ -63,7 +64,10 @@ class Worker:
         self.gate = gate or LocalIdentifyGate(plan.max_concurrency)
         # Close with a resumable code on shutdown only if someone can resume the session later.
         self.keep_sessions = self.store.persistent if keep_sessions is None else keep_sessions
-        self.runners: dict[int, ShardRunner] = {}
+        #: Fleet mode: shards come and go, and a worker without shards keeps running.
+        self.dynamic = dynamic
+        self.shards = ShardSet(plan, self, self.gate, self.store, on_done=self._runner_done)
+        self.runners = self.shards.runners
         self._stop_requested: asyncio.Event | None = None
         self._fast = False
         self._stop_early = False
@@ -74,7 +78,8 @@ class Worker:
         self._clock = time.monotonic
         self._wake_scheduled = False
         self._background: list[asyncio.Task[None]] = []
-        self._saved: dict[int, Session | None] = {}
+        self._saved = self.shards.saved
+        self._releasing: set[int] = set()
         # Shards that may have changed since the last observation, and since the last save:
         # the periodic work looks at these only, so idle shards cost nothing.
         self._changed: set[int] = set()
@@ -85,6 +90,8 @@ class Worker:
         self.persist_interval = 1.0
         #: Called after each periodic round (the worker process reports to its supervisor).
         self.after_round: Callable[[], None] | None = None
+        #: Fleet: called when a shard was let go: (shard, session left behind, reason).
+        self.on_released: Callable[[int, Session | None, str], None] | None = None
         self.fatal_code: int | None = None
         self.output_failed = False
 
@@ -269,52 +276,79 @@ class Worker:
             loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
         metrics.total_shards.set(len(self.plan.shard_ids))
         for shard_id in self.plan.shard_ids:
-            session = await self.store.load(shard_id, self.plan.shard_count)
-            self._saved[shard_id] = session
-            if session is not None:
-                log.info(
-                    "shard %d: stored session %s… at seq %s: will resume",
-                    shard_id,
-                    session.session_id[:8],
-                    session.seq,
-                )
-            self.runners[shard_id] = ShardRunner(
-                self.plan.shard_config(shard_id),
-                self,
-                self.gate,
-                session=session,
-                open_timeout=self.plan.open_timeout,
-                max_message_size=self.plan.max_message_size,
-            )
-            metrics.shards_alive.labels(str(shard_id)).set(0)
+            await self.shards.add(shard_id)
         self._changed.update(self.runners)  # the first report shows every shard
         # After the runners exist: a command that arrives at once finds its shard (and is
         # queued until the shard is connected) instead of being handed on to itself.
         await self.broker.start()
-        tasks = {runner.start(): runner for runner in self.runners.values()}
+        for runner in list(self.runners.values()):
+            self.shards.start(runner)
         self._background = [loop.create_task(self._periodic())]
-        stop_wait = loop.create_task(self._stop_requested.wait())
-        pending: set[asyncio.Future[Any]] = {*tasks, stop_wait}
+        if not self.runners and not self.dynamic:
+            self._stop_requested.set()
         try:
-            while True:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    break
-                for task in done:
-                    code = task.result() if not task.cancelled() else None
-                    if code in FATAL_CODES:
-                        self.fatal_code = code
-                if self.fatal_code is not None or not any(t in pending for t in tasks):
-                    break
+            await self._stop_requested.wait()
         finally:
-            stop_wait.cancel()
-            await self._shutdown(list(tasks))
+            await self._shutdown()
             if install_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
         if self.fatal_code is not None:
             return EX_CONFIG
         return EX_IOERR if self.output_failed else EX_OK
+
+    def _runner_done(self, runner: ShardRunner, code: int | None) -> None:
+        if code in FATAL_CODES:
+            self.fatal_code = code
+            self.request_stop()
+        elif not self.dynamic and all(t.done() for t in self.shards.tasks.values()):
+            self.request_stop()
+
+    # ------------------------------------------------------------------ fleet
+
+    async def assign(self, shard_id: int, *, epoch: int, until: float) -> None:
+        """Run ``shard_id`` (owned under lease ``epoch``, publishing until ``until``)."""
+        runner = self.runners.get(shard_id)
+        if runner is not None and not runner.expired:
+            runner.lease_until = until
+            self.shards.epochs[shard_id] = epoch
+            return
+        if runner is not None:  # expired, being let go: wait for that first
+            await self.release(shard_id, save=False, reason="expired")
+        runner = await self.shards.add(shard_id, epoch=epoch, until=until)
+        self._changed.add(shard_id)
+        self.broker.track(shard_id, running=True)
+        self.shards.start(runner)
+
+    async def release(self, shard_id: int, *, save: bool, reason: str = "release") -> None:
+        """Stop ``shard_id`` resumably and forget it; with ``save``, its final confirmed
+        session is written first (a handoff)."""
+        if shard_id in self._releasing:
+            return
+        self._releasing.add(shard_id)
+        try:
+            session = await self.shards.release(shard_id, save=save, confirmed=self._on_wake)
+        finally:
+            self._releasing.discard(shard_id)
+        self.broker.track(shard_id, running=False)
+        self._changed.discard(shard_id)
+        self._unsaved.discard(shard_id)
+        self._stats.pop(shard_id, None)
+        self._latency_probe.pop(shard_id, None)
+        log.info("shard %d: let go (%s)", shard_id, reason)
+        if self.on_released is not None:
+            self.on_released(shard_id, session, reason)
+
+    def lease_expired(self, runner: ShardRunner) -> None:
+        log.warning(
+            "shard %d: its lease ran out before it was renewed: publishing nothing more",
+            runner.shard_id,
+        )
+        metrics.lease_losses.labels("expired").inc()
+        task = asyncio.get_running_loop().create_task(
+            self.release(runner.shard_id, save=False, reason="expired")
+        )
+        self._background.append(task)
 
     def request_stop(self, fast: bool = False) -> None:
         """Stop: gracefully, or ``fast`` (a second request is always fast)."""
@@ -328,16 +362,9 @@ class Worker:
         log.info("stopping (%s)", "fast" if self._fast else "graceful")
         self._stop_requested.set()
 
-    async def _shutdown(self, tasks: list[asyncio.Task[int | None]]) -> None:
-        for runner in self.runners.values():
-            runner.stop(keep_session=self.keep_sessions)
+    async def _shutdown(self) -> None:
         timeout = 1.0 if self._fast else self.plan.shutdown_timeout
-        if tasks:
-            _, still = await asyncio.wait(tasks, timeout=timeout)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=1.0)
+        await self.shards.stop_all(keep_session=self.keep_sessions, wait=timeout)
         for background in self._background:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -369,7 +396,8 @@ class Worker:
             if session == self._saved.get(shard_id):
                 continue
             try:
-                await self.store.save(shard_id, self.plan.shard_count, session)
+                epoch = self.shards.epochs.get(shard_id, 0)
+                await self.store.save(shard_id, self.plan.shard_count, session, epoch=epoch)
             except Exception as exc:
                 log.warning("shard %d: could not save its session (%s); retrying", shard_id, exc)
                 self._unsaved.add(shard_id)
@@ -379,8 +407,10 @@ class Worker:
     async def _periodic(self) -> None:
         """Once a second (one wake-up for everything periodic): metrics and statuses of the
         shards that changed, their sessions to the store, then the owner's report."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.persist_interval)
+            self.shards.check_leases(loop.time())
             self.observe()
             await self.persist_sessions()
             if self.after_round is not None:

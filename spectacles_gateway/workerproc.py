@@ -19,19 +19,23 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import control, metrics
 from .control import (
+    Assign,
     Deliver,
     FrameError,
     FrameReader,
     Grant,
     Identified,
     IdentifyRequest,
+    Leases,
     Message,
     Relayed,
+    Release,
+    Released,
     Start,
     Status,
 )
@@ -72,6 +76,7 @@ class ControlLink(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.worker: Worker | None = None
         self._early: list[Message] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def attach(self, worker: Worker) -> None:
         """From now on, messages for the worker go to it (those that came early first)."""
@@ -111,6 +116,23 @@ class ControlLink(asyncio.Protocol):
                 relayed(message.offset)
         elif isinstance(message, Deliver):
             self.worker.handle_command(message.body, _no_ack)
+        elif isinstance(message, Leases):
+            self.worker.shards.set_leases(message.until)
+        elif isinstance(message, Assign):
+            self._spawn(self.worker.assign(message.shard, epoch=message.epoch, until=message.until))
+        elif isinstance(message, Release):
+            self._spawn(self.worker.release(message.shard, save=message.save))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a fleet operation failed", exc_info=task.exception())
+            metrics.input_dropped.labels("control", "internal_error").inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -198,7 +220,9 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         store=store,
         gate=make_gate(settings, plan, SupervisorGate(link)),
         keep_sessions=True,  # the supervisor (or Redis) keeps them: a restart resumes
+        dynamic=start.fleet,
     )
+    worker.on_released = lambda shard, session, reason: link.send(Released(shard, session, reason))
     link.attach(worker)
 
     worker.after_round = lambda: link.send(status(worker))

@@ -55,6 +55,17 @@ def test_the_supervisor_sums_workers_and_keeps_what_dead_ones_counted() -> None:
     assert agg.update(0, [("nope", (), 1.0)]) == 1  # unknown families are counted, not kept
 
 
+def test_a_removed_series_is_removed_at_the_supervisor_too() -> None:
+    r, _, g, _, _ = families()
+    agg = Aggregator(r.families)
+    g.labels("7").set(1)
+    agg.update(0, r.changes())
+    assert agg.combined()[("x_alive", ("7",))] == 1.0
+    g.remove("7")  # the shard moved to another worker or host
+    agg.update(0, r.changes())
+    assert ("x_alive", ("7",)) not in agg.combined()
+
+
 def test_the_text_format() -> None:
     r, c, g, low, h = families()
     c.labels('we"ird\n').inc()

@@ -91,6 +91,10 @@ class Broker(abc.ABC):
         call ``ack()`` once it was handed on."""
         return False
 
+    def track(self, shard_id: int, *, running: bool) -> None:  # noqa: B027 - optional hook
+        """Fleet: this worker now runs ``shard_id`` (or no longer): consume its per-shard
+        commands (or stop), so commands for it reach whoever runs it."""
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect; start consuming commands."""
 

@@ -24,13 +24,20 @@ __all__ = [
     "MAX_FRAME",
     "Assign",
     "Deliver",
+    "Drain",
+    "FleetStart",
+    "FleetView",
     "FrameError",
     "FrameReader",
     "Grant",
+    "HandOff",
     "Identified",
     "IdentifyRequest",
     "Leases",
+    "Lose",
+    "MemberView",
     "Message",
+    "Own",
     "Relayed",
     "Release",
     "Released",
@@ -146,6 +153,63 @@ class Released(_Message, tag="released"):
     reason: str = "release"
 
 
+class FleetStart(_Message, tag="fleet-start"):
+    """The first message to the fleet agent: who this member is and what it may run."""
+
+    member: str
+    argv: list[str]  # the settings (Redis, prefix, fleet name, lease) are read from them
+    shard_count: int
+    allowed: list[int] | None  # the shards this member may own (--shards); None: any
+    session_total: int  # Discord's session start budget as this member last saw it
+    session_remaining: int
+    session_reset_after: float  # seconds
+
+
+class Own(_Message, tag="own"):
+    """Agent: this member now owns ``shard`` under lease ``epoch`` until ``until``.
+    ``how``: ``claim`` (it was free), ``failover`` (its owner's lease ran out; that happened at
+    ``expired_at``, our clock), ``keep`` (a restarted agent found it still ours)."""
+
+    shard: int
+    epoch: int
+    until: float
+    how: str = "claim"
+    expired_at: float | None = None
+
+
+class Lose(_Message, tag="lose"):
+    """Agent: ``shard`` is no longer ours (not renewed in time, or taken): stop it now."""
+
+    shard: int
+    reason: str
+
+
+class HandOff(_Message, tag="hand-off"):
+    """Agent: let ``shard`` go gracefully (save its session), then tell us (Released)."""
+
+    shard: int
+    reason: str
+
+
+class Drain(_Message, tag="drain"):
+    """Supervisor: stopping: hand every shard off, then exit."""
+
+
+class MemberView(msgspec.Struct, array_like=True):
+    member: str
+    capacity: int
+    shards: int
+    seen_ago: float  # seconds since its last renewal
+
+
+class FleetView(_Message, tag="fleet-view"):
+    """Agent: the fleet as this member sees it: members and every shard's owner and epoch."""
+
+    members: list[MemberView]
+    owners: dict[int, tuple[str, int]]
+    targets: dict[str, int]
+
+
 Message = (
     Start
     | Grant
@@ -158,6 +222,12 @@ Message = (
     | Release
     | Leases
     | Released
+    | FleetStart
+    | Own
+    | Lose
+    | HandOff
+    | Drain
+    | FleetView
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -71,19 +71,40 @@ def redis_client(
     A command that meets a dead pooled connection (Redis restarted) reconnects and retries twice
     with a short jittered backoff; anything longer is an outage for the caller to handle.
     """
-    dsn = settings.redis.dsn
+    redis = settings.redis
+    common: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        "client_name": name,
+    }
+    if redis.sentinels:
+        # Sentinel: the client asks the sentinels where the master is, and asks again after a
+        # failover (a connection error); a short outage for the caller to ride through.
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(redis.sentinels),
+            sentinel_kwargs={"socket_timeout": CONNECT_TIMEOUT},
+            username=redis.username,
+            password=redis.password,
+            db=redis.db,
+            **common,
+        )
+        client: Redis = sentinel.master_for(
+            redis.sentinel_master, max_connections=max_connections or redis.pool_size
+        )
+        return client
+    dsn = redis.dsn
     options: dict[str, Any] = {}
     if not dsn.startswith("unix:"):
         options["socket_keepalive"] = True  # TCP only
     pool = BlockingConnectionPool.from_url(
         dsn,
-        max_connections=max_connections or settings.redis.pool_size,
+        max_connections=max_connections or redis.pool_size,
         timeout=POOL_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_timeout=SOCKET_TIMEOUT,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
-        client_name=name,
+        **common,
         **options,
     )
     return Redis.from_pool(pool)

@@ -49,7 +49,7 @@ __all__ = ["ControlLink", "SupervisorGate", "main"]
 log = logging.getLogger(__name__)
 
 
-def read_start(sock: socket.socket) -> Start:
+def read_first(sock: socket.socket) -> Message:
     """Read the first control message (blocking, before the event loop starts)."""
     data = bytearray()
     need = 4
@@ -61,9 +61,10 @@ def read_start(sock: socket.socket) -> Start:
         if need == 4 and len(data) >= 4:
             need = 4 + struct.unpack(">I", data[:4])[0]
     messages = FrameReader().feed(bytes(data[:need]))
-    if len(data) > need or len(messages) != 1 or not isinstance(messages[0], Start):
-        raise SystemExit("the first control message must be the plan, alone")
-    return messages[0]
+    first = messages[0] if len(messages) == 1 and len(data) == need else None
+    if first is None or isinstance(first, FrameError):
+        raise SystemExit("the first control message must come alone")
+    return first
 
 
 class ControlLink(asyncio.Protocol):
@@ -255,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The supervisor blocks signals around the spawn; start from a clean mask.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     sock = socket.socket(fileno=args.fd)
-    start = read_start(sock)
+    start = read_first(sock)
+    if not isinstance(start, Start):
+        raise SystemExit("the first control message must be the plan")
 
     from .config import load
     from .logsetup import setup_logging

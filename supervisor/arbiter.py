@@ -34,6 +34,7 @@ from spectacles_gateway.control import (
     Identified,
     IdentifyRequest,
     Message,
+    Released,
     Start,
     Status,
 )
@@ -44,6 +45,7 @@ from spectacles_gateway.protocol.shard import Session
 from spectacles_gateway.telemetry import Aggregator
 
 from .channel import ControlChannel
+from .fleet import FleetOptions, FleetSide
 from .httpd import HttpServer
 from .lifecycle import Lifecycle, describe_exit
 from .plan import describe_ids
@@ -73,6 +75,7 @@ class SupervisorOptions:
     max_clients: int = 64
     input_buffer: int = 4 << 20
     budget: SessionBudget | None = None
+    fleet: FleetOptions | None = None  # fleet mode: shards come from the fleet agent
     notifier: Any = None  # sdnotify.Notifier or None
     rand: Callable[[], float] = random.random
 
@@ -99,6 +102,18 @@ class Supervisor(Lifecycle):
         self._next_tick = 0.0
         self._gate_dirty = False
         self.started = time.monotonic()
+        self.fleet: FleetSide | None = None
+        if options.fleet is not None:
+            self.fleet = FleetSide(
+                options.fleet,
+                options.shard_count,
+                options.argv,
+                self.selector,
+                self.slots,
+                self.owner,
+                self.aggregator,
+                options.rand,
+            )
         super().__init__()
 
     # ------------------------------------------------------------------ set-up
@@ -199,14 +214,18 @@ class Supervisor(Lifecycle):
             functools.partial(self._on_message, slot),
             _nothing,  # the reaper notices the death
         )
+        fleet = self.fleet is not None
         slot.channel.send(
             Start(
-                plan=self.options.plan.for_worker(slot.index, slot.shards),
+                plan=self.options.plan.for_worker(slot.index, () if fleet else slot.shards),
                 argv=self.options.argv,
-                sessions={s: self.sessions.get(s) for s in slot.shards},
+                sessions={} if fleet else {s: self.sessions.get(s) for s in slot.shards},
                 confirm_on_relay=stdio,
+                fleet=fleet,
             )
         )
+        if self.fleet is not None:
+            self.fleet.worker_started(slot)
         if self.relay is not None and proc.stdout is not None:
             self.relay.attach(slot, proc.stdout)
         if self.stdin is not None:
@@ -217,7 +236,10 @@ class Supervisor(Lifecycle):
     def _on_message(self, slot: WorkerSlot, message: Message | FrameError) -> None:
         slot.last_seen = time.monotonic()
         if isinstance(message, Status):
-            slot.apply_status(message.shards)
+            became_ready = slot.apply_status(message.shards)
+            if self.fleet is not None:
+                for shard in became_ready:
+                    self.fleet.shard_ready(shard, slot.last_seen)
             slot.broker = message.broker
             for shard, session in message.sessions.items():
                 if shard in slot.shards:
@@ -233,6 +255,8 @@ class Supervisor(Lifecycle):
             self._gate_dirty = True
             if message.sent is not None and self.options.budget is not None:
                 metrics.session_starts_remaining.set(self.options.budget.remaining)
+        elif isinstance(message, Released) and self.fleet is not None:
+            self.fleet.released(slot, message)
         elif isinstance(message, FrameError):
             log.error("worker %d sent a bad control frame: %s", slot.index, message)
             metrics.input_dropped.labels("control", "bad_frame").inc()
@@ -252,6 +276,8 @@ class Supervisor(Lifecycle):
             slot.channel.send(Grant(shard))
 
     def _reap(self) -> None:
+        if self.fleet is not None and self.fleet.reap(time.monotonic()):
+            self._drained()
         for slot in self.slots:
             proc = slot.proc
             if proc is None:
@@ -296,11 +322,13 @@ class Supervisor(Lifecycle):
             log.info("metrics and health on http://%s:%d", host, self.http.port)
         for slot in self.slots:
             self.spawn(slot)
+        if self.fleet is not None:
+            self.fleet.spawn()
         try:
             while True:
                 now = time.monotonic()
                 self._handle_signals()
-                if self.stopping is not None and all(s.proc is None for s in self.slots):
+                if self._stopped():
                     break
                 if now >= self._next_tick or self._due(now):
                     self._reap()
@@ -320,6 +348,12 @@ class Supervisor(Lifecycle):
         finally:
             self._shutdown_io()
         return self.exit_code
+
+    def _stopped(self) -> bool:
+        """Stopping, and every child (workers, the fleet agent) has exited."""
+        if self.stopping is None or any(s.proc is not None for s in self.slots):
+            return False
+        return self.fleet is None or self.fleet.proc is None
 
     def _due(self, now: float) -> bool:
         """A deadline of the periodic round has come before the round (a restart, a client)."""
@@ -356,6 +390,8 @@ class Supervisor(Lifecycle):
                 self._begin_rolling_restart()
 
     def _shutdown_io(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.relay is not None:
             self.relay.close()
         if self.http is not None:

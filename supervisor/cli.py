@@ -23,6 +23,7 @@ from spectacles_gateway.protocol.identify import SessionBudget
 from spectacles_gateway.shardspec import parse_shard_spec
 
 from .arbiter import Supervisor, SupervisorOptions
+from .fleet import FleetOptions
 from .plan import describe_ids, group_shards, worker_count
 from .simulate import Simulated, start_simulator
 
@@ -78,7 +79,22 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         shards_per_worker=settings.supervisor.shards_per_worker,
         cpus=os.cpu_count() or 1,
     )
-    groups = group_shards(ids, n_workers, bot.max_concurrency)
+    fleet: FleetOptions | None = None
+    if settings.fleet.name:
+        # The fleet decides which shards run here: the workers start empty and get shards.
+        explicit = bool(loaded.cli.shards or settings.shards.ids)
+        fleet = FleetOptions(
+            name=settings.fleet.name,
+            member=settings.fleet.member,
+            lease=settings.fleet.lease,
+            allowed=ids if explicit else None,
+            session_total=bot.total,
+            session_remaining=bot.remaining,
+            session_reset_after=bot.reset_after,
+        )
+        groups: list[tuple[int, ...]] = [() for _ in range(n_workers)]
+    else:
+        groups = group_shards(ids, n_workers, bot.max_concurrency)
     gateway = settings.gateway
     plan = WorkerPlan(
         shard_ids=ids,
@@ -101,7 +117,8 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
     )
     plan.shard_config(ids[0]).identify_payload()  # over 4096 bytes: refused now, not by Discord
     log.info(
-        "running shards %s of %d in %d workers (max_concurrency %d, %d session starts left)",
+        "%s shards %s of %d in %d workers (max_concurrency %d, %d session starts left)",
+        f"fleet {fleet.name} member {fleet.member}: may run" if fleet else "running",
         describe_ids(ids),
         count,
         len(groups),
@@ -132,6 +149,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         input_buffer=settings.supervisor.input_buffer,
         budget=SessionBudget(bot.total, bot.remaining, time.monotonic() + bot.reset_after),
         notifier=_notifier(),
+        fleet=fleet,
     )
 
 

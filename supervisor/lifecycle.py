@@ -25,6 +25,7 @@ from .status import human, progress, shards_ready
 if TYPE_CHECKING:
     from spectacles_gateway.protocol.identify import IdentifyPacer
 
+    from .fleet import FleetSide
     from .httpd import HttpServer
     from .relay import StdinRouter
     from .slots import WorkerSlot
@@ -67,6 +68,7 @@ class Lifecycle:
     started: float
     http: HttpServer | None
     stdin: StdinRouter | None
+    fleet: FleetSide | None
 
     def spawn(self, slot: WorkerSlot) -> None:
         raise NotImplementedError
@@ -147,9 +149,25 @@ class Lifecycle:
         log.info("stopping (%s): no new identifies; workers close their shards resumably", how)
         if self.options.notifier is not None:
             self.options.notifier.stopping()
-        sig = signal.SIGTERM if how == "graceful" else signal.SIGINT
         for slot in self.slots:
             slot.restart_at = None
+        if how == "graceful" and self.fleet is not None and self.fleet.proc is not None:
+            # Hand every shard to the other members first; the workers stop once that is done.
+            log.info("fleet: handing every shard off before stopping")
+            self.fleet.drain()
+            return
+        if self.fleet is not None:
+            self.fleet.stop()
+        self._signal_workers(signal.SIGTERM if how == "graceful" else signal.SIGINT)
+
+    def _drained(self) -> None:
+        """Fleet: every shard was handed off (or the time is up): the workers may stop."""
+        if self.stopping is not None:
+            log.info("fleet: shards handed off; stopping the workers")
+            self._signal_workers(signal.SIGTERM)
+
+    def _signal_workers(self, sig: int) -> None:
+        for slot in self.slots:
             if slot.proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, sig)
@@ -197,7 +215,16 @@ class Lifecycle:
     # ------------------------------------------------------------------ the periodic round
 
     def _tick(self, now: float) -> None:
+        if self.fleet is not None:
+            self.fleet.tick(now)
         if self.stopping is not None:
+            if self.fleet is not None and self.fleet.draining and self.fleet.proc is not None:
+                if now > self.stop_deadline - 1.0:  # handing off took too long: stop anyway
+                    log.warning("fleet: handing off took too long; stopping the workers")
+                    self.fleet.stop()
+                    self._signal_workers(signal.SIGTERM)
+                    self.stop_deadline = now + 3.0
+                return
             if now > self.stop_deadline:
                 for slot in self.slots:
                     if slot.proc is not None:

@@ -50,15 +50,36 @@ class WorkerSlot:
     def running(self) -> bool:
         return self.proc is not None
 
-    def apply_status(self, changes: dict[int, ShardStatus]) -> None:
-        """A report's changed shards (only those this slot runs)."""
+    def apply_status(self, changes: dict[int, ShardStatus]) -> list[int]:
+        """A report's changed shards (only those this slot runs); the shards that just became
+        ready."""
         status = self.status
+        became_ready = []
         for shard, new in changes.items():
             if shard not in self.shard_set:
                 continue
             old = status.get(shard)
-            self.ready_count += (new.ready) - (old is not None and old.ready)
+            was = old is not None and old.ready
+            self.ready_count += new.ready - was
+            if new.ready and not was:
+                became_ready.append(shard)
             status[shard] = new
+        return became_ready
+
+    def add_shard(self, shard: int) -> None:
+        """Fleet: the slot runs ``shard`` from now on."""
+        if shard not in self.shard_set:
+            self.shards = tuple(sorted((*self.shards, shard)))
+            self.shard_set = frozenset(self.shards)
+
+    def remove_shard(self, shard: int) -> None:
+        """Fleet: the slot no longer runs ``shard``."""
+        if shard in self.shard_set:
+            self.shards = tuple(s for s in self.shards if s != shard)
+            self.shard_set = frozenset(self.shards)
+            old = self.status.pop(shard, None)
+            if old is not None and old.ready:
+                self.ready_count -= 1
 
     def ready_shards(self) -> int:
         return self.ready_count

@@ -14,6 +14,7 @@ from spectacles_gateway import metrics
 from spectacles_gateway.protocol.identify import IdentifyPacer
 from spectacles_gateway.telemetry import Aggregator, render
 
+from .fleet import FleetSide
 from .httpd import Response
 from .plan import describe_ids
 from .slots import WorkerSlot
@@ -29,11 +30,14 @@ class View(Protocol):
     stopping: str | None
     started: float
     shard_count: int
+    fleet: FleetSide | None
 
 
 def readiness(view: View) -> tuple[bool, str]:
     if view.stopping is not None:
         return False, "stopping"
+    if view.fleet is not None and not view.fleet.fully_owned():
+        return False, "the fleet does not own every shard yet"
     for slot in view.slots:
         if slot.fatal:
             continue
@@ -121,6 +125,8 @@ def status(view: View, now: float, *, shards: bool = False) -> dict[str, Any]:
             for s in view.slots
         ],
     }
+    if view.fleet is not None:
+        out["fleet"] = view.fleet.status()
     if shards:
         out["shards"] = shard_entries(view)
     return out

@@ -1,0 +1,110 @@
+"""Shard leases with fencing epochs in Redis (fleet.md "Ownership"): atomic Lua scripts.
+
+A lease key holds ``"<member> <epoch>"`` with ``PX`` = the lease time. Taking a free shard
+increments its epoch counter (it only grows) in the same script, so every owner in a shard's
+history has its own epoch, and the session store refuses writes from older ones. Renewing and
+releasing only touch a key that still holds our own value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .keys import FleetKeys
+
+__all__ = ["LeaseBook", "Owner"]
+
+# KEYS: lease, epoch. ARGV: member, ttl (ms). Returns the new epoch, or 0 when taken.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. epoch, 'PX', ARGV[2])
+return epoch
+"""
+# KEYS: lease. ARGV: value, ttl (ms). 1 when the lease is still ours (and now renewed).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: lease, free channel. ARGV: value, shard. Deletes our lease and announces the shard.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Owner:
+    member: str
+    epoch: int
+    ttl: float  # seconds the lease still has
+
+
+class LeaseBook:
+    def __init__(self, client: Redis, keys: FleetKeys, member: str, lease: float) -> None:
+        self.client = client
+        self.keys = keys
+        self.member = member
+        self.lease_ms = max(1, round(lease * 1000))
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def value(self, epoch: int) -> str:
+        return f"{self.member} {epoch}"
+
+    async def claim(self, shard: int) -> int:
+        """Take ``shard`` if it is free: its new epoch, or 0."""
+        keys = self.keys
+        args: list[Any] = [self.member, self.lease_ms]
+        return int(await self._claim(keys=[keys.lease(shard), keys.epoch(shard)], args=args))
+
+    async def renew(self, owned: dict[int, int]) -> dict[int, bool]:
+        """Renew every lease of ``owned`` (shard -> epoch) in one round trip: which are still
+        ours."""
+        if not owned:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for shard, epoch in owned.items():
+                args: list[Any] = [self.value(epoch), self.lease_ms]
+                await self._renew(keys=[self.keys.lease(shard)], args=args, client=pipe)
+            results = await pipe.execute()
+        return {shard: bool(int(r)) for shard, r in zip(owned, results, strict=True)}
+
+    async def release(self, shard: int, epoch: int) -> bool:
+        """Let ``shard`` go (if it is still ours) and tell the members waiting to claim."""
+        keys = [self.keys.lease(shard), self.keys.free]
+        return bool(int(await self._release(keys=keys, args=[self.value(epoch), shard])))
+
+    async def owners(self, shards: range) -> dict[int, Owner | None]:
+        """Every shard's owner (None: free), with the time its lease still has."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.get(self.keys.lease(shard))
+                pipe.pttl(self.keys.lease(shard))
+            replies = await pipe.execute()
+        out: dict[int, Owner | None] = {}
+        for i, shard in enumerate(shards):
+            raw, pttl = replies[2 * i], replies[2 * i + 1]
+            if raw is None:
+                out[shard] = None
+                continue
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            member, _, epoch = text.rpartition(" ")
+            try:
+                out[shard] = Owner(member, int(epoch), max(0, int(pttl)) / 1000.0)
+            except ValueError:  # not ours to read: a foreign value; treat it as taken
+                out[shard] = Owner(text, 0, max(0, int(pttl)) / 1000.0)
+        return out

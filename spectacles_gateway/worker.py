@@ -410,11 +410,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.persist_interval)
-            self.shards.check_leases(loop.time())
-            self.observe()
-            await self.persist_sessions()
-            if self.after_round is not None:
-                self.after_round()
+            try:
+                self.shards.check_leases(loop.time())
+                self.observe()
+                await self.persist_sessions()
+                if self.after_round is not None:
+                    self.after_round()
+            except Exception:  # a bug of ours: the next round must still come
+                log.exception("internal error in the periodic round")
 
     # ------------------------------------------------------------------ observation
 
@@ -473,5 +476,7 @@ class Worker:
     def status_changes(self) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:
         """Shard statuses and sessions noted by :meth:`observe` since the last call."""
         changes, self._status_changes = self._status_changes, {}
-        sessions = {shard_id: self.runners[shard_id].session() for shard_id in changes}
+        runners = self.runners
+        changes = {s: c for s, c in changes.items() if s in runners}  # not those let go since
+        sessions = {shard_id: runners[shard_id].session() for shard_id in changes}
         return changes, sessions

@@ -50,21 +50,24 @@ log = logging.getLogger(__name__)
 
 
 def read_first(sock: socket.socket) -> Message:
-    """Read the first control message (blocking, before the event loop starts)."""
-    data = bytearray()
-    need = 4
-    while len(data) < need:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise SystemExit("control socket closed before the plan arrived")
-        data += chunk
-        if need == 4 and len(data) >= 4:
-            need = 4 + struct.unpack(">I", data[:4])[0]
-    messages = FrameReader().feed(bytes(data[:need]))
-    first = messages[0] if len(messages) == 1 and len(data) == need else None
-    if first is None or isinstance(first, FrameError):
-        raise SystemExit("the first control message must come alone")
-    return first
+    """Read the first control message (blocking, before the event loop starts); exactly its
+    bytes, so what the supervisor sent after it waits in the socket for the event loop."""
+
+    def exactly(n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise SystemExit("control socket closed before the plan arrived")
+            data += chunk
+        return bytes(data)
+
+    head = exactly(4)
+    body = exactly(struct.unpack(">I", head)[0])
+    messages = FrameReader().feed(head + body)
+    if len(messages) != 1 or isinstance(messages[0], FrameError):
+        raise SystemExit("the first control message is not a message")
+    return messages[0]
 
 
 class ControlLink(asyncio.Protocol):

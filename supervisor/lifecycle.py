@@ -86,6 +86,7 @@ class Lifecycle:
         self._next_progress = 0.0
         self._next_watchdog = 0.0
         self._next_extend = 0.0
+        self._last_round = time.monotonic()
         self.ready_since: float | None = None
 
     # ------------------------------------------------------------------ deaths
@@ -233,6 +234,13 @@ class Lifecycle:
                 self.stop_deadline = now + 5.0
             return
         stall = self.options.stall_timeout
+        if now - self._last_round > stall / 2:
+            # We were not running (SIGSTOP, a VM paused): neither were our workers; their
+            # silence meanwhile is not a stall.
+            log.warning("the supervisor was paused for %.0f s", now - self._last_round)
+            for slot in self.slots:
+                slot.last_seen = now
+        self._last_round = now
         for slot in self.slots:
             if slot.proc is None:
                 if slot.restart_at is not None and now >= slot.restart_at:

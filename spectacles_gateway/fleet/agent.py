@@ -100,14 +100,16 @@ class Agent:
 
     async def released(self, shard: int) -> None:
         """The supervisor's worker let ``shard`` go (after a HandOff, or on its own)."""
-        held = self.owned.pop(shard, None)
-        self.handing_off.pop(shard, None)
+        held = self.owned.get(shard)
         if held is None:
             return
-        try:
+        try:  # it stays in owned until its lease is gone: a draining agent waits for that
             await self.book.release(shard, held.epoch)
         except REDIS_ERRORS as exc:  # its lease runs out by itself
             log.warning("fleet: could not release shard %d (%s); it expires instead", shard, exc)
+        finally:
+            self.owned.pop(shard, None)
+            self.handing_off.pop(shard, None)
         metrics.leases_held.set(len(self.owned))
         self.wake()
 
@@ -130,6 +132,9 @@ class Agent:
                     self.outage.succeeded(self.clock())
                 except REDIS_ERRORS as exc:
                     self.outage.failed(self.clock(), exc, "; leases are not renewed meanwhile")
+                    self._expire_local()
+                except Exception:  # a bug of ours: the next round must still come
+                    log.exception("fleet: internal error in a round")
                     self._expire_local()
                 self._wake.clear()
                 wait = max(0.0, started + self.tick - self.clock())
@@ -160,7 +165,8 @@ class Agent:
         members = await self._members()
         owners = await self.book.owners(self.shards())
         self._note_expiry(owners, now)
-        self._adopt(owners, now)
+        if not self._rounds:  # a restarted agent finds the leases it held: they are still ours
+            self._adopt(owners, now)
         goal = self._targets(members)
         if self.draining:
             for shard in self.owned:
@@ -182,8 +188,11 @@ class Agent:
         until = now + self.config.lease * LOCAL_SHARE
         renewed: dict[int, float] = {}
         for shard, ours in results.items():
+            held = self.owned.get(shard)
+            if held is None or held.epoch != owned[shard]:
+                continue  # let go (or taken again) while we were asking
             if ours:
-                self.owned[shard].until = until
+                held.until = until
                 renewed[shard] = until
             else:
                 self._lose(shard, "taken")
@@ -213,7 +222,10 @@ class Agent:
         me = {"capacity": self.config.capacity, "shards": len(self.owned), "seen": now_ms}
         if self.config.allowed is not None:
             me["allowed"] = len(self.config.allowed)
-        await self.client.hset(self.keys.members, self.config.member, json.dumps(me))
+        if self.draining:  # leaving: the others count without us (and claim what we let go)
+            await self.client.hdel(self.keys.members, self.config.member)
+        else:
+            await self.client.hset(self.keys.members, self.config.member, json.dumps(me))
         raw = await self.client.hgetall(self.keys.members)
         live: dict[str, dict[str, int]] = {}
         lease_ms = self.config.lease * 1000
@@ -238,7 +250,8 @@ class Agent:
                 self._expiry[shard] = now + owner.ttl
 
     def _adopt(self, owners: dict[int, Owner | None], now: float) -> None:
-        """Leases of ours we do not know of (the agent restarted): keep them."""
+        """Leases of ours we do not know of (the agent restarted): keep them. Only in the first
+        round: later, a lease of ours we do not hold is one being let go."""
         for shard, owner in owners.items():
             if owner is None or owner.member != self.config.member or shard in self.owned:
                 continue

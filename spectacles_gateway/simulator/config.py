@@ -1,0 +1,63 @@
+"""What the simulated Discord application and gateway node look like."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spectacles_gateway.simulator import events
+
+
+@dataclass
+class SimulatorConfig:
+    """Everything the simulated Discord application and gateway node look like."""
+
+    token: str = "simulated-token"  # noqa: S105 - the simulated app's fake token
+    shard_count: int = 1
+    """Recommended count from /gateway/bot; IDENTIFY's num_shards is checked against it."""
+    max_concurrency: int = 1
+    session_start_total: int = 1000
+    session_start_remaining: int = 1000
+    session_start_reset_after_ms: int = 14_400_000
+    heartbeat_interval_ms: int = 41250
+    rate: float = 0.0
+    """MESSAGE_CREATE dispatches per second per connected READY session (0 = none)."""
+    size_mix: tuple[tuple[int, float], ...] = ((1024, 1.0),)
+    """(approximate JSON size of ``d`` in bytes, weight) for generated MESSAGE_CREATEs."""
+    guilds_per_shard: int = 2
+    big_guild_create_bytes: int = 0
+    """If > 0, the first GUILD_CREATE of each new session is at least this big."""
+    allowed_privileged: int = events.PRIVILEGED_INTENTS
+    resume_window: float = 180.0
+    identify_window: float = 5.0
+    send_limit: tuple[int, float] = (120, 60.0)
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Beyond the common API:
+    strict_shard_count: bool = True
+    """4010 unless IDENTIFY's num_shards equals ``shard_count``."""
+    required_shards: int = 0
+    """If > 0, IDENTIFY with fewer shards than this gets 4011 (sharding required)."""
+    heartbeat_timeout_factor: float = 1.5
+    """Close 4009 when no heartbeat arrives for interval x factor (0 disables)."""
+    reconnect_close_after: float = 5.0
+    """After op 7, close the connection (4000) if the client hasn't (0 disables)."""
+    zlib_split_over: int = 65536
+    """zlib-stream: a message compressing to more than this goes out in 2 websocket messages."""
+    ws_fragment_over: int = 0
+    """If > 0, websocket messages larger than this are sent as 2 frames (continuation)."""
+    api_versions: tuple[int, ...] = (9, 10)
+    zstd_level: int = 3
+    tick: float = 0.01
+    """Rate mode: dispatches due are generated and written once per tick, in one write."""
+    close_timeout: float = 2.0
+    trace_name: str = "gateway-sim-local-1"
+    member_request_limit: bool = True
+    """Op 8 for all members (query "" and limit 0): one per guild per 30 s, else RATE_LIMITED."""
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1 or self.max_concurrency < 1:
+            raise ValueError("shard_count and max_concurrency must be >= 1")
+        if not self.size_mix or any(s <= 0 or w < 0 for s, w in self.size_mix):
+            raise ValueError("size_mix needs (size > 0, weight >= 0) entries")
+        if self.rate < 0:
+            raise ValueError("rate must be >= 0")

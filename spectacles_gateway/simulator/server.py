@@ -6,11 +6,8 @@ websocket gateway, on two paths: ``/`` (what ``/gateway/bot`` returns) and ``/re
 is recorded in :attr:`Simulator.ledger` as a violation string as well as acted upon the way
 Discord would (close code, op 9, …).
 
-Outgoing data never goes through ``websockets``' send path: each gateway message is compressed
-with the connection's stream compressor, framed here (server frames are unmasked) and written
-with one ``transport.write`` per batch. Everything that writes runs synchronously on the event
-loop, so the compressed stream can never be reordered. ``websockets`` handles the opening
-handshake, reading client frames and the closing handshake.
+How bytes are compressed and framed is in :mod:`.connection`. ``websockets`` handles the
+opening handshake, reading client frames and the closing handshake.
 """
 
 from __future__ import annotations
@@ -25,16 +22,13 @@ import random
 import re
 import secrets
 import socket
-import struct
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final, TypeGuard
 from urllib.parse import parse_qsl, urlsplit
 
-import zstandard
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -43,6 +37,12 @@ from websockets.protocol import State
 
 from spectacles_gateway.simulator import events
 from spectacles_gateway.simulator.config import SimulatorConfig
+from spectacles_gateway.simulator.connection import (
+    PAYLOAD_ZLIB,
+    PLAIN,
+    Conn,
+    new_zstd_compressor,
+)
 from spectacles_gateway.simulator.faults import (
     Close,
     CorruptCompressed,
@@ -99,29 +99,9 @@ INVALIDATING_SERVER_CODES: Final = frozenset({4003, 4004, 4007, 4009})
 """Server close codes after which the session cannot be resumed (discord.md §9)."""
 INVALIDATING_CLIENT_CODES: Final = frozenset({1000, 1001})
 MEMBER_REQUEST_WINDOW: Final = 30.0
-ZSTD_WINDOW_LOG: Final = 18
 _SESSION_LIMIT_PERIOD = 86_400.0
 
-_ZSTD_FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
-# A zstd block header announcing the reserved block type (3): "Corrupted block detected".
-_CORRUPT_ZSTD = b"\x06\x00\x00" + b"\xde\xad\xbe\xef"
-# A deflate block of the reserved type (BTYPE=11): "invalid block type"; ends like a flush.
-_CORRUPT_ZLIB = b"\x07\xde\xad\x00\x00\xff\xff"
-_CORRUPT_RAW = b"\xff\xfe\x00\xde\xad\xbe\xef not a gateway message"
 _API_PATH = re.compile(r"/api(?:/v\d+)?/gateway(/bot)?")
-
-
-def new_zstd_compressor(level: int = 3) -> Any:
-    """A zstd stream compressor configured like Discord's.
-
-    256 KiB window (frame header ``28 b5 2f fd 00 40``), no content size, no checksum. Call
-    ``compress(msg)`` then ``flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)`` per message and never
-    end the frame.
-    """
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=ZSTD_WINDOW_LOG, write_content_size=False, write_checksum=False
-    )
-    return zstandard.ZstdCompressor(compression_params=params).compressobj()
 
 
 # --- sessions and connections ----------------------------------------------------------------
@@ -165,7 +145,7 @@ class _Session:
             guild_ids or events.guild_ids_for_shard(shard_id, num_shards, 1)
         )
         self.payloads: dict[int, bytes] = {}
-        self.conn: _Conn | None = None
+        self.conn: Conn | None = None
         self.detached_at: float | None = None
         self.invalidated = False
         self.credit = 0.0
@@ -175,126 +155,6 @@ class _Session:
         if data is None:
             return self.factory.encode(seq, self.log.raw_uid(seq), self.log.size(seq))
         return data
-
-
-_ZSTD, _ZLIB, _PAYLOAD_ZLIB, _PLAIN = range(4)
-
-
-def _ws_header(first_byte: int, length: int) -> bytes:
-    if length < 126:
-        return bytes((first_byte, length))
-    if length < 65536:
-        return struct.pack("!BBH", first_byte, 126, length)
-    return struct.pack("!BBQ", first_byte, 127, length)
-
-
-class _Conn:
-    """One websocket connection: its compressor, framing and protocol state."""
-
-    def __init__(
-        self,
-        conn_id: int,
-        ws: ServerConnection,
-        record: ConnectionRecord,
-        config: SimulatorConfig,
-    ) -> None:
-        self.id = conn_id
-        self.ws = ws
-        self.transport: asyncio.WriteTransport = ws.transport
-        self.record = record
-        self.shard_id: int | None = None
-        self.session: _Session | None = None
-        self.owned_session: _Session | None = None
-        self.closing = False
-        self.dropped = False
-        self.withhold_acks = False
-        self.recv_times: deque[float] = deque()
-        self.hb_timer: asyncio.TimerHandle | None = None
-        self.zlib_split_over = config.zlib_split_over
-        self.fragment_over = config.ws_fragment_over
-        self.messages_sent = 0
-        self.bytes_sent = 0
-        self.compressor: Any = None
-        if record.compression == "zstd-stream":
-            self.mode = _ZSTD
-            self.compressor = new_zstd_compressor(config.zstd_level)
-        elif record.compression == "zlib-stream":
-            self.mode = _ZLIB
-            self.compressor = zlib.compressobj()
-        else:
-            self.mode = _PLAIN
-
-    @property
-    def writable(self) -> bool:
-        return (
-            not self.closing
-            and self.ws.protocol.state is State.OPEN
-            and not self.transport.is_closing()
-        )
-
-    def _frame_into(self, buf: bytearray, opcode: int, data: bytes) -> None:
-        n = len(data)
-        if self.fragment_over and n > self.fragment_over:
-            half = n // 2
-            buf += _ws_header(opcode, half)  # FIN = 0
-            buf += data[:half]
-            buf += _ws_header(0x80, n - half)  # continuation, FIN = 1
-            buf += data[half:]
-        else:
-            buf += _ws_header(0x80 | opcode, n)
-            buf += data
-        self.messages_sent += 1
-
-    def encode_into(self, buf: bytearray, payload: bytes) -> None:
-        """Append one gateway message, compressed and framed, to ``buf``."""
-        mode = self.mode
-        if mode == _ZSTD:
-            c = self.compressor
-            out = c.compress(payload) + c.flush(_ZSTD_FLUSH_BLOCK)
-            if self.fragment_over:
-                self._frame_into(buf, 0x2, out)
-            else:
-                n = len(out)
-                buf += bytes((0x82, n)) if n < 126 else _ws_header(0x82, n)
-                buf += out
-                self.messages_sent += 1
-        elif mode == _ZLIB:
-            c = self.compressor
-            out = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
-            if self.zlib_split_over and len(out) > self.zlib_split_over:
-                half = len(out) // 2
-                while out[:half].endswith(b"\x00\x00\xff\xff"):
-                    half += 1
-                self._frame_into(buf, 0x2, out[:half])
-                self._frame_into(buf, 0x2, out[half:])
-            else:
-                self._frame_into(buf, 0x2, out)
-        elif mode == _PAYLOAD_ZLIB:
-            self._frame_into(buf, 0x2, zlib.compress(payload))
-        else:
-            self._frame_into(buf, 0x1, payload)
-
-    def write(self, payloads: Iterable[bytes]) -> bool:
-        """Compress, frame and write gateway messages in one ``transport.write``."""
-        if not self.writable:
-            return False
-        buf = bytearray()
-        encode = self.encode_into
-        for payload in payloads:
-            encode(buf, payload)
-        if buf:
-            self.bytes_sent += len(buf)
-            self.transport.write(buf)
-        return True
-
-    def write_corrupt(self) -> bool:
-        if not self.writable:
-            return False
-        data = {_ZSTD: _CORRUPT_ZSTD, _ZLIB: _CORRUPT_ZLIB}.get(self.mode, _CORRUPT_RAW)
-        buf = bytearray()
-        self._frame_into(buf, 0x2, data)
-        self.transport.write(buf)
-        return True
 
 
 def _json_response(status: int, obj: Any) -> Response:
@@ -357,7 +217,7 @@ class Simulator:
         self.resume_url = ""
         self.port = 0
         self._server: Server | None = None
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, Conn] = {}
         self._sessions: dict[str, _Session] = {}
         self._shard_sessions: dict[int, list[_Session]] = {}
         self._attached: dict[str, _Session] = {}
@@ -595,7 +455,7 @@ class Simulator:
     def _rate_active(self) -> bool:
         return self._rate > 0 and not self._paused
 
-    def _attach(self, session: _Session, conn: _Conn) -> None:
+    def _attach(self, session: _Session, conn: Conn) -> None:
         session.conn = conn
         session.detached_at = None
         session.credit = 0.0
@@ -647,7 +507,7 @@ class Simulator:
         handle = asyncio.get_running_loop().call_later(delay, fire)
         self._timers.add(handle)
 
-    def _server_close(self, conn: _Conn, code: int, reason: str) -> None:
+    def _server_close(self, conn: Conn, code: int, reason: str) -> None:
         if conn.closing:
             return
         conn.closing = True
@@ -670,7 +530,7 @@ class Simulator:
 
     def _refuse(
         self,
-        conn: _Conn,
+        conn: Conn,
         record: IdentifyRecord | ResumeRecord,
         code: int,
         reason: str,
@@ -681,7 +541,7 @@ class Simulator:
         self._violation(violation)
         self._server_close(conn, code, reason)
 
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: Conn) -> None:
         if conn.closing:
             return
         conn.closing = True
@@ -691,12 +551,12 @@ class Simulator:
             self._detach(conn.session)
         conn.transport.abort()
 
-    def _cancel_hb(self, conn: _Conn) -> None:
+    def _cancel_hb(self, conn: Conn) -> None:
         if conn.hb_timer is not None:
             conn.hb_timer.cancel()
             conn.hb_timer = None
 
-    def _arm_hb(self, conn: _Conn) -> None:
+    def _arm_hb(self, conn: Conn) -> None:
         factor = self.config.heartbeat_timeout_factor
         if factor <= 0 or conn.closing:
             return
@@ -706,7 +566,7 @@ class Simulator:
             timeout, self._hb_expired, conn, timeout
         )
 
-    def _hb_expired(self, conn: _Conn, timeout: float) -> None:
+    def _hb_expired(self, conn: Conn, timeout: float) -> None:
         conn.hb_timer = None
         if conn.closing:
             return
@@ -717,7 +577,7 @@ class Simulator:
         self._server_close(conn, 4009, "Session timed out")
 
     @staticmethod
-    def _shard_label(conn: _Conn) -> str:
+    def _shard_label(conn: Conn) -> str:
         return "?" if conn.shard_id is None else str(conn.shard_id)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -769,7 +629,7 @@ class Simulator:
             compression=compression,
             opened_at=time.monotonic(),
         )
-        conn = _Conn(record.conn_id, ws, record, self.config)
+        conn = Conn(record.conn_id, ws, record, self.config)
         self._conns[conn.id] = conn
         self.ledger.connections.append(record)
         try:
@@ -782,7 +642,7 @@ class Simulator:
         finally:
             self._on_closed(conn)
 
-    def _open(self, conn: _Conn, query: dict[str, str]) -> None:
+    def _open(self, conn: Conn, query: dict[str, str]) -> None:
         version = query.get("v", "")
         if not version.isdigit() or int(version) not in self.config.api_versions:
             self._violation(f"4012 invalid API version {version!r} (conn {conn.id})")
@@ -804,16 +664,16 @@ class Simulator:
         conn.write([self._hello])
         self._arm_hb(conn)
 
-    def _schedule_reconnect_close(self, conn: _Conn) -> None:
+    def _schedule_reconnect_close(self, conn: Conn) -> None:
         delay = self.config.reconnect_close_after
         if delay > 0:
             self._later(delay, self._close_if_open, conn, 4000, "Reconnect requested")
 
-    def _close_if_open(self, conn: _Conn, code: int, reason: str) -> None:
+    def _close_if_open(self, conn: Conn, code: int, reason: str) -> None:
         if not conn.closing and conn.ws.protocol.state is State.OPEN:
             self._server_close(conn, code, reason)
 
-    def _on_closed(self, conn: _Conn) -> None:
+    def _on_closed(self, conn: Conn) -> None:
         self._cancel_hb(conn)
         self._conns.pop(conn.id, None)
         record = conn.record
@@ -855,7 +715,7 @@ class Simulator:
 
     # -- internals: client payloads --
 
-    def _on_message(self, conn: _Conn, message: str | bytes) -> None:
+    def _on_message(self, conn: Conn, message: str | bytes) -> None:
         if conn.closing:
             return
         now = time.monotonic()
@@ -907,7 +767,7 @@ class Simulator:
             self._violation(f"simulator internal error on op {payload.get('op')!r}")
             self._server_close(conn, 4000, "Unknown error")
 
-    def _dispatch_op(self, conn: _Conn, payload: dict[str, Any], size: int, now: float) -> None:
+    def _dispatch_op(self, conn: Conn, payload: dict[str, Any], size: int, now: float) -> None:
         op = payload["op"]
         d = payload.get("d")
         if op == 1:
@@ -928,7 +788,7 @@ class Simulator:
             self._violation(f"4001 unknown opcode {op} shard {self._shard_label(conn)}")
             self._server_close(conn, 4001, "Unknown opcode")
 
-    def _on_heartbeat(self, conn: _Conn, d: Any, now: float) -> None:
+    def _on_heartbeat(self, conn: Conn, d: Any, now: float) -> None:
         self.ledger.heartbeats.append(HeartbeatRecord(now, conn.id, conn.shard_id, d))
         if d is not None and not _is_int(d):
             self._violation(f"heartbeat d={d!r} is not an integer or null (conn {conn.id})")
@@ -942,7 +802,7 @@ class Simulator:
         self._arm_hb(conn)
 
     def _on_identify(
-        self, conn: _Conn, payload: dict[str, Any], d: Any, size: int, now: float
+        self, conn: Conn, payload: dict[str, Any], d: Any, size: int, now: float
     ) -> None:
         cfg = self.config
         if not isinstance(d, dict):
@@ -1064,7 +924,7 @@ class Simulator:
     def _start_session(
         self,
         *,
-        conn: _Conn,
+        conn: Conn,
         record: IdentifyRecord,
         d: dict[str, Any],
         shard_id: int,
@@ -1089,8 +949,8 @@ class Simulator:
         self._attach(session, conn)
         record.outcome = "ready"
         record.session_id = session_id
-        if d.get("compress") is True and conn.mode == _PLAIN:
-            conn.mode = _PAYLOAD_ZLIB
+        if d.get("compress") is True and conn.mode == PLAIN:
+            conn.mode = PAYLOAD_ZLIB
         version = int(conn.record.query.get("v", "10"))
         self._append(
             session,
@@ -1122,7 +982,7 @@ class Simulator:
         self._flush(session, force=True)
         logger.info("shard %d/%d: new session %s", shard_id, num_shards, session_id)
 
-    def _on_resume(self, conn: _Conn, d: Any, now: float) -> None:
+    def _on_resume(self, conn: Conn, d: Any, now: float) -> None:
         session_id = d.get("session_id") if isinstance(d, dict) else None
         seq = d.get("seq") if isinstance(d, dict) else None
         record = ResumeRecord(now, conn.id, None, session_id, seq)
@@ -1203,7 +1063,7 @@ class Simulator:
         )
         self._flush(session)
 
-    def _on_command(self, conn: _Conn, session: _Session, op: int, d: Any, now: float) -> None:
+    def _on_command(self, conn: Conn, session: _Session, op: int, d: Any, now: float) -> None:
         self.ledger.commands.append(CommandRecord(now, conn.id, conn.shard_id, op, d))
         if not isinstance(d, dict):
             self._violation(f"4001 op {op} without an object d shard {session.shard_id}")
@@ -1251,7 +1111,7 @@ class Simulator:
             lambda s: events.guild_members_chunk(seq=s, guild_id=gid, nonce=nonce, user_ids=ids),
         )
 
-    def _apply_fault(self, conn: _Conn, fault: Fault) -> None:
+    def _apply_fault(self, conn: Conn, fault: Fault) -> None:
         if isinstance(fault, Reconnect):
             conn.write([events.RECONNECT])
             self._schedule_reconnect_close(conn)

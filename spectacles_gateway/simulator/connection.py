@@ -24,7 +24,7 @@ from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.ledger import ConnectionRecord
 
 if TYPE_CHECKING:
-    from spectacles_gateway.simulator.server import _Session
+    from spectacles_gateway.simulator.sessions import Session
 
 ZSTD_WINDOW_LOG: Final = 18
 _ZSTD_FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
@@ -74,8 +74,8 @@ class Conn:
         self.transport: asyncio.WriteTransport = ws.transport
         self.record = record
         self.shard_id: int | None = None
-        self.session: _Session | None = None
-        self.owned_session: _Session | None = None
+        self.session: Session | None = None
+        self.owned_session: Session | None = None
         self.closing = False
         self.dropped = False
         self.withhold_acks = False

@@ -61,7 +61,6 @@ from spectacles_gateway.simulator.ledger import (
     GENERATED,
     CommandRecord,
     ConnectionRecord,
-    DispatchLog,
     FaultRecord,
     HeartbeatRecord,
     HttpRecord,
@@ -70,6 +69,7 @@ from spectacles_gateway.simulator.ledger import (
     ReceivedRecord,
     ResumeRecord,
 )
+from spectacles_gateway.simulator.sessions import Session, SessionTable
 
 __all__ = [
     "Close",
@@ -102,59 +102,6 @@ MEMBER_REQUEST_WINDOW: Final = 30.0
 _SESSION_LIMIT_PERIOD = 86_400.0
 
 _API_PATH = re.compile(r"/api(?:/v\d+)?/gateway(/bot)?")
-
-
-# --- sessions and connections ----------------------------------------------------------------
-
-
-class _Session:
-    __slots__ = (
-        "conn",
-        "created_at",
-        "credit",
-        "detached_at",
-        "factory",
-        "guild_ids",
-        "intents",
-        "invalidated",
-        "log",
-        "num_shards",
-        "payloads",
-        "session_id",
-        "shard_id",
-    )
-
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        shard_id: int,
-        num_shards: int,
-        intents: int,
-        guild_ids: list[int],
-        created_at: float,
-    ) -> None:
-        self.session_id = session_id
-        self.shard_id = shard_id
-        self.num_shards = num_shards
-        self.intents = intents
-        self.guild_ids = guild_ids
-        self.created_at = created_at
-        self.log = DispatchLog(session_id, shard_id)
-        self.factory = events.MessageFactory(
-            guild_ids or events.guild_ids_for_shard(shard_id, num_shards, 1)
-        )
-        self.payloads: dict[int, bytes] = {}
-        self.conn: Conn | None = None
-        self.detached_at: float | None = None
-        self.invalidated = False
-        self.credit = 0.0
-
-    def payload(self, seq: int) -> bytes:
-        data = self.payloads.get(seq)
-        if data is None:
-            return self.factory.encode(seq, self.log.raw_uid(seq), self.log.size(seq))
-        return data
 
 
 def _json_response(status: int, obj: Any) -> Response:
@@ -218,15 +165,12 @@ class Simulator:
         self.port = 0
         self._server: Server | None = None
         self._conns: dict[int, Conn] = {}
-        self._sessions: dict[str, _Session] = {}
-        self._shard_sessions: dict[int, list[_Session]] = {}
-        self._attached: dict[str, _Session] = {}
+        self._table = SessionTable(self.config)
         self._ids = events.SnowflakeGenerator()
         self._user_id = self._ids.take()
         self._application_id = self._user_id
         self._conn_ids = itertools.count(1)
         self._rate = self.config.rate
-        self._paused = False
         self._bucket_last: dict[int, float] = {}
         self._remaining = self.config.session_start_remaining
         self._reset_at = time.monotonic() + self.config.session_start_reset_after_ms / 1000
@@ -309,7 +253,7 @@ class Simulator:
         Written at once if the session is connected (and dispatch isn't paused), otherwise
         kept for the replay of the next RESUME, like Discord.
         """
-        session = self._current_session(shard_id)
+        session = self._table.current(shard_id)
         if isinstance(d, bytes | bytearray | memoryview):
             raw = bytes(d)
             try:
@@ -320,18 +264,18 @@ class Simulator:
         else:
             raw = events.dumps(d)
             uid = _normalize_uid(d.get("id"))
-        seq = self._append(session, event, uid, lambda s: events.dispatch(event, s, raw))
-        self._flush(session)
+        seq = self._table.append(session, event, uid, lambda s: events.dispatch(event, s, raw))
+        self._table.flush(session)
         return seq
 
     def burst(self, shard_id: int, count: int, size: int = 1024) -> None:
         """Generate ``count`` MESSAGE_CREATEs and write them to the socket in one write."""
-        session = self._current_session(shard_id)
+        session = self._table.current(shard_id)
         if session.conn is None:
             raise RuntimeError(f"shard {shard_id} has no connected session to burst into")
         first_uid = self._ids.take(count)
         session.log.extend_generated(first_uid, count, size)
-        self._flush(session)
+        self._table.flush(session)
 
     def inject(self, shard_id: int, fault: Fault) -> None:
         """Apply ``fault`` to the shard's live connection(s) (those that identified/resumed)."""
@@ -356,12 +300,12 @@ class Simulator:
 
     def pause_dispatch(self) -> None:
         """Stop rate mode and hold every dispatch (queued with its seq) until resumed."""
-        self._paused = True
+        self._table.paused = True
 
     def resume_dispatch(self) -> None:
-        self._paused = False
-        for session in list(self._attached.values()):
-            self._flush(session)
+        self._table.paused = False
+        for session in list(self._table.attached.values()):
+            self._table.flush(session)
         if self._wake is not None:
             self._wake.set()
 
@@ -379,11 +323,11 @@ class Simulator:
 
     def session_ids(self, shard_id: int) -> list[str]:
         """Session ids created for a shard, oldest first."""
-        return [s.session_id for s in self._shard_sessions.get(shard_id, [])]
+        return self._table.ids_for(shard_id)
 
     def is_resumable(self, session_id: str) -> bool:
-        session = self._sessions.get(session_id)
-        return session is not None and not self._session_dead(session, time.monotonic())
+        session = self._table.by_id.get(session_id)
+        return session is not None and not self._table.is_dead(session, time.monotonic())
 
     @property
     def session_start_remaining(self) -> int:
@@ -392,33 +336,7 @@ class Simulator:
 
     # -- internals: sessions and writes --
 
-    def _current_session(self, shard_id: int) -> _Session:
-        for session in reversed(self._shard_sessions.get(shard_id, [])):
-            if not session.invalidated:
-                return session
-        raise LookupError(f"shard {shard_id} has no session")
-
-    def _append(
-        self, session: _Session, event: str, uid: str | int | None, build: Callable[[int], bytes]
-    ) -> int:
-        seq = session.log.last_seq + 1
-        session.payloads[seq] = build(seq)
-        session.log.append(event, uid)
-        return seq
-
-    def _flush(self, session: _Session, *, force: bool = False) -> None:
-        conn = session.conn
-        log = session.log
-        if conn is None or (self._paused and not force):
-            return
-        start, end = log.written + 1, log.last_seq
-        if start > end:
-            return
-        payload = session.payload
-        if conn.write(payload(seq) for seq in range(start, end + 1)):
-            log.written = end
-
-    def _generate(self, session: _Session, count: int) -> None:
+    def _generate(self, session: Session, count: int) -> None:
         if len(self._sizes) == 1:
             session.log.extend_generated(self._ids.take(count), count, self._sizes[0])
         else:
@@ -426,7 +344,7 @@ class Simulator:
             sizes = random.choices(self._sizes, self._weights, k=count)
             for i, size in enumerate(sizes):
                 session.log.append(GENERATED, first + i, size)
-        self._flush(session)
+        self._table.flush(session)
 
     async def _tick_loop(self) -> None:
         assert self._wake is not None
@@ -437,7 +355,7 @@ class Simulator:
                 self._wake.clear()
                 await self._wake.wait()
                 last = loop.time()
-                for session in self._attached.values():
+                for session in self._table.attached.values():
                     session.credit = 0.0
                 continue
             await asyncio.sleep(self.config.tick)
@@ -445,7 +363,7 @@ class Simulator:
             elapsed, last = min(now - last, 1.0), now
             if not self._rate_active():
                 continue
-            for session in list(self._attached.values()):
+            for session in list(self._table.attached.values()):
                 session.credit += self._rate * elapsed
                 count = int(session.credit)
                 if count:
@@ -453,35 +371,7 @@ class Simulator:
                     self._generate(session, count)
 
     def _rate_active(self) -> bool:
-        return self._rate > 0 and not self._paused
-
-    def _attach(self, session: _Session, conn: Conn) -> None:
-        session.conn = conn
-        session.detached_at = None
-        session.credit = 0.0
-        conn.session = session
-        conn.owned_session = session
-        conn.shard_id = session.shard_id
-        conn.record.shard_id = session.shard_id
-        conn.record.session_id = session.session_id
-        self._attached[session.session_id] = session
-
-    def _detach(self, session: _Session) -> None:
-        conn = session.conn
-        if conn is not None and conn.session is session:
-            conn.session = None
-        session.conn = None
-        session.detached_at = time.monotonic()
-        self._attached.pop(session.session_id, None)
-
-    def _session_dead(self, session: _Session, now: float) -> bool:
-        if session.invalidated:
-            return True
-        return (
-            session.conn is None
-            and session.detached_at is not None
-            and now - session.detached_at > self.config.resume_window
-        )
+        return self._rate > 0 and not self._table.paused
 
     def _refresh_session_limit(self, now: float) -> None:
         while now >= self._reset_at:
@@ -515,7 +405,7 @@ class Simulator:
         self._cancel_hb(conn)
         session = conn.session
         if session is not None:
-            self._detach(session)
+            self._table.detach(session)
             if code in INVALIDATING_SERVER_CODES:
                 session.invalidated = True
         logger.debug("conn %d: closing with %d (%s)", conn.id, code, reason)
@@ -548,7 +438,7 @@ class Simulator:
         conn.dropped = True
         self._cancel_hb(conn)
         if conn.session is not None:
-            self._detach(conn.session)
+            self._table.detach(conn.session)
         conn.transport.abort()
 
     def _cancel_hb(self, conn: Conn) -> None:
@@ -696,7 +586,7 @@ class Simulator:
         conn.closing = True
         session = conn.session
         if session is not None:
-            self._detach(session)
+            self._table.detach(session)
         owned = conn.owned_session
         if (
             owned is not None
@@ -935,7 +825,7 @@ class Simulator:
         cfg = self.config
         session_id = secrets.token_hex(16)
         guild_ids = events.guild_ids_for_shard(shard_id, num_shards, cfg.guilds_per_shard)
-        session = _Session(
+        session = Session(
             session_id=session_id,
             shard_id=shard_id,
             num_shards=num_shards,
@@ -943,16 +833,15 @@ class Simulator:
             guild_ids=guild_ids,
             created_at=now,
         )
-        self._sessions[session_id] = session
-        self._shard_sessions.setdefault(shard_id, []).append(session)
+        self._table.add(session)
         self.ledger.sent_dispatches[session_id] = session.log
-        self._attach(session, conn)
+        self._table.attach(session, conn)
         record.outcome = "ready"
         record.session_id = session_id
         if d.get("compress") is True and conn.mode == PLAIN:
             conn.mode = PAYLOAD_ZLIB
         version = int(conn.record.query.get("v", "10"))
-        self._append(
+        self._table.append(
             session,
             "READY",
             None,
@@ -978,8 +867,8 @@ class Simulator:
                 large_threshold=threshold,
                 min_bytes=cfg.big_guild_create_bytes if index == 0 else 0,
             )
-            self._append(session, "GUILD_CREATE", None, build)
-        self._flush(session, force=True)
+            self._table.append(session, "GUILD_CREATE", None, build)
+        self._table.flush(session, force=True)
         logger.info("shard %d/%d: new session %s", shard_id, num_shards, session_id)
 
     def _on_resume(self, conn: Conn, d: Any, now: float) -> None:
@@ -1008,12 +897,12 @@ class Simulator:
         ):
             close(4004, "Authentication failed", f"4004 authentication failed on resume {conn.id}")
             return
-        session = self._sessions.get(session_id)
+        session = self._table.by_id.get(session_id)
         if session is not None:
             record.shard_id = session.shard_id
             conn.shard_id = session.shard_id
             conn.record.shard_id = session.shard_id
-        if session is None or self._session_dead(session, now):
+        if session is None or self._table.is_dead(session, now):
             if session is not None:
                 session.invalidated = True
             record.outcome = "invalid_session"
@@ -1037,33 +926,19 @@ class Simulator:
             )
         if session.conn is not None:
             self._drop(session.conn)  # a resume takes the session over from a zombie
-        self._attach(session, conn)
-        replay = [
-            s
-            for s in range(client_seq + 1, log.last_seq + 1)
-            if log.event(s) not in ("READY", "RESUMED")
-        ]
-        resumed_seq = self._append(
-            session, "RESUMED", None, lambda s: events.resumed(s, self.config.trace_name)
-        )
-        payload = session.payload
-        # Replay everything after the client's seq (including what was queued while away),
-        # then RESUMED, in one write.
-        if conn.write(itertools.chain((payload(s) for s in replay), (payload(resumed_seq),))):
-            log.written = resumed_seq
+        replayed = self._table.resume(session, conn, client_seq)
         record.success = True
         record.outcome = "resumed"
-        record.replayed = len(replay)
+        record.replayed = replayed
         logger.info(
             "shard %d: resumed session %s from seq %d (%d replayed)",
             session.shard_id,
             session_id,
             client_seq,
-            len(replay),
+            replayed,
         )
-        self._flush(session)
 
-    def _on_command(self, conn: Conn, session: _Session, op: int, d: Any, now: float) -> None:
+    def _on_command(self, conn: Conn, session: Session, op: int, d: Any, now: float) -> None:
         self.ledger.commands.append(CommandRecord(now, conn.id, conn.shard_id, op, d))
         if not isinstance(d, dict):
             self._violation(f"4001 op {op} without an object d shard {session.shard_id}")
@@ -1075,15 +950,15 @@ class Simulator:
             guild_ids = d.get("guild_ids")
             for guild_id in guild_ids if isinstance(guild_ids, list) else []:
                 build = functools.partial(events.soundboard_sounds, guild_id=str(guild_id))
-                self._append(session, "SOUNDBOARD_SOUNDS", None, build)
+                self._table.append(session, "SOUNDBOARD_SOUNDS", None, build)
         elif op == 43:
             gid = str(d.get("guild_id"))
-            self._append(
+            self._table.append(
                 session, "CHANNEL_INFO", None, lambda s: events.channel_info(seq=s, guild_id=gid)
             )
-        self._flush(session)
+        self._table.flush(session)
 
-    def _on_request_members(self, session: _Session, d: dict[str, Any], now: float) -> None:
+    def _on_request_members(self, session: Session, d: dict[str, Any], now: float) -> None:
         gid = str(d.get("guild_id"))
         nonce = d.get("nonce") if isinstance(d.get("nonce"), str) else None
         all_members = d.get("query") == "" and d.get("limit") == 0
@@ -1094,7 +969,7 @@ class Simulator:
                 if nonce is not None:
                     meta["nonce"] = nonce
                 retry = MEMBER_REQUEST_WINDOW - (now - last)
-                self._append(
+                self._table.append(
                     session,
                     "RATE_LIMITED",
                     None,
@@ -1104,7 +979,7 @@ class Simulator:
             self._member_requests[gid] = now
         user_ids = d.get("user_ids")
         ids = [str(u) for u in user_ids] if isinstance(user_ids, list) else []
-        self._append(
+        self._table.append(
             session,
             "GUILD_MEMBERS_CHUNK",
             None,
@@ -1121,7 +996,7 @@ class Simulator:
             )
             session = conn.session
             if session is not None:
-                self._detach(session)
+                self._table.detach(session)
                 if not fault.resumable:
                     session.invalidated = True
         elif isinstance(fault, WithholdAcks):
@@ -1143,12 +1018,12 @@ class Simulator:
             if session is not None:
                 uid = self._ids.take()
                 guild_id = session.factory.guild_for(uid)
-                self._append(
+                self._table.append(
                     session,
                     "FUTURE_EVENT",
                     uid,
                     lambda s: events.future_event(seq=s, event_id=uid, guild_id=guild_id),
                 )
-                self._flush(session, force=True)
+                self._table.flush(session, force=True)
         else:
             raise TypeError(f"unknown fault {fault!r}")

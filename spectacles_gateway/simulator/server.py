@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
-import itertools
 import json
 import logging
 import random
@@ -23,17 +22,15 @@ import re
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final, TypeGuard
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from spectacles_gateway.simulator import events
 from spectacles_gateway.simulator.config import SimulatorConfig
@@ -57,10 +54,10 @@ from spectacles_gateway.simulator.faults import (
     UnknownOpcode,
     WithholdAcks,
 )
+from spectacles_gateway.simulator.gateway import Gateway, shard_label
 from spectacles_gateway.simulator.ledger import (
     GENERATED,
     CommandRecord,
-    ConnectionRecord,
     FaultRecord,
     HeartbeatRecord,
     HttpRecord,
@@ -69,7 +66,7 @@ from spectacles_gateway.simulator.ledger import (
     ReceivedRecord,
     ResumeRecord,
 )
-from spectacles_gateway.simulator.sessions import Session, SessionTable
+from spectacles_gateway.simulator.sessions import Session
 
 __all__ = [
     "Close",
@@ -92,12 +89,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESUME_PATH: Final = "/resume-gw"
-SUPPORTED_COMPRESSION: Final = ("zstd-stream", "zlib-stream")
 COMMAND_OPS: Final = frozenset({3, 4, 8, 31, 43})
 MAX_PAYLOAD_BYTES: Final = 4096
-INVALIDATING_SERVER_CODES: Final = frozenset({4003, 4004, 4007, 4009})
-"""Server close codes after which the session cannot be resumed (discord.md §9)."""
-INVALIDATING_CLIENT_CODES: Final = frozenset({1000, 1001})
 MEMBER_REQUEST_WINDOW: Final = 30.0
 _SESSION_LIMIT_PERIOD = 86_400.0
 
@@ -164,25 +157,16 @@ class Simulator:
         self.resume_url = ""
         self.port = 0
         self._server: Server | None = None
-        self._conns: dict[int, Conn] = {}
-        self._table = SessionTable(self.config)
-        self._ids = events.SnowflakeGenerator()
-        self._user_id = self._ids.take()
-        self._application_id = self._user_id
-        self._conn_ids = itertools.count(1)
+        self._gw = Gateway(self.config, self.ledger)
         self._rate = self.config.rate
         self._bucket_last: dict[int, float] = {}
         self._remaining = self.config.session_start_remaining
         self._reset_at = time.monotonic() + self.config.session_start_reset_after_ms / 1000
-        self._op7_pending: deque[int] = deque()
         self._member_requests: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._sizes = [s for s, _ in self.config.size_mix]
         self._weights = [w for _, w in self.config.size_mix]
-        self._hello = events.hello(self.config.heartbeat_interval_ms, self.config.trace_name)
 
     # -- lifecycle --
 
@@ -196,6 +180,7 @@ class Simulator:
         self.http_base = f"http://{host}:{self.port}/api/v10"
         self.gateway_url = f"ws://{host}:{self.port}/"
         self.resume_url = f"ws://{host}:{self.port}{RESUME_PATH}"
+        self._gw.gateway_url, self._gw.resume_url = self.gateway_url, self.resume_url
         self._server = await serve(
             self._handle,
             sock=sock,
@@ -225,17 +210,10 @@ class Simulator:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        for conn in list(self._conns.values()):
-            self._cancel_hb(conn)
+        self._gw.cancel_timers()
         server.close(close_connections=True)
         await server.wait_closed()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._gw.reap()
         logger.info("simulator stopped")
 
     async def __aenter__(self) -> Simulator:
@@ -253,7 +231,7 @@ class Simulator:
         Written at once if the session is connected (and dispatch isn't paused), otherwise
         kept for the replay of the next RESUME, like Discord.
         """
-        session = self._table.current(shard_id)
+        session = self._gw.table.current(shard_id)
         if isinstance(d, bytes | bytearray | memoryview):
             raw = bytes(d)
             try:
@@ -264,27 +242,27 @@ class Simulator:
         else:
             raw = events.dumps(d)
             uid = _normalize_uid(d.get("id"))
-        seq = self._table.append(session, event, uid, lambda s: events.dispatch(event, s, raw))
-        self._table.flush(session)
+        seq = self._gw.table.append(session, event, uid, lambda s: events.dispatch(event, s, raw))
+        self._gw.table.flush(session)
         return seq
 
     def burst(self, shard_id: int, count: int, size: int = 1024) -> None:
         """Generate ``count`` MESSAGE_CREATEs and write them to the socket in one write."""
-        session = self._table.current(shard_id)
+        session = self._gw.table.current(shard_id)
         if session.conn is None:
             raise RuntimeError(f"shard {shard_id} has no connected session to burst into")
-        first_uid = self._ids.take(count)
+        first_uid = self._gw.ids.take(count)
         session.log.extend_generated(first_uid, count, size)
-        self._table.flush(session)
+        self._gw.table.flush(session)
 
     def inject(self, shard_id: int, fault: Fault) -> None:
         """Apply ``fault`` to the shard's live connection(s) (those that identified/resumed)."""
-        targets = [c for c in self._conns.values() if c.shard_id == shard_id and not c.closing]
+        targets = self._gw.live(shard_id)
         self.ledger.faults.append(
             FaultRecord(time.monotonic(), shard_id, fault, [c.id for c in targets])
         )
         if isinstance(fault, Op7BeforeHello):
-            self._op7_pending.append(shard_id)
+            self._gw.op7_pending.append(shard_id)
             return
         if not targets:
             logger.warning("inject %r: shard %d has no live connection", fault, shard_id)
@@ -300,12 +278,12 @@ class Simulator:
 
     def pause_dispatch(self) -> None:
         """Stop rate mode and hold every dispatch (queued with its seq) until resumed."""
-        self._table.paused = True
+        self._gw.table.paused = True
 
     def resume_dispatch(self) -> None:
-        self._table.paused = False
-        for session in list(self._table.attached.values()):
-            self._table.flush(session)
+        self._gw.table.paused = False
+        for session in list(self._gw.table.attached.values()):
+            self._gw.table.flush(session)
         if self._wake is not None:
             self._wake.set()
 
@@ -323,11 +301,11 @@ class Simulator:
 
     def session_ids(self, shard_id: int) -> list[str]:
         """Session ids created for a shard, oldest first."""
-        return self._table.ids_for(shard_id)
+        return self._gw.table.ids_for(shard_id)
 
     def is_resumable(self, session_id: str) -> bool:
-        session = self._table.by_id.get(session_id)
-        return session is not None and not self._table.is_dead(session, time.monotonic())
+        session = self._gw.table.by_id.get(session_id)
+        return session is not None and not self._gw.table.is_dead(session, time.monotonic())
 
     @property
     def session_start_remaining(self) -> int:
@@ -338,13 +316,13 @@ class Simulator:
 
     def _generate(self, session: Session, count: int) -> None:
         if len(self._sizes) == 1:
-            session.log.extend_generated(self._ids.take(count), count, self._sizes[0])
+            session.log.extend_generated(self._gw.ids.take(count), count, self._sizes[0])
         else:
-            first = self._ids.take(count)
+            first = self._gw.ids.take(count)
             sizes = random.choices(self._sizes, self._weights, k=count)
             for i, size in enumerate(sizes):
                 session.log.append(GENERATED, first + i, size)
-        self._table.flush(session)
+        self._gw.table.flush(session)
 
     async def _tick_loop(self) -> None:
         assert self._wake is not None
@@ -355,7 +333,7 @@ class Simulator:
                 self._wake.clear()
                 await self._wake.wait()
                 last = loop.time()
-                for session in self._table.attached.values():
+                for session in self._gw.table.attached.values():
                     session.credit = 0.0
                 continue
             await asyncio.sleep(self.config.tick)
@@ -363,7 +341,7 @@ class Simulator:
             elapsed, last = min(now - last, 1.0), now
             if not self._rate_active():
                 continue
-            for session in list(self._table.attached.values()):
+            for session in list(self._gw.table.attached.values()):
                 session.credit += self._rate * elapsed
                 count = int(session.credit)
                 if count:
@@ -371,7 +349,7 @@ class Simulator:
                     self._generate(session, count)
 
     def _rate_active(self) -> bool:
-        return self._rate > 0 and not self._table.paused
+        return self._rate > 0 and not self._gw.table.paused
 
     def _refresh_session_limit(self, now: float) -> None:
         while now >= self._reset_at:
@@ -379,44 +357,6 @@ class Simulator:
             self._reset_at += _SESSION_LIMIT_PERIOD
 
     # -- internals: connection lifecycle --
-
-    def _violation(self, text: str) -> None:
-        self.ledger.violations.append(text)
-        logger.warning("violation: %s", text)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        def fire() -> None:
-            self._timers.discard(handle)
-            callback(*args)
-
-        handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._timers.add(handle)
-
-    def _server_close(self, conn: Conn, code: int, reason: str) -> None:
-        if conn.closing:
-            return
-        conn.closing = True
-        conn.record.server_close_code = code
-        self._cancel_hb(conn)
-        session = conn.session
-        if session is not None:
-            self._table.detach(session)
-            if code in INVALIDATING_SERVER_CODES:
-                session.invalidated = True
-        logger.debug("conn %d: closing with %d (%s)", conn.id, code, reason)
-        self._spawn(self._close_ws(conn.ws, code, reason))
-
-    @staticmethod
-    async def _close_ws(ws: ServerConnection, code: int, reason: str) -> None:
-        try:
-            await ws.close(code, reason)
-        except Exception:  # the peer may vanish mid-close; the ledger already has the code
-            logger.debug("error while closing", exc_info=True)
 
     def _refuse(
         self,
@@ -428,47 +368,8 @@ class Simulator:
     ) -> None:
         """Close an IDENTIFY or RESUME attempt with ``code`` and record why."""
         record.outcome = f"close {code}"
-        self._violation(violation)
-        self._server_close(conn, code, reason)
-
-    def _drop(self, conn: Conn) -> None:
-        if conn.closing:
-            return
-        conn.closing = True
-        conn.dropped = True
-        self._cancel_hb(conn)
-        if conn.session is not None:
-            self._table.detach(conn.session)
-        conn.transport.abort()
-
-    def _cancel_hb(self, conn: Conn) -> None:
-        if conn.hb_timer is not None:
-            conn.hb_timer.cancel()
-            conn.hb_timer = None
-
-    def _arm_hb(self, conn: Conn) -> None:
-        factor = self.config.heartbeat_timeout_factor
-        if factor <= 0 or conn.closing:
-            return
-        self._cancel_hb(conn)
-        timeout = self.config.heartbeat_interval_ms / 1000 * factor
-        conn.hb_timer = asyncio.get_running_loop().call_later(
-            timeout, self._hb_expired, conn, timeout
-        )
-
-    def _hb_expired(self, conn: Conn, timeout: float) -> None:
-        conn.hb_timer = None
-        if conn.closing:
-            return
-        self._violation(
-            f"4009 heartbeat timeout shard {self._shard_label(conn)}: "
-            f"no heartbeat for {timeout:.2f} s"
-        )
-        self._server_close(conn, 4009, "Session timed out")
-
-    @staticmethod
-    def _shard_label(conn: Conn) -> str:
-        return "?" if conn.shard_id is None else str(conn.shard_id)
+        self._gw.violation(violation)
+        self._gw.server_close(conn, code, reason)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
@@ -507,101 +408,16 @@ class Simulator:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
-        assert ws.request is not None
-        split = urlsplit(ws.request.path)
-        query = dict(parse_qsl(split.query, keep_blank_values=True))
-        compress = query.get("compress")
-        compression = compress if compress in SUPPORTED_COMPRESSION else None
-        record = ConnectionRecord(
-            conn_id=next(self._conn_ids),
-            path=split.path,
-            query=query,
-            compression=compression,
-            opened_at=time.monotonic(),
-        )
-        conn = Conn(record.conn_id, ws, record, self.config)
-        self._conns[conn.id] = conn
-        self.ledger.connections.append(record)
+        conn, query = self._gw.accept(ws)
         try:
-            self._open(conn, query)
+            self._gw.open(conn, query)
             while True:
                 message = await ws.recv()
                 self._on_message(conn, message)
         except ConnectionClosed:
             pass
         finally:
-            self._on_closed(conn)
-
-    def _open(self, conn: Conn, query: dict[str, str]) -> None:
-        version = query.get("v", "")
-        if not version.isdigit() or int(version) not in self.config.api_versions:
-            self._violation(f"4012 invalid API version {version!r} (conn {conn.id})")
-            self._server_close(conn, 4012, "Invalid API version")
-            return
-        encoding = query.get("encoding", "json")
-        if encoding != "json":
-            self._violation(f"4002 unsupported encoding {encoding!r} (conn {conn.id})")
-            self._server_close(conn, 4002, "Only encoding=json is simulated")
-            return
-        compress = query.get("compress")
-        if compress is not None and compress not in SUPPORTED_COMPRESSION:
-            self._violation(f"unknown compress {compress!r} (conn {conn.id}): not compressing")
-        if self._op7_pending:
-            self._op7_pending.popleft()
-            conn.write([events.RECONNECT])
-            self._schedule_reconnect_close(conn)
-            return
-        conn.write([self._hello])
-        self._arm_hb(conn)
-
-    def _schedule_reconnect_close(self, conn: Conn) -> None:
-        delay = self.config.reconnect_close_after
-        if delay > 0:
-            self._later(delay, self._close_if_open, conn, 4000, "Reconnect requested")
-
-    def _close_if_open(self, conn: Conn, code: int, reason: str) -> None:
-        if not conn.closing and conn.ws.protocol.state is State.OPEN:
-            self._server_close(conn, code, reason)
-
-    def _on_closed(self, conn: Conn) -> None:
-        self._cancel_hb(conn)
-        self._conns.pop(conn.id, None)
-        record = conn.record
-        record.closed_at = time.monotonic()
-        proto = conn.ws.protocol
-        if proto.close_rcvd is not None:
-            record.client_close_code = proto.close_rcvd.code
-        client_first = proto.close_rcvd is not None and proto.close_rcvd_then_sent is not False
-        if conn.dropped:
-            record.closed_by = "server-drop"
-        elif record.server_close_code is not None and not client_first:
-            record.closed_by = "server"
-        elif client_first:
-            record.closed_by = "client"
-        elif proto.close_sent is not None:
-            record.closed_by = "server"
-            record.server_close_code = proto.close_sent.code
-        else:
-            record.closed_by = "client-drop"
-        conn.closing = True
-        session = conn.session
-        if session is not None:
-            self._table.detach(session)
-        owned = conn.owned_session
-        if (
-            owned is not None
-            and record.closed_by == "client"
-            and record.client_close_code in INVALIDATING_CLIENT_CODES
-            and owned.conn is None
-        ):
-            owned.invalidated = True
-        logger.debug(
-            "conn %d closed by %s (client code %s, server code %s)",
-            conn.id,
-            record.closed_by,
-            record.client_close_code,
-            record.server_close_code,
-        )
+            self._gw.on_closed(conn)
 
     # -- internals: client payloads --
 
@@ -620,18 +436,18 @@ class Simulator:
             self.ledger.received.append(
                 ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
             )
-            self._violation(
-                f"4008 rate limit shard {self._shard_label(conn)}: "
+            self._gw.violation(
+                f"4008 rate limit shard {shard_label(conn)}: "
                 f"{len(times)} payloads in {window:g} s (limit {limit})"
             )
-            self._server_close(conn, 4008, "Rate limited")
+            self._gw.server_close(conn, 4008, "Rate limited")
             return
         if size > MAX_PAYLOAD_BYTES:
             self.ledger.received.append(
                 ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
             )
-            self._violation(f"4002 payload of {size} bytes shard {self._shard_label(conn)}")
-            self._server_close(conn, 4002, "Decode error: payload too large")
+            self._gw.violation(f"4002 payload of {size} bytes shard {shard_label(conn)}")
+            self._gw.server_close(conn, 4002, "Decode error: payload too large")
             return
         try:
             payload = json.loads(raw)
@@ -640,22 +456,22 @@ class Simulator:
                 ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
             )
             kind = "binary" if isinstance(message, bytes) else "text"
-            self._violation(
-                f"4002 undecodable {kind} payload of {size} bytes shard {self._shard_label(conn)}"
+            self._gw.violation(
+                f"4002 undecodable {kind} payload of {size} bytes shard {shard_label(conn)}"
             )
-            self._server_close(conn, 4002, "Decode error")
+            self._gw.server_close(conn, 4002, "Decode error")
             return
         self.ledger.received.append(ReceivedRecord(now, conn.id, conn.shard_id, payload, size))
         if not isinstance(payload, dict) or not _is_int(payload.get("op")):
-            self._violation(f"4002 payload without an integer op shard {self._shard_label(conn)}")
-            self._server_close(conn, 4002, "Decode error: no op")
+            self._gw.violation(f"4002 payload without an integer op shard {shard_label(conn)}")
+            self._gw.server_close(conn, 4002, "Decode error: no op")
             return
         try:
             self._dispatch_op(conn, payload, size, now)
         except Exception:  # a simulator bug must not kill the connection handler silently
             logger.exception("conn %d: error handling %r", conn.id, payload.get("op"))
-            self._violation(f"simulator internal error on op {payload.get('op')!r}")
-            self._server_close(conn, 4000, "Unknown error")
+            self._gw.violation(f"simulator internal error on op {payload.get('op')!r}")
+            self._gw.server_close(conn, 4000, "Unknown error")
 
     def _dispatch_op(self, conn: Conn, payload: dict[str, Any], size: int, now: float) -> None:
         op = payload["op"]
@@ -668,36 +484,36 @@ class Simulator:
             self._on_resume(conn, d, now)
         elif op in COMMAND_OPS:
             if conn.session is None:
-                self._violation(
-                    f"4003 op {op} before identify shard {self._shard_label(conn)} (conn {conn.id})"
+                self._gw.violation(
+                    f"4003 op {op} before identify shard {shard_label(conn)} (conn {conn.id})"
                 )
-                self._server_close(conn, 4003, "Not authenticated")
+                self._gw.server_close(conn, 4003, "Not authenticated")
                 return
             self._on_command(conn, conn.session, op, d, now)
         else:
-            self._violation(f"4001 unknown opcode {op} shard {self._shard_label(conn)}")
-            self._server_close(conn, 4001, "Unknown opcode")
+            self._gw.violation(f"4001 unknown opcode {op} shard {shard_label(conn)}")
+            self._gw.server_close(conn, 4001, "Unknown opcode")
 
     def _on_heartbeat(self, conn: Conn, d: Any, now: float) -> None:
         self.ledger.heartbeats.append(HeartbeatRecord(now, conn.id, conn.shard_id, d))
         if d is not None and not _is_int(d):
-            self._violation(f"heartbeat d={d!r} is not an integer or null (conn {conn.id})")
+            self._gw.violation(f"heartbeat d={d!r} is not an integer or null (conn {conn.id})")
         elif conn.session is not None and d is not None and d > conn.session.log.written:
-            self._violation(
+            self._gw.violation(
                 f"heartbeat d={d} ahead of the last seq sent ({conn.session.log.written}) "
-                f"shard {self._shard_label(conn)}"
+                f"shard {shard_label(conn)}"
             )
         if not conn.withhold_acks:
             conn.write([events.HEARTBEAT_ACK])
-        self._arm_hb(conn)
+        self._gw.arm_hb(conn)
 
     def _on_identify(
         self, conn: Conn, payload: dict[str, Any], d: Any, size: int, now: float
     ) -> None:
         cfg = self.config
         if not isinstance(d, dict):
-            self._violation(f"4001 identify without an object d (conn {conn.id})")
-            self._server_close(conn, 4001, "Invalid payload for identify")
+            self._gw.violation(f"4001 identify without an object d (conn {conn.id})")
+            self._gw.server_close(conn, 4001, "Invalid payload for identify")
             return
         shard_raw = d.get("shard", [0, 1])
         shard_ok = (
@@ -737,7 +553,7 @@ class Simulator:
             close(4004, "Authentication failed", f"4004 authentication failed shard {label}")
             return
         if token != cfg.token:
-            self._violation(f"identify token carries the 'Bot ' prefix shard {label}")
+            self._gw.violation(f"identify token carries the 'Bot ' prefix shard {label}")
         if shard_id is None or num_shards is None or not 0 <= shard_id < num_shards:
             close(4010, "Invalid shard", f"4010 invalid shard {shard_raw!r}")
             return
@@ -776,7 +592,7 @@ class Simulator:
         last = self._bucket_last.get(bucket)
         if last is not None and now - last < cfg.identify_window:
             record.outcome = "invalid_session"
-            self._violation(
+            self._gw.violation(
                 f"identify concurrency bucket {bucket}: 2 identifies {now - last:.2f} s apart "
                 f"(shard {shard_id})"
             )
@@ -785,7 +601,7 @@ class Simulator:
         self._refresh_session_limit(now)
         if self._remaining <= 0:
             record.outcome = "invalid_session"
-            self._violation(f"session start limit exhausted: identify shard {shard_id}")
+            self._gw.violation(f"session start limit exhausted: identify shard {shard_id}")
             conn.write([events.INVALID_SESSION_FALSE])
             return
         self._remaining -= 1
@@ -803,13 +619,15 @@ class Simulator:
     def _check_identify_fields(self, d: dict[str, Any], label: str) -> None:
         props = d.get("properties")
         if not isinstance(props, dict) or not all(k in props for k in ("os", "browser", "device")):
-            self._violation(f"identify properties lack os/browser/device shard {label}")
+            self._gw.violation(f"identify properties lack os/browser/device shard {label}")
         threshold = d.get("large_threshold")
         if threshold is not None and not (_is_int(threshold) and 50 <= threshold <= 250):
-            self._violation(f"identify large_threshold {threshold!r} not in 50..250 shard {label}")
+            self._gw.violation(
+                f"identify large_threshold {threshold!r} not in 50..250 shard {label}"
+            )
         presence = d.get("presence")
         if presence is not None and not isinstance(presence, dict):
-            self._violation(f"identify presence is not an object shard {label}")
+            self._gw.violation(f"identify presence is not an object shard {label}")
 
     def _start_session(
         self,
@@ -833,23 +651,23 @@ class Simulator:
             guild_ids=guild_ids,
             created_at=now,
         )
-        self._table.add(session)
+        self._gw.table.add(session)
         self.ledger.sent_dispatches[session_id] = session.log
-        self._table.attach(session, conn)
+        self._gw.table.attach(session, conn)
         record.outcome = "ready"
         record.session_id = session_id
         if d.get("compress") is True and conn.mode == PLAIN:
             conn.mode = PAYLOAD_ZLIB
         version = int(conn.record.query.get("v", "10"))
-        self._table.append(
+        self._gw.table.append(
             session,
             "READY",
             None,
             lambda seq: events.ready(
                 seq=seq,
                 version=version,
-                user_id=self._user_id,
-                application_id=self._application_id,
+                user_id=self._gw.user_id,
+                application_id=self._gw.application_id,
                 session_id=session_id,
                 resume_gateway_url=self.resume_url,
                 shard=(shard_id, num_shards),
@@ -867,8 +685,8 @@ class Simulator:
                 large_threshold=threshold,
                 min_bytes=cfg.big_guild_create_bytes if index == 0 else 0,
             )
-            self._table.append(session, "GUILD_CREATE", None, build)
-        self._table.flush(session, force=True)
+            self._gw.table.append(session, "GUILD_CREATE", None, build)
+        self._gw.table.flush(session, force=True)
         logger.info("shard %d/%d: new session %s", shard_id, num_shards, session_id)
 
     def _on_resume(self, conn: Conn, d: Any, now: float) -> None:
@@ -897,12 +715,12 @@ class Simulator:
         ):
             close(4004, "Authentication failed", f"4004 authentication failed on resume {conn.id}")
             return
-        session = self._table.by_id.get(session_id)
+        session = self._gw.table.by_id.get(session_id)
         if session is not None:
             record.shard_id = session.shard_id
             conn.shard_id = session.shard_id
             conn.record.shard_id = session.shard_id
-        if session is None or self._table.is_dead(session, now):
+        if session is None or self._gw.table.is_dead(session, now):
             if session is not None:
                 session.invalidated = True
             record.outcome = "invalid_session"
@@ -920,13 +738,13 @@ class Simulator:
             )
             return
         if client_seq > log.written:
-            self._violation(
+            self._gw.violation(
                 f"resume seq {client_seq} was never sent (last written {log.written}) "
                 f"shard {session.shard_id}"
             )
         if session.conn is not None:
-            self._drop(session.conn)  # a resume takes the session over from a zombie
-        replayed = self._table.resume(session, conn, client_seq)
+            self._gw.drop(session.conn)  # a resume takes the session over from a zombie
+        replayed = self._gw.table.resume(session, conn, client_seq)
         record.success = True
         record.outcome = "resumed"
         record.replayed = replayed
@@ -941,8 +759,8 @@ class Simulator:
     def _on_command(self, conn: Conn, session: Session, op: int, d: Any, now: float) -> None:
         self.ledger.commands.append(CommandRecord(now, conn.id, conn.shard_id, op, d))
         if not isinstance(d, dict):
-            self._violation(f"4001 op {op} without an object d shard {session.shard_id}")
-            self._server_close(conn, 4001, "Invalid payload")
+            self._gw.violation(f"4001 op {op} without an object d shard {session.shard_id}")
+            self._gw.server_close(conn, 4001, "Invalid payload")
             return
         if op == 8:
             self._on_request_members(session, d, now)
@@ -950,13 +768,13 @@ class Simulator:
             guild_ids = d.get("guild_ids")
             for guild_id in guild_ids if isinstance(guild_ids, list) else []:
                 build = functools.partial(events.soundboard_sounds, guild_id=str(guild_id))
-                self._table.append(session, "SOUNDBOARD_SOUNDS", None, build)
+                self._gw.table.append(session, "SOUNDBOARD_SOUNDS", None, build)
         elif op == 43:
             gid = str(d.get("guild_id"))
-            self._table.append(
+            self._gw.table.append(
                 session, "CHANNEL_INFO", None, lambda s: events.channel_info(seq=s, guild_id=gid)
             )
-        self._table.flush(session)
+        self._gw.table.flush(session)
 
     def _on_request_members(self, session: Session, d: dict[str, Any], now: float) -> None:
         gid = str(d.get("guild_id"))
@@ -969,7 +787,7 @@ class Simulator:
                 if nonce is not None:
                     meta["nonce"] = nonce
                 retry = MEMBER_REQUEST_WINDOW - (now - last)
-                self._table.append(
+                self._gw.table.append(
                     session,
                     "RATE_LIMITED",
                     None,
@@ -979,7 +797,7 @@ class Simulator:
             self._member_requests[gid] = now
         user_ids = d.get("user_ids")
         ids = [str(u) for u in user_ids] if isinstance(user_ids, list) else []
-        self._table.append(
+        self._gw.table.append(
             session,
             "GUILD_MEMBERS_CHUNK",
             None,
@@ -989,14 +807,14 @@ class Simulator:
     def _apply_fault(self, conn: Conn, fault: Fault) -> None:
         if isinstance(fault, Reconnect):
             conn.write([events.RECONNECT])
-            self._schedule_reconnect_close(conn)
+            self._gw.schedule_reconnect_close(conn)
         elif isinstance(fault, InvalidSession):
             conn.write(
                 [events.INVALID_SESSION_TRUE if fault.resumable else events.INVALID_SESSION_FALSE]
             )
             session = conn.session
             if session is not None:
-                self._table.detach(session)
+                self._gw.table.detach(session)
                 if not fault.resumable:
                     session.invalidated = True
         elif isinstance(fault, WithholdAcks):
@@ -1004,9 +822,9 @@ class Simulator:
         elif isinstance(fault, HeartbeatRequest):
             conn.write([events.HEARTBEAT_REQUEST])
         elif isinstance(fault, Close):
-            self._server_close(conn, fault.code, fault.reason)
+            self._gw.server_close(conn, fault.code, fault.reason)
         elif isinstance(fault, Drop):
-            self._drop(conn)
+            self._gw.drop(conn)
         elif isinstance(fault, CorruptCompressed):
             conn.write_corrupt()
         elif isinstance(fault, MalformedJson):
@@ -1016,14 +834,14 @@ class Simulator:
         elif isinstance(fault, UnknownDispatch):
             session = conn.session
             if session is not None:
-                uid = self._ids.take()
+                uid = self._gw.ids.take()
                 guild_id = session.factory.guild_for(uid)
-                self._table.append(
+                self._gw.table.append(
                     session,
                     "FUTURE_EVENT",
                     uid,
                     lambda s: events.future_event(seq=s, event_id=uid, guild_id=guild_id),
                 )
-                self._table.flush(session, force=True)
+                self._gw.table.flush(session, force=True)
         else:
             raise TypeError(f"unknown fault {fault!r}")

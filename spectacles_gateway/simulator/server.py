@@ -13,22 +13,16 @@ opening handshake, reading client frames and the closing handshake.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import random
-import re
 import socket
 import time
 from collections.abc import Callable
-from http import HTTPStatus
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from spectacles_gateway.simulator import events
 from spectacles_gateway.simulator.config import SimulatorConfig
@@ -54,13 +48,14 @@ from spectacles_gateway.simulator.gateway import Gateway
 from spectacles_gateway.simulator.ledger import (
     GENERATED,
     FaultRecord,
-    HttpRecord,
     Ledger,
 )
+from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
 from spectacles_gateway.simulator.rules import IdentifyLimits, Rules, is_int
 from spectacles_gateway.simulator.sessions import Session
 
 __all__ = [
+    "RESUME_PATH",
     "Close",
     "CorruptCompressed",
     "Drop",
@@ -79,23 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RESUME_PATH: Final = "/resume-gw"
-
-_API_PATH = re.compile(r"/api(?:/v\d+)?/gateway(/bot)?")
-
-
-def _json_response(status: int, obj: Any) -> Response:
-    body = events.dumps(obj)
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
 def _normalize_uid(value: Any) -> str | int | None:
@@ -145,6 +123,7 @@ class Simulator:
         self._rate = self.config.rate
         self._limits = IdentifyLimits(self.config)
         self._rules = Rules(self._gw, self._limits)
+        self._rest = Rest(self._gw, self._limits)
         self._ticker: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._sizes = [s for s, _ in self.config.size_mix]
@@ -166,7 +145,7 @@ class Simulator:
         self._server = await serve(
             self._handle,
             sock=sock,
-            process_request=self._process_request,
+            process_request=self._rest.process_request,
             compression=None,
             ping_interval=None,
             ping_timeout=None,
@@ -334,35 +313,6 @@ class Simulator:
         return self._rate > 0 and not self._gw.table.paused
 
     # -- internals: connection lifecycle --
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        path = path.rstrip("/") or "/"
-        match = _API_PATH.fullmatch(path)
-        if match is not None:
-            response = self._http(match.group(1) is not None, request)
-            self.ledger.http.append(
-                HttpRecord(time.monotonic(), "GET", request.path, response.status_code)
-            )
-            return response
-        if path in ("/", RESUME_PATH):
-            return None
-        self.ledger.http.append(HttpRecord(time.monotonic(), "GET", request.path, 404))
-        return _json_response(404, {"message": "404: Not Found", "code": 0})
-
-    def _http(self, bot: bool, request: Request) -> Response:
-        if not bot:
-            return _json_response(200, {"url": self.gateway_url})
-        if request.headers.get("Authorization") != f"Bot {self.config.token}":
-            return _json_response(401, {"message": "401: Unauthorized", "code": 0})
-        return _json_response(
-            200,
-            {
-                "url": self.gateway_url,
-                "shards": self.config.shard_count,
-                "session_start_limit": self._limits.session_start_limit(time.monotonic()),
-            },
-        )
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn, query = self._gw.accept(ws)

@@ -24,10 +24,9 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from spectacles_gateway.simulator import events
+from spectacles_gateway.simulator import events, faults
 from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.connection import (
-    Conn,
     new_zstd_compressor,
 )
 from spectacles_gateway.simulator.faults import (
@@ -47,7 +46,6 @@ from spectacles_gateway.simulator.faults import (
 from spectacles_gateway.simulator.gateway import Gateway
 from spectacles_gateway.simulator.ledger import (
     GENERATED,
-    FaultRecord,
     Ledger,
 )
 from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
@@ -218,17 +216,7 @@ class Simulator:
 
     def inject(self, shard_id: int, fault: Fault) -> None:
         """Apply ``fault`` to the shard's live connection(s) (those that identified/resumed)."""
-        targets = self._gw.live(shard_id)
-        self.ledger.faults.append(
-            FaultRecord(time.monotonic(), shard_id, fault, [c.id for c in targets])
-        )
-        if isinstance(fault, Op7BeforeHello):
-            self._gw.op7_pending.append(shard_id)
-            return
-        if not targets:
-            logger.warning("inject %r: shard %d has no live connection", fault, shard_id)
-        for conn in targets:
-            self._apply_fault(conn, fault)
+        faults.inject(self._gw, shard_id, fault)
 
     def set_rate(self, rate: float) -> None:
         if rate < 0:
@@ -325,45 +313,3 @@ class Simulator:
             pass
         finally:
             self._gw.on_closed(conn)
-
-    def _apply_fault(self, conn: Conn, fault: Fault) -> None:
-        if isinstance(fault, Reconnect):
-            conn.write([events.RECONNECT])
-            self._gw.schedule_reconnect_close(conn)
-        elif isinstance(fault, InvalidSession):
-            conn.write(
-                [events.INVALID_SESSION_TRUE if fault.resumable else events.INVALID_SESSION_FALSE]
-            )
-            session = conn.session
-            if session is not None:
-                self._gw.table.detach(session)
-                if not fault.resumable:
-                    session.invalidated = True
-        elif isinstance(fault, WithholdAcks):
-            conn.withhold_acks = fault.on
-        elif isinstance(fault, HeartbeatRequest):
-            conn.write([events.HEARTBEAT_REQUEST])
-        elif isinstance(fault, Close):
-            self._gw.server_close(conn, fault.code, fault.reason)
-        elif isinstance(fault, Drop):
-            self._gw.drop(conn)
-        elif isinstance(fault, CorruptCompressed):
-            conn.write_corrupt()
-        elif isinstance(fault, MalformedJson):
-            conn.write([events.MALFORMED_JSON])
-        elif isinstance(fault, UnknownOpcode):
-            conn.write([events.UNKNOWN_OPCODE])
-        elif isinstance(fault, UnknownDispatch):
-            session = conn.session
-            if session is not None:
-                uid = self._gw.ids.take()
-                guild_id = session.factory.guild_for(uid)
-                self._gw.table.append(
-                    session,
-                    "FUTURE_EVENT",
-                    uid,
-                    lambda s: events.future_event(seq=s, event_id=uid, guild_id=guild_id),
-                )
-                self._gw.table.flush(session, force=True)
-        else:
-            raise TypeError(f"unknown fault {fault!r}")

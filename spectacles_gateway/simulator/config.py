@@ -53,6 +53,12 @@ class SimulatorConfig:
     trace_name: str = "gateway-sim-local-1"
     member_request_limit: bool = True
     """Op 8 for all members (query "" and limit 0): one per guild per 30 s, else RATE_LIMITED."""
+    tls: bool = False
+    """Serve ``https://`` and ``wss://`` with a throwaway self-signed certificate
+    (:attr:`Simulator.tls_ca_file`: give it to clients as their CA file)."""
+    other_host: str = "127.0.0.2"
+    """Address of a second, plain listener: "another host" for redirect and ``ws://`` faults
+    ("" for none; if it cannot be bound, the simulator goes on without it)."""
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or self.max_concurrency < 1:

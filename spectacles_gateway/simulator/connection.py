@@ -13,7 +13,8 @@ import asyncio
 import struct
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import zstandard
@@ -49,6 +50,27 @@ def new_zstd_compressor(level: int = 3) -> Any:
 
 
 ZSTD, ZLIB, PAYLOAD_ZLIB, PLAIN = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A gateway message too big to hold in memory: ``head``, then the chunks ``body()``
+    yields, then ``tail``, compressed chunk by chunk as they come, and sent in ``fragments``
+    websocket frames (1 = a single frame)."""
+
+    head: bytes
+    body: Callable[[], Iterator[bytes]]
+    tail: bytes
+    fragments: int = 1
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self.head
+        yield from self.body()
+        yield self.tail
+
+
+Payload = bytes | Streamed
+"""What :meth:`Conn.write` takes: one gateway message's JSON bytes, or a :class:`Streamed`."""
 
 
 def _ws_header(first_byte: int, length: int) -> bytes:
@@ -103,21 +125,34 @@ class Conn:
             and not self.transport.is_closing()
         )
 
-    def _frame_into(self, buf: bytearray, opcode: int, data: bytes) -> None:
+    def _frame_into(
+        self, buf: bytearray, opcode: int, data: bytes | bytearray, fragments: int = 1
+    ) -> None:
+        """Append one websocket message; in ``fragments`` frames (or 2 over ``fragment_over``)."""
         n = len(data)
-        if self.fragment_over and n > self.fragment_over:
-            half = n // 2
-            buf += _ws_header(opcode, half)  # FIN = 0
-            buf += data[:half]
-            buf += _ws_header(0x80, n - half)  # continuation, FIN = 1
-            buf += data[half:]
-        else:
+        if fragments <= 1 and self.fragment_over and n > self.fragment_over:
+            fragments = 2
+        if fragments <= 1 or n < 2:
             buf += _ws_header(0x80 | opcode, n)
             buf += data
+        else:
+            view = memoryview(data)
+            count = min(fragments, n)
+            size, bigger = divmod(n, count)  # the first ``bigger`` frames get one byte more
+            start = 0
+            for index in range(count):
+                end = start + size + (index < bigger)
+                first = opcode if index == 0 else 0  # then continuation frames
+                buf += _ws_header((0x80 if end == n else 0) | first, end - start)
+                buf += view[start:end]
+                start = end
         self.messages_sent += 1
 
-    def encode_into(self, buf: bytearray, payload: bytes) -> None:
+    def encode_into(self, buf: bytearray, payload: Payload) -> None:
         """Append one gateway message, compressed and framed, to ``buf``."""
+        if isinstance(payload, Streamed):
+            self._encode_streamed(buf, payload)
+            return
         mode = self.mode
         if mode == ZSTD:
             c = self.compressor
@@ -145,7 +180,26 @@ class Conn:
         else:
             self._frame_into(buf, 0x1, payload)
 
-    def write(self, payloads: Iterable[bytes]) -> bool:
+    def _encode_streamed(self, buf: bytearray, payload: Streamed) -> None:
+        mode = self.mode
+        if mode in (ZSTD, ZLIB):
+            c = self.compressor
+            out = bytearray()
+            for chunk in payload.chunks():
+                out += c.compress(chunk)
+            out += c.flush(_ZSTD_FLUSH_BLOCK if mode == ZSTD else zlib.Z_SYNC_FLUSH)
+            self._frame_into(buf, 0x2, out, payload.fragments)
+        elif mode == PAYLOAD_ZLIB:
+            c = zlib.compressobj()
+            out = bytearray()
+            for chunk in payload.chunks():
+                out += c.compress(chunk)
+            out += c.flush()
+            self._frame_into(buf, 0x2, out, payload.fragments)
+        else:
+            self._frame_into(buf, 0x1, b"".join(payload.chunks()), payload.fragments)
+
+    def write(self, payloads: Iterable[Payload]) -> bool:
         """Compress, frame and write gateway messages in one ``transport.write``."""
         if not self.writable:
             return False

@@ -53,7 +53,11 @@ class Gateway:
         self.application_id = self.user_id
         self.gateway_url = ""
         self.resume_url = ""
-        self.op7_pending: deque[int] = deque()
+        self.other_http_base = ""
+        """``http://<other_host>:<port>`` of the second listener ("" when there is none)."""
+        self.other_gateway_url = ""
+        self.next_open: deque[Callable[[Conn], None]] = deque()
+        """One-shot replacements for HELLO, applied to the next new connections in order."""
         self._conn_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -102,7 +106,9 @@ class Gateway:
 
     # -- a connection's lifecycle --
 
-    def accept(self, ws: ServerConnection) -> tuple[Conn, dict[str, str]]:
+    def accept(
+        self, ws: ServerConnection, listener: str = "main", secure: bool = False
+    ) -> tuple[Conn, dict[str, str]]:
         """Register a new websocket connection; returns it and its query parameters."""
         assert ws.request is not None
         split = urlsplit(ws.request.path)
@@ -114,6 +120,8 @@ class Gateway:
             query=query,
             compression=compress if compress in SUPPORTED_COMPRESSION else None,
             opened_at=time.monotonic(),
+            listener=listener,
+            secure=secure,
         )
         conn = Conn(record.conn_id, ws, record, self.config)
         self.conns[conn.id] = conn
@@ -135,10 +143,8 @@ class Gateway:
         compress = query.get("compress")
         if compress is not None and compress not in SUPPORTED_COMPRESSION:
             self.violation(f"unknown compress {compress!r} (conn {conn.id}): not compressing")
-        if self.op7_pending:
-            self.op7_pending.popleft()
-            conn.write([events.RECONNECT])
-            self.schedule_reconnect_close(conn)
+        if self.next_open:
+            self.next_open.popleft()(conn)
             return
         conn.write([self._hello])
         self.arm_hb(conn)

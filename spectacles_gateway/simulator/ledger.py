@@ -68,6 +68,10 @@ class ConnectionRecord:
     server_close_code: int | None = None
     closed_by: str | None = None
     """``client``, ``server``, ``server-drop`` (TCP aborted by us) or ``client-drop``."""
+    listener: str = "main"
+    """``main`` (the gateway's address) or ``other`` (the second host, see ``other_host``)."""
+    secure: bool = False
+    """Whether the connection came over TLS (``wss://``)."""
 
 
 @dataclass(slots=True)
@@ -101,7 +105,8 @@ class CommandRecord:
 @dataclass(slots=True)
 class FaultRecord:
     time: float
-    shard_id: int
+    shard_id: int | None
+    """None for faults of the REST side (:meth:`Simulator.inject_rest`)."""
     fault: Any
     conn_ids: list[int]
 
@@ -112,6 +117,10 @@ class HttpRecord:
     method: str
     path: str
     status: int
+    listener: str = "main"
+    """``main`` or ``other`` (the second host a redirect points to)."""
+    authorization: bool = False
+    """Whether the request carried an ``Authorization`` header (whatever its value)."""
 
 
 class DispatchLog(Sequence[tuple[int, str, str | None]]):

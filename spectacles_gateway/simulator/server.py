@@ -13,10 +13,12 @@ opening handshake, reading client frames and the closing handshake.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,21 +26,28 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from spectacles_gateway.simulator import events, faults
+from spectacles_gateway.simulator import events, faults, tls
 from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.connection import (
     new_zstd_compressor,
 )
 from spectacles_gateway.simulator.faults import (
+    AbsurdHello,
     Close,
     CorruptCompressed,
+    DecompressionBomb,
+    DeepNesting,
     Drop,
     Fault,
+    FragmentedMessage,
+    GatewayBotRedirect,
     HeartbeatRequest,
+    InsecureGatewayUrl,
     InvalidSession,
     MalformedJson,
     Op7BeforeHello,
     Reconnect,
+    RestFault,
     UnknownDispatch,
     UnknownOpcode,
     WithholdAcks,
@@ -46,6 +55,7 @@ from spectacles_gateway.simulator.faults import (
 from spectacles_gateway.simulator.gateway import Gateway
 from spectacles_gateway.simulator.ledger import (
     GENERATED,
+    FaultRecord,
     Ledger,
 )
 from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
@@ -54,15 +64,22 @@ from spectacles_gateway.simulator.sessions import Session
 
 __all__ = [
     "RESUME_PATH",
+    "AbsurdHello",
     "Close",
     "CorruptCompressed",
+    "DecompressionBomb",
+    "DeepNesting",
     "Drop",
     "Fault",
+    "FragmentedMessage",
+    "GatewayBotRedirect",
     "HeartbeatRequest",
+    "InsecureGatewayUrl",
     "InvalidSession",
     "MalformedJson",
     "Op7BeforeHello",
     "Reconnect",
+    "RestFault",
     "Simulator",
     "SimulatorConfig",
     "UnknownDispatch",
@@ -82,6 +99,10 @@ def _normalize_uid(value: Any) -> str | int | None:
             return int(value)
         return value
     return None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -116,7 +137,11 @@ class Simulator:
         self.gateway_url = ""
         self.resume_url = ""
         self.port = 0
+        self.tls_ca_file = ""
+        """With ``tls=True``: the PEM file clients must trust (the certificate itself)."""
         self._server: Server | None = None
+        self._other: Server | None = None
+        self._cert: tls.Certificate | None = None
         self._gw = Gateway(self.config, self.ledger)
         self._rate = self.config.rate
         self._limits = IdentifyLimits(self.config)
@@ -133,24 +158,22 @@ class Simulator:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         cfg = self.config
+        ssl_context = None
+        if cfg.tls:
+            self._cert = tls.self_signed(cfg.host, cfg.other_host)
+            self.tls_ca_file = str(self._cert.cert_file)
+            ssl_context = self._cert.server_context()
         sock = _bind(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.http_base = f"http://{host}:{self.port}/api/v10"
-        self.gateway_url = f"ws://{host}:{self.port}/"
-        self.resume_url = f"ws://{host}:{self.port}{RESUME_PATH}"
+        host = _url_host(cfg.host)
+        http, ws = ("https", "wss") if cfg.tls else ("http", "ws")
+        self.http_base = f"{http}://{host}:{self.port}/api/v10"
+        self.gateway_url = f"{ws}://{host}:{self.port}/"
+        self.resume_url = f"{ws}://{host}:{self.port}{RESUME_PATH}"
         self._gw.gateway_url, self._gw.resume_url = self.gateway_url, self.resume_url
-        self._server = await serve(
-            self._handle,
-            sock=sock,
-            process_request=self._rest.process_request,
-            compression=None,
-            ping_interval=None,
-            ping_timeout=None,
-            close_timeout=cfg.close_timeout,
-            max_size=16 * 2**20,
-            server_header="spectacles-simulator",
-        )
+        self._server = await self._serve(sock, self._rest, "main", ssl_context)
+        if cfg.other_host:
+            await self._start_other(cfg.other_host)
         self._wake = asyncio.Event()
         self._ticker = asyncio.create_task(self._tick_loop(), name="simulator ticker")
         logger.info(
@@ -161,6 +184,36 @@ class Simulator:
             self._rate,
         )
 
+    async def _serve(
+        self, sock: socket.socket, rest: Rest, listener: str, ssl_context: ssl.SSLContext | None
+    ) -> Server:
+        secure = ssl_context is not None
+        return await serve(
+            functools.partial(self._handle, listener=listener, secure=secure),
+            sock=sock,
+            ssl=ssl_context,
+            process_request=rest.process_request,
+            compression=None,
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=self.config.close_timeout,
+            max_size=16 * 2**20,
+            server_header="spectacles-simulator",
+        )
+
+    async def _start_other(self, other_host: str) -> None:
+        """The second, plain listener ("another host") for redirect and ``ws://`` faults."""
+        try:
+            sock = _bind(other_host, 0)
+        except OSError as exc:
+            logger.warning("no listener on other_host %s: %s", other_host, exc)
+            return
+        rest = Rest(self._gw, self._limits, listener="other")
+        self._other = await self._serve(sock, rest, "other", None)
+        base = f"{_url_host(other_host)}:{sock.getsockname()[1]}"
+        self._gw.other_http_base = f"http://{base}"
+        self._gw.other_gateway_url = f"ws://{base}/"
+
     async def stop(self) -> None:
         if self._server is None:
             return
@@ -170,9 +223,16 @@ class Simulator:
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
         self._gw.cancel_timers()
-        server.close(close_connections=True)
-        await server.wait_closed()
+        servers = [server] if self._other is None else [server, self._other]
+        self._other = None
+        for each in servers:
+            each.close(close_connections=True)
+        for each in servers:
+            await each.wait_closed()
         await self._gw.reap()
+        if self._cert is not None:
+            self._cert.remove()
+            self._cert = None
         logger.info("simulator stopped")
 
     async def __aenter__(self) -> Simulator:
@@ -217,6 +277,12 @@ class Simulator:
     def inject(self, shard_id: int, fault: Fault) -> None:
         """Apply ``fault`` to the shard's live connection(s) (those that identified/resumed)."""
         faults.inject(self._gw, shard_id, fault)
+
+    def inject_rest(self, fault: RestFault) -> None:
+        """Change the next ``/gateway/bot`` answer(s): :class:`GatewayBotRedirect`,
+        :class:`InsecureGatewayUrl` (recorded in ``ledger.faults`` with ``shard_id=None``)."""
+        self._rest.add_fault(fault)
+        self.ledger.faults.append(FaultRecord(time.monotonic(), None, fault, []))
 
     def set_rate(self, rate: float) -> None:
         if rate < 0:
@@ -302,8 +368,8 @@ class Simulator:
 
     # -- internals: connection lifecycle --
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        conn, query = self._gw.accept(ws)
+    async def _handle(self, ws: ServerConnection, *, listener: str, secure: bool) -> None:
+        conn, query = self._gw.accept(ws, listener, secure)
         try:
             self._gw.open(conn, query)
             while True:

@@ -18,6 +18,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from spectacles_gateway.simulator.config import PROFILES
+from spectacles_gateway.simulator.corpus import measure_profile
 from spectacles_gateway.simulator.server import Simulator, SimulatorConfig
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=1024, help="approximate size of a MESSAGE_CREATE's d"
     )
     parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=defaults.profile,
+        help="generated traffic: uniform MESSAGE_CREATEs of --size, or a busy bot's realistic "
+        "mix (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the realistic pool and phases"
+    )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=defaults.jitter,
+        help="share of the interval by which each arrival may move (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--measure-corpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the wire figures of N generated events of --profile as JSON, and exit",
+    )
+    parser.add_argument(
         "--big-guild-create",
         type=int,
         default=0,
@@ -78,6 +103,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         heartbeat_interval_ms=args.heartbeat_interval,
         rate=args.rate,
         size_mix=((args.size, 1.0),),
+        profile=args.profile,
+        seed=args.seed,
+        jitter=args.jitter,
         guilds_per_shard=args.guilds_per_shard,
         big_guild_create_bytes=args.big_guild_create,
         host=args.host,
@@ -131,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("invalid configuration: %s", exc)
         return 2
+    if args.measure_corpus > 0:
+        figures = measure_profile(config, args.measure_corpus)
+        sys.stdout.write(json.dumps(figures) + "\n")
+        return 0
     with asyncio.Runner(loop_factory=_loop_factory(args.no_uvloop)) as runner:
         runner.run(run(config))
     return 0

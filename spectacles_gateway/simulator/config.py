@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from spectacles_gateway.simulator import events
 
+PROFILES = ("uniform", "realistic")
+
 
 @dataclass
 class SimulatorConfig:
@@ -20,7 +22,17 @@ class SimulatorConfig:
     session_start_reset_after_ms: int = 14_400_000
     heartbeat_interval_ms: int = 41250
     rate: float = 0.0
-    """MESSAGE_CREATE dispatches per second per connected READY session (0 = none)."""
+    """Generated dispatches per second per connected READY session (0 = none), each session
+    at its own random phase, with ``jitter``."""
+    profile: str = "uniform"
+    """``uniform``: MESSAGE_CREATEs of the ``size_mix`` sizes (compress about 40:1);
+    ``realistic``: a busy bot's mix of events from a pool built from ``seed`` (about 6:1)."""
+    seed: int = 0
+    """Seed of the realistic pool and of the arrival phases and jitter: runs repeat."""
+    jitter: float = 0.25
+    """Each interval between two generated events is ``1/rate`` times ``1 ± jitter``."""
+    corpus_pool: int = 4096
+    """Templates in the realistic pool."""
     size_mix: tuple[tuple[int, float], ...] = ((1024, 1.0),)
     """(approximate JSON size of ``d`` in bytes, weight) for generated MESSAGE_CREATEs."""
     guilds_per_shard: int = 2
@@ -48,7 +60,8 @@ class SimulatorConfig:
     api_versions: tuple[int, ...] = (9, 10)
     zstd_level: int = 3
     tick: float = 0.01
-    """Rate mode: dispatches due are generated and written once per tick, in one write."""
+    """Unused since each session's events are paced on their own (see ``jitter``); kept so
+    configurations that set it still load."""
     close_timeout: float = 2.0
     trace_name: str = "gateway-sim-local-1"
     member_request_limit: bool = True
@@ -67,3 +80,9 @@ class SimulatorConfig:
             raise ValueError("size_mix needs (size > 0, weight >= 0) entries")
         if self.rate < 0:
             raise ValueError("rate must be >= 0")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+        if self.corpus_pool < 1:
+            raise ValueError("corpus_pool must be >= 1")

@@ -2,8 +2,10 @@
 
 Served on the gateway's own port through ``websockets``' ``process_request`` hook: a request
 for an API path gets an HTTP response; ``/`` and :data:`RESUME_PATH` go on to the websocket
-handshake; anything else is a 404. Every request is recorded in ``ledger.http``, with the
-listener it came to and whether it carried ``Authorization``.
+handshake; ``/control/<name>`` reaches the simulator's control endpoints (parameters in the
+query string: ``POST /control/rate?rate=100``); anything else is a 404. Every request is
+recorded in ``ledger.http``, with the listener it came to and whether it carried
+``Authorization``.
 
 The same class answers on the *other host* (``SimulatorConfig.other_host``), the target of the
 :class:`~.faults.GatewayBotRedirect` fault: there ``/gateway/bot`` answers like Discord
@@ -16,9 +18,10 @@ import email.utils
 import logging
 import re
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
@@ -36,6 +39,11 @@ RESUME_PATH: Final = "/resume-gw"
 """Path of READY's ``resume_gateway_url`` (the gateway URL itself is ``/``)."""
 
 _API_PATH = re.compile(r"/api(?:/v\d+)?/gateway(/bot)?")
+CONTROL_PREFIX: Final = "/control/"
+
+Control = Callable[[dict[str, str]], Any]
+"""A control endpoint: called with the query parameters, returns what to answer as JSON;
+ValueError (or KeyError for a missing parameter) answers 400 with its message."""
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 
 
@@ -62,6 +70,8 @@ class Rest:
         self.ledger = gw.ledger
         self.limits = limits
         self.listener = listener
+        self.controls: dict[tuple[str, str], Control] = {}
+        """``(method, name)`` -> handler of ``/control/<name>`` (main listener only)."""
         self._faults: list[list[Any]] = []  # [fault, answers left]
 
     def add_fault(self, fault: RestFault) -> None:
@@ -88,6 +98,8 @@ class Rest:
         match = _API_PATH.fullmatch(path)
         if match is not None:
             response = self._gateway(match.group(1) is not None, request)
+        elif path.startswith(CONTROL_PREFIX) and self.listener == "main":
+            response = self._control(request, path.removeprefix(CONTROL_PREFIX))
         elif path in ("/", RESUME_PATH):
             return None
         else:
@@ -106,6 +118,18 @@ class Rest:
                 authorization="Authorization" in request.headers,
             )
         )
+
+    def _control(self, request: Request, name: str) -> Response:
+        handler = self.controls.get((request.method, name))
+        if handler is None:
+            known = sorted(f"{m} {CONTROL_PREFIX}{n}" for m, n in self.controls)
+            return json_response(404, {"message": f"no such control; known: {known}"})
+        query = dict(parse_qsl(urlsplit(request.path).query, keep_blank_values=True))
+        try:
+            result = handler(query)
+        except (ValueError, KeyError) as exc:
+            return json_response(400, {"message": f"{name}: {exc}"})
+        return json_response(200, result)
 
     def _gateway(self, bot: bool, request: Request) -> Response:
         main = self.listener == "main"

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import logging
-import random
 import socket
 import ssl
 import time
@@ -54,13 +53,12 @@ from spectacles_gateway.simulator.faults import (
 )
 from spectacles_gateway.simulator.gateway import Gateway
 from spectacles_gateway.simulator.ledger import (
-    GENERATED,
     FaultRecord,
     Ledger,
 )
 from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
 from spectacles_gateway.simulator.rules import IdentifyLimits, Rules, is_int
-from spectacles_gateway.simulator.sessions import Session
+from spectacles_gateway.simulator.traffic import Traffic
 
 __all__ = [
     "RESUME_PATH",
@@ -143,14 +141,16 @@ class Simulator:
         self._other: Server | None = None
         self._cert: tls.Certificate | None = None
         self._gw = Gateway(self.config, self.ledger)
-        self._rate = self.config.rate
         self._limits = IdentifyLimits(self.config)
         self._rules = Rules(self._gw, self._limits)
         self._rest = Rest(self._gw, self._limits)
-        self._ticker: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._sizes = [s for s, _ in self.config.size_mix]
-        self._weights = [w for _, w in self.config.size_mix]
+        self._traffic = Traffic(self.config, self._gw.table, self._gw.ids.take)
+        self._rest.controls.update(
+            {
+                ("GET", "stats"): lambda _: self.stats(),
+                ("POST", "rate"): lambda q: self._control_rate(float(q["rate"])),
+            }
+        )
 
     # -- lifecycle --
 
@@ -174,14 +174,14 @@ class Simulator:
         self._server = await self._serve(sock, self._rest, "main", ssl_context)
         if cfg.other_host:
             await self._start_other(cfg.other_host)
-        self._wake = asyncio.Event()
-        self._ticker = asyncio.create_task(self._tick_loop(), name="simulator ticker")
+        self._traffic.start()
         logger.info(
-            "simulator listening on %s (shards=%d, max_concurrency=%d, rate=%s)",
+            "simulator listening on %s (shards=%d, max_concurrency=%d, rate=%s, profile=%s)",
             self.gateway_url,
             cfg.shard_count,
             cfg.max_concurrency,
-            self._rate,
+            cfg.rate,
+            cfg.profile,
         )
 
     async def _serve(
@@ -218,10 +218,7 @@ class Simulator:
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
+        self._traffic.stop()
         self._gw.cancel_timers()
         servers = [server] if self._other is None else [server, self._other]
         self._other = None
@@ -285,11 +282,22 @@ class Simulator:
         self.ledger.faults.append(FaultRecord(time.monotonic(), None, fault, []))
 
     def set_rate(self, rate: float) -> None:
-        if rate < 0:
-            raise ValueError("rate must be >= 0")
-        self._rate = rate
-        if self._wake is not None:
-            self._wake.set()
+        """Generated events per second per session from now on (new phases for all)."""
+        self._traffic.set_rate(rate)
+
+    def _control_rate(self, rate: float) -> dict[str, float]:
+        self.set_rate(rate)
+        return {"rate": rate}
+
+    def stats(self) -> dict[str, float]:
+        """Open connections, attached sessions, and what the generator did since start:
+        wake-ups, writes, events, events/s, writes that carried more than one event (it fell
+        behind), skipped events, worst lateness. Also ``GET /control/stats``."""
+        return {
+            "connections": len(self._gw.conns),
+            "sessions_attached": len(self._gw.table.attached),
+            **self._traffic.stats.as_dict(),
+        }
 
     def pause_dispatch(self) -> None:
         """Stop rate mode and hold every dispatch (queued with its seq) until resumed."""
@@ -299,8 +307,7 @@ class Simulator:
         self._gw.table.paused = False
         for session in list(self._gw.table.attached.values()):
             self._gw.table.flush(session)
-        if self._wake is not None:
-            self._wake.set()
+        self._traffic.restart()
 
     async def wait_for(
         self,
@@ -326,45 +333,6 @@ class Simulator:
     def session_start_remaining(self) -> int:
         self._limits.refresh(time.monotonic())
         return self._limits.remaining
-
-    # -- internals: sessions and writes --
-
-    def _generate(self, session: Session, count: int) -> None:
-        if len(self._sizes) == 1:
-            session.log.extend_generated(self._gw.ids.take(count), count, self._sizes[0])
-        else:
-            first = self._gw.ids.take(count)
-            sizes = random.choices(self._sizes, self._weights, k=count)
-            for i, size in enumerate(sizes):
-                session.log.append(GENERATED, first + i, size)
-        self._gw.table.flush(session)
-
-    async def _tick_loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            if not self._rate_active():
-                self._wake.clear()
-                await self._wake.wait()
-                last = loop.time()
-                for session in self._gw.table.attached.values():
-                    session.credit = 0.0
-                continue
-            await asyncio.sleep(self.config.tick)
-            now = loop.time()
-            elapsed, last = min(now - last, 1.0), now
-            if not self._rate_active():
-                continue
-            for session in list(self._gw.table.attached.values()):
-                session.credit += self._rate * elapsed
-                count = int(session.credit)
-                if count:
-                    session.credit -= count
-                    self._generate(session, count)
-
-    def _rate_active(self) -> bool:
-        return self._rate > 0 and not self._gw.table.paused
 
     # -- internals: connection lifecycle --
 

@@ -36,6 +36,15 @@ class SimulatorConfig:
     size_mix: tuple[tuple[int, float], ...] = ((1024, 1.0),)
     """(approximate JSON size of ``d`` in bytes, weight) for generated MESSAGE_CREATEs."""
     guilds_per_shard: int = 2
+    """Without ``guilds``: each new session gets this many guilds of its own."""
+    guilds: int = 0
+    """A growing bot: this many guilds, placed by ``(guild_id >> 22) % num_shards``; every
+    session gets GUILD_CREATE for the guilds its ``[shard_id, num_shards]`` owns."""
+    guild_rate: float = 0.0
+    """With ``guilds``: events per second per guild, delivered to every live session whose
+    shard owns the guild (old and new generation alike)."""
+    max_guilds_per_shard: int = 2500
+    """With ``guilds``: IDENTIFY for a shard that would own more is closed with 4011."""
     big_guild_create_bytes: int = 0
     """If > 0, the first GUILD_CREATE of each new session is at least this big."""
     allowed_privileged: int = events.PRIVILEGED_INTENTS
@@ -69,6 +78,13 @@ class SimulatorConfig:
     tls: bool = False
     """Serve ``https://`` and ``wss://`` with a throwaway self-signed certificate
     (:attr:`Simulator.tls_ca_file`: give it to clients as their CA file)."""
+    expected_connections: int = 0
+    """Connections to size the open-file limit for (0: twice ``shard_count``: an old and a new
+    generation side by side). At start the simulator raises its soft limit to the hard one and
+    warns when that is too low."""
+    record_traffic: bool = True
+    """Keep every received payload and heartbeat in the ledger (``received``, ``heartbeats``);
+    off in the CLI, where nothing reads them and a long run would only grow."""
     other_host: str = "127.0.0.2"
     """Address of a second, plain listener: "another host" for redirect and ``ws://`` faults
     ("" for none; if it cannot be bound, the simulator goes on without it)."""

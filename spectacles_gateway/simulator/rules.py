@@ -104,9 +104,7 @@ class Rules:
         while times and times[0] <= now - window:
             times.popleft()
         if len(times) > limit:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
+            self._received(conn, now, None, size, raw)
             self.gw.violation(
                 f"4008 rate limit shard {shard_label(conn)}: "
                 f"{len(times)} payloads in {window:g} s (limit {limit})"
@@ -114,25 +112,21 @@ class Rules:
             self.gw.server_close(conn, 4008, "Rate limited")
             return
         if size > MAX_PAYLOAD_BYTES:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
+            self._received(conn, now, None, size, raw)
             self.gw.violation(f"4002 payload of {size} bytes shard {shard_label(conn)}")
             self.gw.server_close(conn, 4002, "Decode error: payload too large")
             return
         try:
             payload = json.loads(raw)
-        except ValueError:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json goes
+            self._received(conn, now, None, size, raw)
             kind = "binary" if isinstance(message, bytes) else "text"
             self.gw.violation(
                 f"4002 undecodable {kind} payload of {size} bytes shard {shard_label(conn)}"
             )
             self.gw.server_close(conn, 4002, "Decode error")
             return
-        self.ledger.received.append(ReceivedRecord(now, conn.id, conn.shard_id, payload, size))
+        self._received(conn, now, payload, size)
         if not isinstance(payload, dict) or not is_int(payload.get("op")):
             self.gw.violation(f"4002 payload without an integer op shard {shard_label(conn)}")
             self.gw.server_close(conn, 4002, "Decode error: no op")
@@ -143,6 +137,15 @@ class Rules:
             logger.exception("conn %d: error handling %r", conn.id, payload.get("op"))
             self.gw.violation(f"simulator internal error on op {payload.get('op')!r}")
             self.gw.server_close(conn, 4000, "Unknown error")
+
+    def _received(
+        self, conn: Conn, now: float, payload: Any, size: int, raw: bytes | None = None
+    ) -> None:
+        if self.config.record_traffic:
+            head = None if raw is None else raw[:256]
+            self.ledger.received.append(
+                ReceivedRecord(now, conn.id, conn.shard_id, payload, size, head)
+            )
 
     def _dispatch_op(self, conn: Conn, payload: dict[str, Any], size: int, now: float) -> None:
         op = payload["op"]
@@ -166,7 +169,8 @@ class Rules:
             self.gw.server_close(conn, 4001, "Unknown opcode")
 
     def _on_heartbeat(self, conn: Conn, d: Any, now: float) -> None:
-        self.ledger.heartbeats.append(HeartbeatRecord(now, conn.id, conn.shard_id, d))
+        if self.config.record_traffic:
+            self.ledger.heartbeats.append(HeartbeatRecord(now, conn.id, conn.shard_id, d))
         if d is not None and not is_int(d):
             self.gw.violation(f"heartbeat d={d!r} is not an integer or null (conn {conn.id})")
         elif conn.session is not None and d is not None and d > conn.session.log.written:

@@ -25,7 +25,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from spectacles_gateway.simulator import events, faults, tls
+from spectacles_gateway.simulator import events, faults, sockets, tls
 from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.connection import (
     new_zstd_compressor,
@@ -99,26 +99,6 @@ def _normalize_uid(value: Any) -> str | int | None:
     return None
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """One listening socket on exactly ``host`` (never every address a name resolves to)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 # --- the simulator ---------------------------------------------------------------------------
 
 
@@ -158,14 +138,15 @@ class Simulator:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         cfg = self.config
+        sockets.raise_open_files(cfg.expected_connections or 2 * cfg.shard_count)
         ssl_context = None
         if cfg.tls:
             self._cert = tls.self_signed(cfg.host, cfg.other_host)
             self.tls_ca_file = str(self._cert.cert_file)
             ssl_context = self._cert.server_context()
-        sock = _bind(cfg.host, cfg.port)
+        sock = sockets.bind(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
-        host = _url_host(cfg.host)
+        host = sockets.url_host(cfg.host)
         http, ws = ("https", "wss") if cfg.tls else ("http", "ws")
         self.http_base = f"{http}://{host}:{self.port}/api/v10"
         self.gateway_url = f"{ws}://{host}:{self.port}/"
@@ -204,13 +185,13 @@ class Simulator:
     async def _start_other(self, other_host: str) -> None:
         """The second, plain listener ("another host") for redirect and ``ws://`` faults."""
         try:
-            sock = _bind(other_host, 0)
+            sock = sockets.bind(other_host, 0)
         except OSError as exc:
             logger.warning("no listener on other_host %s: %s", other_host, exc)
             return
         rest = Rest(self._gw, self._limits, listener="other")
         self._other = await self._serve(sock, rest, "other", None)
-        base = f"{_url_host(other_host)}:{sock.getsockname()[1]}"
+        base = f"{sockets.url_host(other_host)}:{sock.getsockname()[1]}"
         self._gw.other_http_base = f"http://{base}"
         self._gw.other_gateway_url = f"ws://{base}/"
 
@@ -293,9 +274,14 @@ class Simulator:
         """Open connections, attached sessions, and what the generator did since start:
         wake-ups, writes, events, events/s, writes that carried more than one event (it fell
         behind), skipped events, worst lateness. Also ``GET /control/stats``."""
+        outcomes = [r.outcome for r in self.ledger.identifies]
         return {
             "connections": len(self._gw.conns),
             "sessions_attached": len(self._gw.table.attached),
+            "identifies_ready": outcomes.count("ready"),
+            "identifies_refused": len(outcomes) - outcomes.count("ready"),
+            "resumes": len(self.ledger.resumes),
+            "violations": len(self.ledger.violations),
             **self._traffic.stats.as_dict(),
         }
 

@@ -72,6 +72,12 @@ class SimulatorConfig:
     """Unused since each session's events are paced on their own (see ``jitter``); kept so
     configurations that set it still load."""
     close_timeout: float = 2.0
+    """Seconds the server waits for the client's answer to its close frame before it drops
+    the TCP connection."""
+    superseded_close_code: int = 4000
+    """Close code for a connection whose session was RESUMEd on another one. Discord closes
+    the older connection but documents no code for it; 4000 (unknown error, resumable) is
+    this simulator's choice."""
     trace_name: str = "gateway-sim-local-1"
     member_request_limit: bool = True
     """Op 8 for all members (query "" and limit 0): one per guild per 30 s, else RATE_LIMITED."""

@@ -33,6 +33,7 @@ SUPPORTED_COMPRESSION: Final = ("zstd-stream", "zlib-stream")
 INVALIDATING_SERVER_CODES: Final = frozenset({4003, 4004, 4007, 4009})
 """Server close codes after which the session cannot be resumed (discord.md §9)."""
 INVALIDATING_CLIENT_CODES: Final = frozenset({1000, 1001})
+SUPERSEDED_REASON: Final = "Session resumed on another connection"
 
 
 def shard_label(conn: Conn) -> str:
@@ -181,6 +182,22 @@ class Gateway:
         if conn.session is not None:
             self.table.detach(conn.session)
         conn.transport.abort()
+
+    def supersede(self, old: Conn, new: Conn) -> None:
+        """``new`` resumed the session ``old`` carries: close ``old`` with
+        ``superseded_close_code`` (the closing handshake; a peer that does not answer is
+        dropped after ``close_timeout``). ``ledger.overlap_seconds`` counts the time both
+        were open."""
+        old.record.superseded_by = new.id
+        logger.info(
+            "conn %d: session %s resumed on conn %d, closing this one",
+            old.id,
+            old.record.session_id,
+            new.id,
+        )
+        if old.session is not None:
+            self.table.detach(old.session)  # the session moves on: the code cannot kill it
+        self.server_close(old, self.config.superseded_close_code, SUPERSEDED_REASON)
 
     def schedule_reconnect_close(self, conn: Conn) -> None:
         delay = self.config.reconnect_close_after

@@ -7,6 +7,7 @@ benchmark session with millions of events stays cheap.
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class ConnectionRecord:
     server_close_code: int | None = None
     closed_by: str | None = None
     """``client``, ``server``, ``server-drop`` (TCP aborted by us) or ``client-drop``."""
+    attached_at: float | None = None
+    """When the connection identified or resumed into ``session_id``."""
+    superseded_by: int | None = None
+    """The connection that RESUMEd this one's session while this one was still open."""
     listener: str = "main"
     """``main`` (the gateway's address) or ``other`` (the second host, see ``other_host``)."""
     secure: bool = False
@@ -263,6 +268,30 @@ class Ledger:
             if shard_id is None or log.shard_id == shard_id:
                 out.extend(log.written_uids())
         return out
+
+    def overlap_seconds(self, session_id: str, now: float | None = None) -> float:
+        """Total time ``session_id`` had two (or more) open connections: from the RESUME on
+        a new connection until the older one was gone (a connection still open counts up
+        to ``now``, default ``time.monotonic()``)."""
+        end = time.monotonic() if now is None else now
+        edges: list[tuple[float, int]] = []
+        for record in self.connections:
+            if record.session_id == session_id and record.attached_at is not None:
+                closed = record.closed_at if record.closed_at is not None else end
+                edges += [(record.attached_at, 1), (max(closed, record.attached_at), -1)]
+        edges.sort()
+        total, live, since = 0.0, 0, 0.0
+        for at, step in edges:
+            if live >= 2:
+                total += at - since
+            live += step
+            since = at
+        return total
+
+    def overlaps(self, now: float | None = None) -> dict[str, float]:
+        """:meth:`overlap_seconds` of every session that ever had two open connections."""
+        ids = {r.session_id for r in self.connections if r.superseded_by is not None}
+        return {s: self.overlap_seconds(s, now) for s in ids if s is not None}
 
     def sessions_for(self, shard_id: int) -> list[DispatchLog]:
         return [log for log in self.sent_dispatches.values() if log.shard_id == shard_id]

@@ -418,7 +418,7 @@ class Rules:
                 f"shard {session.shard_id}"
             )
         if session.conn is not None:
-            self.gw.drop(session.conn)  # a resume takes the session over from a zombie
+            self.gw.supersede(session.conn, conn)  # a resume takes the session over
         replayed = self.gw.table.resume(session, conn, client_seq)
         record.success = True
         record.outcome = "resumed"

@@ -8,7 +8,8 @@ Prints one JSON line on stdout once listening::
 (plus ``"tls_ca_file"`` with ``--tls``). Logs go to stderr. Binds only ``--host`` (default
 loopback). The control endpoints of a running simulator are under
 ``http://HOST:PORT/control/``; ``--control URL`` with ``--set-recommended-shards N``,
-``--set-rate R`` or ``--stats`` talks to them and exits.
+``--set-rate R``, ``--set-guild-rate R``, ``--add-guilds N``, ``--set-session-starts N`` or
+``--stats`` talks to them and exits (see :mod:`.controls`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", metavar="URL", help="a running simulator's http_base")
     parser.add_argument("--set-recommended-shards", type=int, metavar="N")
     parser.add_argument("--set-rate", type=float, metavar="R")
+    parser.add_argument("--set-guild-rate", type=float, metavar="R")
+    parser.add_argument("--add-guilds", type=int, metavar="N")
+    parser.add_argument(
+        "--set-session-starts", type=int, metavar="N", help="session starts remaining"
+    )
     parser.add_argument("--stats", action="store_true", help="with --control: print its stats")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -127,14 +133,19 @@ def control(base: str, method: str, name: str, **query: object) -> Any:
 
 
 def _run_control(args: argparse.Namespace) -> int:
+    url = args.control
     if args.set_recommended_shards is not None:
-        answer = control(
-            args.control, "POST", "recommended_shards", shards=args.set_recommended_shards
-        )
+        answer = control(url, "POST", "recommended_shards", shards=args.set_recommended_shards)
     elif args.set_rate is not None:
-        answer = control(args.control, "POST", "rate", rate=args.set_rate)
+        answer = control(url, "POST", "rate", rate=args.set_rate)
+    elif args.set_guild_rate is not None:
+        answer = control(url, "POST", "guild_rate", rate=args.set_guild_rate)
+    elif args.add_guilds is not None:
+        answer = control(url, "POST", "guilds", add=args.add_guilds)
+    elif args.set_session_starts is not None:
+        answer = control(url, "POST", "session_start_limit", remaining=args.set_session_starts)
     else:
-        answer = control(args.control, "GET", "stats")
+        answer = control(url, "GET", "stats")
     sys.stdout.write(json.dumps(answer) + "\n")
     return 0
 
@@ -190,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     try:
         config = config_from_args(args)
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:
         logger.error("invalid configuration: %s", exc)
         return 2
     if args.measure_corpus > 0:

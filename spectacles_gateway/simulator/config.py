@@ -40,6 +40,8 @@ class SimulatorConfig:
     guilds: int = 0
     """A growing bot: this many guilds, placed by ``(guild_id >> 22) % num_shards``; every
     session gets GUILD_CREATE for the guilds its ``[shard_id, num_shards]`` owns."""
+    guild_ids: tuple[int, ...] = ()
+    """Or the bot's guilds by id (instead of ``guilds`` generated ones)."""
     guild_rate: float = 0.0
     """With ``guilds``: events per second per guild, delivered to every live session whose
     shard owns the guild (old and new generation alike)."""
@@ -54,8 +56,10 @@ class SimulatorConfig:
     host: str = "127.0.0.1"
     port: int = 0
     # Beyond the common API:
-    strict_shard_count: bool = True
-    """4010 unless IDENTIFY's num_shards equals ``shard_count``."""
+    strict_shard_count: bool | None = None
+    """4010 unless IDENTIFY's num_shards equals the recommended count. Default: on, except
+    for a growing bot (``guilds``/``guild_ids``), where any count that keeps each shard
+    within ``max_guilds_per_shard`` is fine, as on Discord."""
     required_shards: int = 0
     """If > 0, IDENTIFY with fewer shards than this gets 4011 (sharding required)."""
     heartbeat_timeout_factor: float = 1.5
@@ -108,3 +112,12 @@ class SimulatorConfig:
             raise ValueError("jitter must be in [0, 1)")
         if self.corpus_pool < 1:
             raise ValueError("corpus_pool must be >= 1")
+        if self.guilds < 0 or self.guild_rate < 0 or self.max_guilds_per_shard < 1:
+            raise ValueError("guilds and guild_rate must be >= 0, max_guilds_per_shard >= 1")
+        if self.strict_shard_count is None:
+            self.strict_shard_count = not self.growing
+
+    @property
+    def growing(self) -> bool:
+        """A growing bot: guilds of its own, placed on the shards by id."""
+        return bool(self.guilds or self.guild_ids)

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -26,6 +26,9 @@ from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.connection import Conn
 from spectacles_gateway.simulator.ledger import ConnectionRecord, Ledger
 from spectacles_gateway.simulator.sessions import SessionTable
+
+if TYPE_CHECKING:
+    from spectacles_gateway.simulator.guilds import GuildWorld
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class Gateway:
         self.application_id = self.user_id
         self.gateway_url = ""
         self.resume_url = ""
+        self.recommended_shards = config.shard_count
+        """``/gateway/bot``'s ``shards`` (raised at run time for a growing bot)."""
+        self.guilds: GuildWorld | None = None
+        """A growing bot's guilds (``SimulatorConfig.guilds``), else None."""
         self.other_http_base = ""
         """``http://<other_host>:<port>`` of the second listener ("" when there is none)."""
         self.other_gateway_url = ""

@@ -7,9 +7,10 @@ benchmark session with millions of events stays cheap.
 
 from __future__ import annotations
 
+import itertools
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -225,6 +226,67 @@ class DispatchLog(Sequence[tuple[int, str, str | None]]):
         return out
 
 
+class GuildEventLog:
+    """Every guild event a growing bot emitted, once however many sessions it went to.
+
+    Row ``i``: the event's id, guild, emission time (``time.monotonic()``), how many live
+    sessions owned the guild then and how many of them received it (the others lacked the
+    intent), and the template it was made from.
+    """
+
+    __slots__ = ("_delivered", "_guilds", "_owners", "_templates", "_times", "_uids")
+
+    def __init__(self) -> None:
+        self._uids = array("q")
+        self._guilds = array("q")
+        self._times = array("d")
+        self._templates = array("q")
+        self._delivered = array("l")
+        self._owners = array("l")
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    def add(self, uid: int, guild_id: int, time: float, template: int) -> int:
+        """Record an emission; returns its row."""
+        self._uids.append(uid)
+        self._guilds.append(guild_id)
+        self._times.append(time)
+        self._templates.append(template)
+        self._delivered.append(0)
+        self._owners.append(0)
+        return len(self._uids) - 1
+
+    def set_delivery(self, row: int, delivered: int, owners: int) -> None:
+        self._delivered[row] = delivered
+        self._owners[row] = owners
+
+    def source(self, row: int) -> tuple[int, int]:
+        """(guild id, template) of a row: what the simulator needs to make it again."""
+        return self._guilds[row], self._templates[row]
+
+    def rows(self) -> Iterator[tuple[str, int, float, int, int]]:
+        """``(id, guild id, emission time, sessions owning the guild, sessions it went to)``."""
+        for i in range(len(self._uids)):
+            yield (
+                str(self._uids[i]),
+                self._guilds[i],
+                self._times[i],
+                self._owners[i],
+                self._delivered[i],
+            )
+
+    def required_ids(self) -> list[str]:
+        """Ids a consumer must see: every event some session received, and every event no
+        session owned (a guild left without an owner is a gap too). Events that owners only
+        lacked the intent for are not owed."""
+        return [uid for uid, _, _, owners, got in self.rows() if got or not owners]
+
+    def orphaned_ids(self) -> list[str]:
+        """Ids of events emitted while no live session owned their guild."""
+        return [uid for uid, _, _, owners, _ in self.rows() if not owners]
+
+
 @dataclass
 class Ledger:
     """Plain data the simulator fills in; read it from tests (same event loop, no locking)."""
@@ -240,6 +302,8 @@ class Ledger:
     commands: list[CommandRecord] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
     http: list[HttpRecord] = field(default_factory=list)
+    guild_events: GuildEventLog = field(default_factory=GuildEventLog)
+    """A growing bot's guild events (``SimulatorConfig.guilds``)."""
 
     def identify_count(self, shard_id: int | None = None) -> int:
         """IDENTIFY payloads received (accepted or not), optionally for one shard."""
@@ -292,6 +356,31 @@ class Ledger:
         """:meth:`overlap_seconds` of every session that ever had two open connections."""
         ids = {r.session_id for r in self.connections if r.superseded_by is not None}
         return {s: self.overlap_seconds(s, now) for s in ids if s is not None}
+
+    def missing_guild_events(self, seen_ids: Iterable[str | int]) -> list[str]:
+        """Guild events emitted during the run that a consumer which saw ``seen_ids``
+        (``d.id`` of what it received) did not: an empty list means every one arrived at
+        least once. See :meth:`GuildEventLog.required_ids` for what is owed."""
+        seen = {str(uid) for uid in seen_ids}
+        return [uid for uid in self.guild_events.required_ids() if uid not in seen]
+
+    def guild_gaps(self, seen_ids: Iterable[str | int] | None = None) -> dict[int, float]:
+        """Per guild, the longest time its stream went without an event: between emission
+        times of consecutive events, counting only those in ``seen_ids`` if given (from the
+        guild's first emission to the first one seen, and from the last one seen to its last
+        emission, count too)."""
+        seen = None if seen_ids is None else {str(uid) for uid in seen_ids}
+        times: dict[int, list[float]] = {}
+        kept: dict[int, list[float]] = {}
+        for uid, guild_id, at, _, _ in self.guild_events.rows():
+            times.setdefault(guild_id, []).append(at)
+            if seen is None or uid in seen:
+                kept.setdefault(guild_id, []).append(at)
+        gaps = {}
+        for guild_id, all_times in times.items():
+            marks = [all_times[0], *kept.get(guild_id, []), all_times[-1]]
+            gaps[guild_id] = max(b - a for a, b in itertools.pairwise(marks))
+        return gaps
 
     def sessions_for(self, shard_id: int) -> list[DispatchLog]:
         return [log for log in self.sent_dispatches.values() if log.shard_id == shard_id]

@@ -150,7 +150,7 @@ class Rest:
             200,
             {
                 "url": url,
-                "shards": self.config.shard_count,
+                "shards": self.gw.recommended_shards,
                 "session_start_limit": self.limits.session_start_limit(time.monotonic()),
             },
         )

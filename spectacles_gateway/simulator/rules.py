@@ -49,20 +49,39 @@ class IdentifyLimits:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.bucket_last: dict[int, float] = {}
+        self.total = config.session_start_total
         self.remaining = config.session_start_remaining
         self.reset_at = time.monotonic() + config.session_start_reset_after_ms / 1000
 
     def refresh(self, now: float) -> None:
         """Start a new day of session starts once ``reset_at`` has passed."""
         while now >= self.reset_at:
-            self.remaining = self.config.session_start_total
+            self.remaining = self.total
             self.reset_at += SESSION_LIMIT_PERIOD
+
+    def set(
+        self,
+        remaining: int | None = None,
+        total: int | None = None,
+        reset_after_ms: int | None = None,
+    ) -> dict[str, int]:
+        """Change the session start limit now; returns what ``/gateway/bot`` says next."""
+        now = time.monotonic()
+        if any(v is not None and v < 0 for v in (remaining, total, reset_after_ms)):
+            raise ValueError("session start limits must be >= 0")
+        if total is not None:
+            self.total = total
+        if remaining is not None:
+            self.remaining = remaining
+        if reset_after_ms is not None:
+            self.reset_at = now + reset_after_ms / 1000
+        return self.session_start_limit(now)
 
     def session_start_limit(self, now: float) -> dict[str, int]:
         """``/gateway/bot``'s ``session_start_limit`` object."""
         self.refresh(now)
         return {
-            "total": self.config.session_start_total,
+            "total": self.total,
             "remaining": self.remaining,
             "reset_after": max(0, int((self.reset_at - now) * 1000)),
             "max_concurrency": self.config.max_concurrency,
@@ -232,11 +251,12 @@ class Rules:
         if shard_id is None or num_shards is None or not 0 <= shard_id < num_shards:
             close(4010, "Invalid shard", f"4010 invalid shard {shard_raw!r}")
             return
-        if cfg.strict_shard_count and num_shards != cfg.shard_count:
+        expected = self.gw.recommended_shards
+        if cfg.strict_shard_count and num_shards != expected:
             close(
                 4010,
                 "Invalid shard",
-                f"4010 invalid shard {shard_raw!r}: expected {cfg.shard_count} shards",
+                f"4010 invalid shard {shard_raw!r}: expected {expected} shards",
             )
             return
         if cfg.required_shards and num_shards < cfg.required_shards:
@@ -244,6 +264,19 @@ class Rules:
                 4011,
                 "Sharding required",
                 f"4011 sharding required: {num_shards} < {cfg.required_shards} shards",
+            )
+            return
+        guilds = self.gw.guilds
+        if (
+            guilds is not None
+            and len(guilds.owned(shard_id, num_shards)) > cfg.max_guilds_per_shard
+        ):
+            close(
+                4011,
+                "Sharding required",
+                f"4011 sharding required: shard {shard_raw!r} would hold "
+                f"{len(guilds.owned(shard_id, num_shards))} guilds "
+                f"(max {cfg.max_guilds_per_shard})",
             )
             return
         raw_intents = d.get("intents")
@@ -317,7 +350,10 @@ class Rules:
     ) -> None:
         cfg = self.config
         session_id = secrets.token_hex(16)
-        guild_ids = events.guild_ids_for_shard(shard_id, num_shards, cfg.guilds_per_shard)
+        if self.gw.guilds is not None:
+            guild_ids = list(self.gw.guilds.owned(shard_id, num_shards))
+        else:
+            guild_ids = events.guild_ids_for_shard(shard_id, num_shards, cfg.guilds_per_shard)
         session = Session(
             session_id=session_id,
             shard_id=shard_id,
@@ -360,7 +396,7 @@ class Rules:
                 large_threshold=threshold,
                 min_bytes=cfg.big_guild_create_bytes if index == 0 else 0,
             )
-            self.gw.table.append(session, "GUILD_CREATE", None, build)
+            self.gw.table.append_lazy(session, "GUILD_CREATE", None, build)
         self.gw.table.flush(session, force=True)
         logger.info("shard %d/%d: new session %s", shard_id, num_shards, session_id)
 

@@ -25,7 +25,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from spectacles_gateway.simulator import events, faults, sockets, tls
+from spectacles_gateway.simulator import controls, events, faults, sockets, tls
 from spectacles_gateway.simulator.config import SimulatorConfig
 from spectacles_gateway.simulator.connection import (
     new_zstd_compressor,
@@ -52,6 +52,7 @@ from spectacles_gateway.simulator.faults import (
     WithholdAcks,
 )
 from spectacles_gateway.simulator.gateway import Gateway
+from spectacles_gateway.simulator.guilds import GuildWorld
 from spectacles_gateway.simulator.ledger import (
     FaultRecord,
     Ledger,
@@ -125,12 +126,14 @@ class Simulator:
         self._rules = Rules(self._gw, self._limits)
         self._rest = Rest(self._gw, self._limits)
         self._traffic = Traffic(self.config, self._gw.table, self._gw.ids.take)
-        self._rest.controls.update(
-            {
-                ("GET", "stats"): lambda _: self.stats(),
-                ("POST", "rate"): lambda q: self._control_rate(float(q["rate"])),
-            }
-        )
+        if self.config.growing:
+            world = GuildWorld(
+                self.config, self._gw.table, self.ledger, self._gw.ids.take, self._traffic.corpus
+            )
+            world.on_first_owner = self._traffic.start_guild
+            self._traffic.emit_guild = world.emit
+            self._gw.guilds = world
+        self._rest.controls.update(controls.endpoints(self))
 
     # -- lifecycle --
 
@@ -266,9 +269,54 @@ class Simulator:
         """Generated events per second per session from now on (new phases for all)."""
         self._traffic.set_rate(rate)
 
-    def _control_rate(self, rate: float) -> dict[str, float]:
-        self.set_rate(rate)
-        return {"rate": rate}
+    # -- a growing bot --
+
+    @property
+    def recommended_shards(self) -> int:
+        """The shard count ``/gateway/bot`` recommends."""
+        return self._gw.recommended_shards
+
+    def set_recommended_shards(self, shards: int) -> None:
+        """Raise (or lower) the recommended shard count from now on (``POST
+        /control/recommended_shards?shards=N``, ``--control URL --set-recommended-shards N``)."""
+        if shards < 1:
+            raise ValueError("the recommended shard count must be >= 1")
+        logger.info("recommended shards: %d -> %d", self._gw.recommended_shards, shards)
+        self._gw.recommended_shards = shards
+
+    @property
+    def guild_ids(self) -> list[int]:
+        """A growing bot's guilds (empty without ``guilds``/``guild_ids``)."""
+        return [] if self._gw.guilds is None else list(self._gw.guilds.ids)
+
+    def guilds_of(self, shard_id: int, num_shards: int) -> list[int]:
+        """The guilds shard ``[shard_id, num_shards]`` owns."""
+        return [] if self._gw.guilds is None else list(self._gw.guilds.owned(shard_id, num_shards))
+
+    def add_guilds(self, count: int) -> list[int]:
+        """The bot joins ``count`` more guilds (GUILD_CREATE to their owners, streams start);
+        returns their ids. ``POST /control/guilds?add=N``."""
+        if self._gw.guilds is None:
+            raise RuntimeError("add_guilds needs a growing bot (SimulatorConfig.guilds)")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        return self._gw.guilds.add(count)
+
+    def set_guild_rate(self, rate: float) -> None:
+        """Events per second per guild from now on (``POST /control/guild_rate?rate=R``)."""
+        self._traffic.set_guild_rate(rate)
+
+    def set_session_start_limit(
+        self,
+        *,
+        remaining: int | None = None,
+        total: int | None = None,
+        reset_after_ms: int | None = None,
+    ) -> dict[str, int]:
+        """Change ``session_start_limit`` now (every IDENTIFY that starts a session spends
+        one); returns the new ``/gateway/bot`` object. ``POST /control/session_start_limit``
+        with ``remaining``, ``total``, ``reset_after`` (ms)."""
+        return self._limits.set(remaining, total, reset_after_ms)
 
     def stats(self) -> dict[str, float]:
         """Open connections, attached sessions, and what the generator did since start:
@@ -276,6 +324,10 @@ class Simulator:
         behind), skipped events, worst lateness. Also ``GET /control/stats``."""
         outcomes = [r.outcome for r in self.ledger.identifies]
         return {
+            "recommended_shards": self._gw.recommended_shards,
+            "guilds": len(self.guild_ids),
+            "guild_events": len(self.ledger.guild_events),
+            "session_starts_remaining": self.session_start_remaining,
             "connections": len(self._gw.conns),
             "sessions_attached": len(self._gw.table.attached),
             "identifies_ready": outcomes.count("ready"),

@@ -103,9 +103,10 @@ class Pacer:
 
 @dataclass(slots=True)
 class Stream:
-    """When the next event of one source (a session) is due."""
+    """When the next event of one source (a session, or a guild) is due."""
 
-    session: Session
+    session: Session | None
+    guild_id: int
     interval: float
     jitter: float
     rng: random.Random
@@ -151,12 +152,16 @@ class TrafficStats:
 
 
 class Traffic:
-    """Generates ``rate`` events per second on every attached session."""
+    """Generates ``rate`` events per second on every attached session, and ``guild_rate``
+    per guild of a growing bot (``emit_guild`` delivers them)."""
 
     def __init__(self, config: SimulatorConfig, table: SessionTable, take_ids: Any) -> None:
         self.config = config
         self.table = table
         self.rate = config.rate
+        self.guild_rate = config.guild_rate
+        self.emit_guild: Callable[[int], None] = lambda guild_id: None
+        self._guilds: dict[int, Stream] = {}
         self.stats = TrafficStats()
         self._take_ids: Callable[[int], int] = take_ids
         self._pacer: Pacer | None = None
@@ -183,8 +188,12 @@ class Traffic:
             self._pacer = None
 
     @property
+    def running(self) -> bool:
+        return not self.table.paused and self._pacer is not None
+
+    @property
     def active(self) -> bool:
-        return self.rate > 0 and not self.table.paused and self._pacer is not None
+        return self.rate > 0 and self.running
 
     def set_rate(self, rate: float) -> None:
         if rate < 0:
@@ -192,11 +201,32 @@ class Traffic:
         self.rate = rate
         self.restart()
 
+    def set_guild_rate(self, rate: float) -> None:
+        if rate < 0:
+            raise ValueError("guild_rate must be >= 0")
+        self.guild_rate = rate
+        self.restart()
+
     def restart(self) -> None:
-        """New phases for every attached session (after a rate change or a pause)."""
+        """New phases for every attached session and guild (after a rate change or a
+        pause)."""
         self._streams.clear()
         for session in list(self.table.attached.values()):
             self._attached(session)
+        for guild_id in list(self._guilds):
+            self.start_guild(guild_id)
+
+    def start_guild(self, guild_id: int) -> None:
+        """Start (or restart, at a new phase) the stream of ``guild_id``."""
+        self._guilds[guild_id] = stream = Stream(None, guild_id, 0.0, 0.0, random.Random())
+        if self.guild_rate <= 0 or not self.running:
+            return
+        assert self._pacer is not None
+        stream.interval = 1.0 / self.guild_rate
+        stream.jitter = self.config.jitter
+        stream.rng = random.Random(hash((self.config.seed, guild_id, len(self._guilds))))
+        stream.due = time.monotonic() + stream.rng.random() * stream.interval
+        self._pacer.schedule(stream.due, stream)
 
     def _attached(self, session: Session) -> None:
         if not self.active:
@@ -205,13 +235,13 @@ class Traffic:
         interval = 1.0 / self.rate
         self._attaches += 1
         rng = random.Random(hash((self.config.seed, session.shard_id, self._attaches)))
-        stream = Stream(session, interval, self.config.jitter, rng)
+        stream = Stream(session, 0, interval, self.config.jitter, rng)
         stream.due = time.monotonic() + rng.random() * interval
         self._streams[session.session_id] = stream
         self._pacer.schedule(stream.due, stream)
 
     def _fire(self, due: list[Stream]) -> None:
-        if not self.active:
+        if not self.running:
             return
         assert self._pacer is not None
         stats = self.stats
@@ -219,7 +249,10 @@ class Traffic:
         now = time.monotonic()
         for stream in due:
             session = stream.session
-            if self._streams.get(session.session_id) is not stream or session.conn is None:
+            if session is None:
+                if self._guilds.get(stream.guild_id) is not stream:
+                    continue  # restarted: this stream is over
+            elif self._streams.get(session.session_id) is not stream or session.conn is None:
                 continue  # detached or restarted: this stream is over
             late = now - stream.due
             stats.max_late = max(stats.max_late, late)
@@ -231,7 +264,10 @@ class Traffic:
                 stream.due += behind * stream.interval
             # One event per wake-up and write, even when late: the next one is already due,
             # so the pacer hands it over again at once, in a write of its own.
-            self._generate(session, 1)
+            if session is None:
+                self.emit_guild(stream.guild_id)
+            else:
+                self._generate(session, 1)
             stats.writes += 1
             stats.events += 1
             stream.advance()

@@ -321,3 +321,15 @@ async def test_zlib_payload_compression_of_a_bomb(sims: list[Simulator]) -> None
     assert isinstance(wire, bytes) and len(wire) < 16 * 1024
     assert len(zlib.decompress(wire)) == 4 * MiB
     client.abort()
+
+
+async def test_a_client_nesting_json_too_deep_is_4002(sims: list[Simulator]) -> None:
+    # The other way round: a hostile client must not stop the simulator's handler.
+    sim = await start(sims)
+    client = await SimClient.connect(sim.gateway_url)
+    await client.hello()
+    await client.send("[" * 2000 + "]" * 2000)  # 4000 bytes, deeper than json's recursion
+    assert await client.expect_close() == 4002
+    assert any(v.startswith("4002 undecodable text") for v in sim.ledger.violations)
+    second = await ready_client(sim)  # the simulator goes on
+    second.abort()

@@ -7,6 +7,14 @@ gateway without a token.
         sim.inject(0, Reconnect())
         await sim.wait_for(lambda ledger: ledger.resume_count(0, success=True) == 1, 10)
 
+Beyond Discord's normal behaviour: hostile faults (:class:`DecompressionBomb`,
+:class:`FragmentedMessage`, :class:`DeepNesting`, :class:`AbsurdHello`, and for the REST side
+:meth:`Simulator.inject_rest` with :class:`GatewayBotRedirect`, :class:`InsecureGatewayUrl`),
+a realistic traffic profile (``SimulatorConfig(profile="realistic", seed=...)``), paced
+arrivals per shard, a growing bot (``guilds``, ``guild_rate``,
+:meth:`Simulator.set_recommended_shards`, ``ledger.missing_guild_events``), and what the
+ledger says about failover (``ledger.overlap_seconds``).
+
 Command line: ``spectacles-simulator --help``.
 """
 
@@ -15,6 +23,7 @@ from spectacles_gateway.simulator.ledger import (
     ConnectionRecord,
     DispatchLog,
     FaultRecord,
+    GuildEventLog,
     HeartbeatRecord,
     HttpRecord,
     IdentifyRecord,
@@ -63,6 +72,7 @@ __all__ = [
     "FaultRecord",
     "FragmentedMessage",
     "GatewayBotRedirect",
+    "GuildEventLog",
     "HeartbeatRecord",
     "HeartbeatRequest",
     "HttpRecord",

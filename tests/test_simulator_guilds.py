@@ -9,48 +9,21 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from spectacles_gateway.simulator import Simulator, SimulatorConfig
+from spectacles_gateway.simulator import Simulator
 from spectacles_gateway.simulator.guilds import guild_ids
 from tests.gwtest import t
 from tests.simclient import SimClient, http_get
+from tests.support.simulators import SimulatorPool
 
 AUTH = {"Authorization": "Bot simulated-token"}
-OPEN: list[SimClient] = []
 
 
-@pytest.fixture
-async def sims() -> AsyncIterator[list[Simulator]]:
-    started: list[Simulator] = []
-    yield started
-    while OPEN:
-        OPEN.pop().abort()
-    for sim in started:
-        await sim.stop()
-
-
-async def start(sims: list[Simulator], **config: Any) -> Simulator:
-    config = {"max_concurrency": 16, "identify_window": 0.0, **config}
-    sim = Simulator(SimulatorConfig(**config))
-    await sim.start()
-    sims.append(sim)
-    return sim
-
-
-async def identify(
-    sim: Simulator, shard: tuple[int, int], intents: int = 513
-) -> tuple[SimClient, dict[str, Any]]:
-    client = await SimClient.connect(sim.gateway_url)
-    OPEN.append(client)
-    await client.hello()
-    await client.identify(shard=shard, intents=intents)
-    payload = await client.recv()
-    assert payload["t"] == "READY", payload
-    return client, payload["d"]
+async def start(pool: SimulatorPool, **config: Any) -> Simulator:
+    return await pool.start(**{"max_concurrency": 16, "identify_window": 0.0, **config})
 
 
 def owner(guild_id: int | str, shard: tuple[int, int]) -> bool:
@@ -82,13 +55,13 @@ class Reader:
 # --- placement, READY, GUILD_CREATE, 4011 -----------------------------------------------------
 
 
-async def test_each_session_gets_the_guilds_its_shard_owns(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=4, guilds=40)
+async def test_each_session_gets_the_guilds_its_shard_owns(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=4, guilds=40)
     assert len(sim.guild_ids) == 40 == len(set(sim.guild_ids))
     assert sim.guild_ids == guild_ids(40)  # from the seed: runs repeat
     seen: set[int] = set()
     for shard_id in range(4):
-        client, ready = await identify(sim, (shard_id, 4))
+        client, ready = await sim_pool.identify(sim, (shard_id, 4))
         listed = [int(g["id"]) for g in ready["guilds"]]
         assert all(g["unavailable"] for g in ready["guilds"])  # how a client knows the count
         assert listed == sim.guilds_of(shard_id, 4)
@@ -101,12 +74,11 @@ async def test_each_session_gets_the_guilds_its_shard_owns(sims: list[Simulator]
     assert seen == set(sim.guild_ids)
 
 
-async def test_a_shard_holding_too_many_guilds_is_4011(sims: list[Simulator]) -> None:
-    sim = await start(sims, guilds=60, max_guilds_per_shard=10)
+async def test_a_shard_holding_too_many_guilds_is_4011(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, guilds=60, max_guilds_per_shard=10)
     too_few = 2
     assert max(len(sim.guilds_of(i, too_few)) for i in range(too_few)) > 10
-    client = await SimClient.connect(sim.gateway_url)
-    OPEN.append(client)
+    client = await sim_pool.connect(sim.gateway_url)
     await client.hello()
     await client.identify(shard=(0, too_few))
     assert await client.expect_close() == 4011
@@ -114,17 +86,17 @@ async def test_a_shard_holding_too_many_guilds_is_4011(sims: list[Simulator]) ->
         "4011 sharding required: shard [0, 2] would hold" in v for v in sim.ledger.violations
     )
     enough = next(n for n in range(2, 60) if all(len(sim.guilds_of(i, n)) <= 10 for i in range(n)))
-    _, ready = await identify(sim, (0, enough))  # any count is fine for a growing bot
+    _, ready = await sim_pool.identify(sim, (0, enough))  # any count is fine for a growing bot
     assert len(ready["guilds"]) == len(sim.guilds_of(0, enough)) <= 10
 
 
 # --- guild events -----------------------------------------------------------------------------
 
 
-async def test_guild_events_reach_every_owner_of_both_generations(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=2, guilds=24, guild_rate=25.0)
+async def test_guild_events_reach_every_owner_of_both_generations(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=2, guilds=24, guild_rate=25.0)
     shards = [(0, 2), (1, 2), (0, 4), (1, 4), (2, 4), (3, 4)]
-    readers = {shard: Reader((await identify(sim, shard))[0]) for shard in shards}
+    readers = {shard: Reader((await sim_pool.identify(sim, shard))[0]) for shard in shards}
     all_up = sim.ledger.identifies[-1].time
     await asyncio.sleep(t(1.5))
     for reader in readers.values():
@@ -155,9 +127,9 @@ async def test_guild_events_reach_every_owner_of_both_generations(sims: list[Sim
     assert sim.ledger.guild_gaps((old | new) - cut)[lost_guild] > 1.0
 
 
-async def test_a_session_away_gets_its_guild_events_on_resume(sims: list[Simulator]) -> None:
-    sim = await start(sims, guilds=6, guild_rate=40.0)
-    client, ready = await identify(sim, (0, 1))
+async def test_a_session_away_gets_its_guild_events_on_resume(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, guilds=6, guild_rate=40.0)
+    client, ready = await sim_pool.identify(sim, (0, 1))
     reader = Reader(client)
     await asyncio.sleep(t(0.3))
     await reader.stop()
@@ -165,8 +137,7 @@ async def test_a_session_away_gets_its_guild_events_on_resume(sims: list[Simulat
     await sim.wait_for(lambda ledger: ledger.connections[0].closed_at is not None, t(5))
     away_from = time.monotonic()
     await asyncio.sleep(t(0.3))  # events keep coming for the live, detached session
-    resumed = await SimClient.connect(sim.resume_url)
-    OPEN.append(resumed)
+    resumed = await sim_pool.connect(sim.resume_url)
     await resumed.hello()
     await resumed.resume(ready["session_id"], reader.got[-1][0])
     replay = await resumed.recv_until(lambda p: p.get("t") == "RESUMED")
@@ -181,10 +152,10 @@ async def test_a_session_away_gets_its_guild_events_on_resume(sims: list[Simulat
     assert set(missing) <= late  # only what came after RESUMED is not read yet
 
 
-async def test_a_guild_without_an_owner_is_a_gap(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=2, guilds=10, guild_rate=30.0)
-    first, _ = await identify(sim, (0, 2))
-    second, _ = await identify(sim, (1, 2))
+async def test_a_guild_without_an_owner_is_a_gap(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=2, guilds=10, guild_rate=30.0)
+    first, _ = await sim_pool.identify(sim, (0, 2))
+    second, _ = await sim_pool.identify(sim, (1, 2))
     reader = Reader(second)
     await first.close(1000)  # shard 0's session ends: its guilds have no owner now
     await asyncio.sleep(t(0.5))
@@ -195,9 +166,9 @@ async def test_a_guild_without_an_owner_is_a_gap(sims: list[Simulator]) -> None:
     assert orphans <= set(sim.ledger.missing_guild_events(reader.ids()))
 
 
-async def test_guild_events_follow_intents(sims: list[Simulator]) -> None:
-    sim = await start(sims, guilds=4, guild_rate=60.0, profile="realistic")
-    messages_only, _ = await identify(sim, (0, 1), intents=513)  # GUILDS | GUILD_MESSAGES
+async def test_guild_events_follow_intents(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, guilds=4, guild_rate=60.0, profile="realistic")
+    messages_only, _ = await sim_pool.identify(sim, (0, 1), intents=513)  # GUILDS | GUILD_MESSAGES
     reader = Reader(messages_only)
     await asyncio.sleep(t(0.6))
     await reader.stop()
@@ -215,8 +186,8 @@ async def test_guild_events_follow_intents(sims: list[Simulator]) -> None:
 # --- recommended shards, session start limit, joins, control ----------------------------------
 
 
-async def test_recommended_shards_raised_at_run_time(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=2, guilds=8)
+async def test_recommended_shards_raised_at_run_time(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=2, guilds=8)
     url = f"{sim.http_base}/gateway/bot"
     assert (await http_get(url, AUTH))[1]["shards"] == 2
     sim.set_recommended_shards(4)
@@ -237,11 +208,11 @@ async def test_recommended_shards_raised_at_run_time(sims: list[Simulator]) -> N
     assert (await http_get(url, AUTH))[1]["shards"] == 16
 
 
-async def test_session_start_limit_counts_and_is_settable(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=4, guilds=8, session_start_remaining=10)
+async def test_session_start_limit_counts_and_is_settable(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=4, guilds=8, session_start_remaining=10)
     url = f"{sim.http_base}/gateway/bot"
     for shard_id in range(3):
-        await identify(sim, (shard_id, 4))
+        await sim_pool.identify(sim, (shard_id, 4))
     assert (await http_get(url, AUTH))[1]["session_start_limit"]["remaining"] == 7
     control = sim.http_base.removesuffix("/api/v10") + "/control"
     status, limit = await http_get(
@@ -249,9 +220,8 @@ async def test_session_start_limit_counts_and_is_settable(sims: list[Simulator])
     )
     assert status == 200 and (limit["remaining"], limit["total"]) == (1, 50)
     assert 59_000 < limit["reset_after"] <= 60_000
-    await identify(sim, (3, 4))
-    client = await SimClient.connect(sim.gateway_url)
-    OPEN.append(client)
+    await sim_pool.identify(sim, (3, 4))
+    client = await sim_pool.connect(sim.gateway_url)
     await client.hello()
     await client.identify(shard=(0, 8))
     assert (await client.recv())["op"] == 9  # the budget is spent
@@ -259,9 +229,9 @@ async def test_session_start_limit_counts_and_is_settable(sims: list[Simulator])
     assert sim.set_session_start_limit(remaining=5)["remaining"] == 5
 
 
-async def test_the_bot_joins_guilds(sims: list[Simulator]) -> None:
-    sim = await start(sims, guilds=3, guild_rate=0.0)
-    client, ready = await identify(sim, (0, 1))
+async def test_the_bot_joins_guilds(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, guilds=3, guild_rate=0.0)
+    client, ready = await sim_pool.identify(sim, (0, 1))
     for _ in ready["guilds"]:
         await client.recv()
     added = sim.add_guilds(2)
@@ -276,14 +246,14 @@ async def test_the_bot_joins_guilds(sims: list[Simulator]) -> None:
     assert (stats["guilds"], stats["recommended_shards"]) == (6, 1)
 
 
-async def test_without_guilds_nothing_changes(sims: list[Simulator]) -> None:
-    sim = await start(sims, shard_count=2)
+async def test_without_guilds_nothing_changes(sim_pool: SimulatorPool) -> None:
+    sim = await start(sim_pool, shard_count=2)
     assert sim.guild_ids == [] and sim.config.strict_shard_count is True
     with pytest.raises(RuntimeError):
         sim.add_guilds(1)
     control = sim.http_base.removesuffix("/api/v10") + "/control"
     assert (await http_get(f"{control}/guilds?add=1", method="POST"))[0] == 400
     started = time.monotonic()
-    _, ready = await identify(sim, (0, 2))
+    _, ready = await sim_pool.identify(sim, (0, 2))
     assert len(ready["guilds"]) == sim.config.guilds_per_shard
     assert time.monotonic() - started < t(5)

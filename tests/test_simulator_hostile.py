@@ -10,9 +10,7 @@ import ssl
 import tracemalloc
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,39 +24,13 @@ from spectacles_gateway.simulator import (
     FragmentedMessage,
     GatewayBotRedirect,
     InsecureGatewayUrl,
-    Simulator,
-    SimulatorConfig,
 )
-from tests.simclient import SimClient, http_get
+from tests.simclient import http_get
+from tests.support.simulators import SimulatorPool
 
 TOKEN = "simulated-token"
 AUTH = {"Authorization": f"Bot {TOKEN}"}
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[list[Simulator]]:
-    started: list[Simulator] = []
-    yield started
-    for sim in started:
-        await sim.stop()
-
-
-async def start(sims: list[Simulator], **config: Any) -> Simulator:
-    sim = Simulator(SimulatorConfig(**config))
-    await sim.start()
-    sims.append(sim)
-    return sim
-
-
-async def ready_client(sim: Simulator, compress: str | None = "zstd-stream") -> SimClient:
-    client = await SimClient.connect(sim.gateway_url, compress=compress)
-    await client.hello()
-    await client.identify()
-    assert (await client.recv())["t"] == "READY"
-    for _ in range(sim.config.guilds_per_shard):
-        assert (await client.recv())["t"] == "GUILD_CREATE"
-    return client
 
 
 class CountingSink:
@@ -98,10 +70,10 @@ class StreamDecoder:
 
 
 async def test_zstd_bomb_is_4_kib_for_128_mib_and_the_stream_stays_valid(
-    sims: list[Simulator],
+    sim_pool: SimulatorPool,
 ) -> None:
-    sim = await start(sims)
-    client = await ready_client(sim)
+    sim = await sim_pool.start()
+    client = await sim_pool.ready(sim)
     decoder = StreamDecoder()
     for frame in client.frames:  # keep the decoder in step with the stream so far
         decoder.feed(frame)
@@ -134,9 +106,9 @@ async def test_zstd_bomb_is_4_kib_for_128_mib_and_the_stream_stays_valid(
     assert sim.ledger.events_sent() == ["77"]  # the bomb has no id: nobody owes it delivery
 
 
-async def test_zlib_bomb_reaches_deflates_best_ratio(sims: list[Simulator]) -> None:
-    sim = await start(sims, zlib_split_over=0)
-    client = await ready_client(sim, compress="zlib-stream")
+async def test_zlib_bomb_reaches_deflates_best_ratio(sim_pool: SimulatorPool) -> None:
+    sim = await sim_pool.start(zlib_split_over=0)
+    client = await sim_pool.ready(sim, compress="zlib-stream")
     sim.inject(0, DecompressionBomb(size=32 * MiB))
     wire = await client.recv_message()
     assert isinstance(wire, bytes) and wire.endswith(b"\x00\x00\xff\xff")
@@ -152,9 +124,9 @@ async def test_zlib_bomb_reaches_deflates_best_ratio(sims: list[Simulator]) -> N
 
 
 @pytest.mark.parametrize("replay", [True, False])
-async def test_bomb_replay_follows_its_flag(sims: list[Simulator], replay: bool) -> None:
-    sim = await start(sims)
-    client = await ready_client(sim)  # READY 1, GUILD_CREATE 2 and 3
+async def test_bomb_replay_follows_its_flag(sim_pool: SimulatorPool, replay: bool) -> None:
+    sim = await sim_pool.start()
+    client = await sim_pool.ready(sim)  # READY 1, GUILD_CREATE 2 and 3
     session_id = sim.session_ids(0)[0]
     sim.inject(0, DecompressionBomb(size=MiB, replay=replay))
     bomb = await client.recv()
@@ -163,20 +135,19 @@ async def test_bomb_replay_follows_its_flag(sims: list[Simulator], replay: bool)
     await sim.wait_for(lambda ledger: ledger.connections[0].closed_at is not None, 5)
     sim.dispatch(0, "MESSAGE_CREATE", {"id": "5"})
 
-    resumed = await SimClient.connect(sim.resume_url)
+    resumed = await sim_pool.connect(sim.resume_url)
     await resumed.hello()
     await resumed.resume(session_id, 3)
     got = await resumed.recv_until(lambda p: p.get("t") == "RESUMED")
     assert [p["s"] for p in got] == ([4, 5, 6] if replay else [5, 6])
-    resumed.abort()
 
 
 # --- fragments, nesting -----------------------------------------------------------------------
 
 
-async def test_oversized_message_in_thousands_of_fragments(sims: list[Simulator]) -> None:
-    sim = await start(sims)
-    client = await ready_client(sim)
+async def test_oversized_message_in_thousands_of_fragments(sim_pool: SimulatorPool) -> None:
+    sim = await sim_pool.start()
+    client = await sim_pool.ready(sim)
     sim.inject(0, FragmentedMessage(size=8 * MiB, fragments=10_000))
     fragments = [f async for f in client.ws.recv_streaming()]
     assert len(fragments) == 10_000
@@ -190,9 +161,9 @@ async def test_oversized_message_in_thousands_of_fragments(sims: list[Simulator]
 
 
 @pytest.mark.parametrize("objects", [False, True], ids=["arrays", "objects"])
-async def test_deeply_nested_dispatch(sims: list[Simulator], objects: bool) -> None:
-    sim = await start(sims)
-    client = await ready_client(sim)
+async def test_deeply_nested_dispatch(sim_pool: SimulatorPool, objects: bool) -> None:
+    sim = await sim_pool.start()
+    client = await sim_pool.ready(sim)
     sim.inject(0, DeepNesting(depth=10_000, objects=objects))
     text = client.decode(await client.recv_message())
     assert text is not None
@@ -211,10 +182,12 @@ async def test_deeply_nested_dispatch(sims: list[Simulator], objects: bool) -> N
     [(1e300, b"1e+300"), (1e-6, b"1e-06"), (-41250, b"-41250"), ("41250", b'"41250"')],
     ids=["huge", "tiny", "negative", "string"],
 )
-async def test_absurd_hello_interval(sims: list[Simulator], interval: object, wire: bytes) -> None:
-    sim = await start(sims, heartbeat_interval_ms=60_000)
+async def test_absurd_hello_interval(
+    sim_pool: SimulatorPool, interval: object, wire: bytes
+) -> None:
+    sim = await sim_pool.start(heartbeat_interval_ms=60_000)
     sim.inject(0, AbsurdHello(interval))
-    client = await SimClient.connect(sim.gateway_url, compress=None)
+    client = await sim_pool.connect(sim.gateway_url, compress=None)
     hello = await client.hello()
     assert hello["d"]["heartbeat_interval"] == interval
     text = client.frames[0]
@@ -222,10 +195,8 @@ async def test_absurd_hello_interval(sims: list[Simulator], interval: object, wi
     # The simulator still expects the configured interval: a heartbeat is acknowledged.
     await client.heartbeat(None)
     assert (await client.recv())["op"] == 11
-    second = await SimClient.connect(sim.gateway_url)  # one-shot: the next HELLO is normal
+    second = await sim_pool.connect(sim.gateway_url)  # one-shot: the next HELLO is normal
     assert (await second.hello())["d"]["heartbeat_interval"] == 60_000
-    for each in (client, second):
-        each.abort()
 
 
 # --- REST: redirects and ws:// ----------------------------------------------------------------
@@ -245,8 +216,8 @@ def _get(url: str, headers: dict[str, str]) -> tuple[int, str | None]:
 
 
 @pytest.mark.parametrize("status", [301, 302, 307])
-async def test_gateway_bot_redirect_to_another_host(sims: list[Simulator], status: int) -> None:
-    sim = await start(sims)
+async def test_gateway_bot_redirect_to_another_host(sim_pool: SimulatorPool, status: int) -> None:
+    sim = await sim_pool.start()
     sim.inject_rest(GatewayBotRedirect(status=status, times=2))
     url = f"{sim.http_base}/gateway/bot"
     got, location = await asyncio.to_thread(_get, url, AUTH)
@@ -270,13 +241,13 @@ async def test_gateway_bot_redirect_to_another_host(sims: list[Simulator], statu
     assert fault.shard_id is None and fault.fault == GatewayBotRedirect(status, 2)
 
 
-async def test_insecure_gateway_url_over_tls(sims: list[Simulator]) -> None:
-    sim = await start(sims, tls=True)
+async def test_insecure_gateway_url_over_tls(sim_pool: SimulatorPool) -> None:
+    sim = await sim_pool.start(tls=True)
     context = ssl.create_default_context(cafile=sim.tls_ca_file)
     assert sim.http_base.startswith("https://") and sim.gateway_url.startswith("wss://")
     status, body = await http_get(f"{sim.http_base}/gateway/bot", AUTH, ssl=context)
     assert (status, body["url"]) == (200, sim.gateway_url)
-    secure = await SimClient.connect(sim.gateway_url, ssl=context)
+    secure = await sim_pool.connect(sim.gateway_url, ssl=context)
     assert (await secure.hello())["op"] == 10
 
     sim.inject_rest(InsecureGatewayUrl())
@@ -284,7 +255,7 @@ async def test_insecure_gateway_url_over_tls(sims: list[Simulator]) -> None:
     insecure_url = body["url"]
     assert status == 200 and insecure_url.startswith("ws://")
     # A client that takes it sends its IDENTIFY in clear text, and the ledger shows it.
-    client = await SimClient.connect(insecure_url)
+    client = await sim_pool.connect(insecure_url)
     await client.hello()
     await client.identify()
     assert (await client.recv())["t"] == "READY"
@@ -292,12 +263,10 @@ async def test_insecure_gateway_url_over_tls(sims: list[Simulator]) -> None:
     assert (first.listener, first.secure) == ("main", True)
     assert (second.listener, second.secure) == ("other", False)
     assert sim.ledger.identifies[0].conn_id == second.conn_id
-    for each in (secure, client):
-        each.abort()
 
 
-async def test_tls_refuses_an_untrusting_client(sims: list[Simulator]) -> None:
-    sim = await start(sims, tls=True)
+async def test_tls_refuses_an_untrusting_client(sim_pool: SimulatorPool) -> None:
+    sim = await sim_pool.start(tls=True)
     with pytest.raises(ssl.SSLCertVerificationError):
         async with connect(sim.gateway_url, proxy=None, ssl=ssl.create_default_context()):
             pass
@@ -306,10 +275,10 @@ async def test_tls_refuses_an_untrusting_client(sims: list[Simulator]) -> None:
     assert not Path(sim.tls_ca_file).exists()  # the throwaway key goes with the simulator
 
 
-async def test_zlib_payload_compression_of_a_bomb(sims: list[Simulator]) -> None:
+async def test_zlib_payload_compression_of_a_bomb(sim_pool: SimulatorPool) -> None:
     # identify compress=true (per-message zlib, no transport compression) works for bombs too
-    sim = await start(sims)
-    client = await SimClient.connect(sim.gateway_url, compress=None)
+    sim = await sim_pool.start()
+    client = await sim_pool.connect(sim.gateway_url, compress=None)
     await client.hello()
     await client.identify(compress=True)
     ready = zlib.decompress(bytes(await client.recv_message()))  # type: ignore[arg-type]
@@ -320,16 +289,14 @@ async def test_zlib_payload_compression_of_a_bomb(sims: list[Simulator]) -> None
     wire = await client.recv_message()
     assert isinstance(wire, bytes) and len(wire) < 16 * 1024
     assert len(zlib.decompress(wire)) == 4 * MiB
-    client.abort()
 
 
-async def test_a_client_nesting_json_too_deep_is_4002(sims: list[Simulator]) -> None:
+async def test_a_client_nesting_json_too_deep_is_4002(sim_pool: SimulatorPool) -> None:
     # The other way round: a hostile client must not stop the simulator's handler.
-    sim = await start(sims)
-    client = await SimClient.connect(sim.gateway_url)
+    sim = await sim_pool.start()
+    client = await sim_pool.connect(sim.gateway_url)
     await client.hello()
     await client.send("[" * 2000 + "]" * 2000)  # 4000 bytes, deeper than json's recursion
     assert await client.expect_close() == 4002
     assert any(v.startswith("4002 undecodable text") for v in sim.ledger.violations)
-    second = await ready_client(sim)  # the simulator goes on
-    second.abort()
+    await sim_pool.ready(sim)  # the simulator goes on

@@ -11,11 +11,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zstandard
 from websockets.asyncio.client import connect
 
@@ -23,33 +21,15 @@ from spectacles_gateway.simulator import Simulator, SimulatorConfig
 from spectacles_gateway.simulator.corpus import INTENT_OF, Corpus, measure, profile_stream
 from tests.gwtest import t
 from tests.simclient import SimClient, http_get
+from tests.support.simulators import SimulatorPool
 
 ALL_INTENTS = 53_608_447
 
 
-@pytest.fixture
-async def sims() -> AsyncIterator[list[Simulator]]:
-    started: list[Simulator] = []
-    yield started
-    for sim in started:
-        await sim.stop()
-
-
-async def start(sims: list[Simulator], **config: Any) -> Simulator:
-    sim = Simulator(SimulatorConfig(**config))
-    await sim.start()
-    sims.append(sim)
-    return sim
-
-
 async def identified(
-    sim: Simulator, shard: tuple[int, int] = (0, 1), intents: int = ALL_INTENTS
+    pool: SimulatorPool, sim: Simulator, shard: tuple[int, int] = (0, 1), intents: int = ALL_INTENTS
 ) -> SimClient:
-    client = await SimClient.connect(sim.gateway_url)
-    await client.hello()
-    await client.identify(shard=shard, intents=intents)
-    await client.recv_until(lambda p: p.get("t") == "READY")
-    return client
+    return (await pool.identify(sim, shard, intents))[0]
 
 
 # --- the realistic corpus ---------------------------------------------------------------------
@@ -84,10 +64,10 @@ def decoded(frames: list[bytes | str]) -> list[bytes]:
 
 
 async def test_realistic_events_on_the_wire_and_replayed_byte_for_byte(
-    sims: list[Simulator],
+    sim_pool: SimulatorPool,
 ) -> None:
-    sim = await start(sims, shard_count=2, profile="realistic", seed=3, rate=400)
-    client = await identified(sim, shard=(1, 2))
+    sim = await sim_pool.start(shard_count=2, profile="realistic", seed=3, rate=400)
+    client = await identified(sim_pool, sim, shard=(1, 2))
     session_id = sim.session_ids(1)[0]
     got = await client.recv_dispatches(250, timeout=t(15))
     generated = [p for p in got if "_simulated" not in p["d"]]  # not the READY guilds
@@ -104,23 +84,21 @@ async def test_realistic_events_on_the_wire_and_replayed_byte_for_byte(
     assert last_seq is not None and json.loads(original[-1])["s"] == last_seq
     client.abort()
     await sim.wait_for(lambda ledger: ledger.connections[0].closed_at is not None, t(5))
-    resumed = await SimClient.connect(sim.resume_url)
+    resumed = await sim_pool.connect(sim.resume_url)
     await resumed.hello()
     await resumed.resume(session_id, last_seq - 50)
     await resumed.recv_until(lambda p: p.get("t") == "RESUMED", timeout=t(10))
     replayed = decoded(resumed.frames)[1:51]  # after HELLO
     assert replayed == original[-50:]  # regenerated from (seq, id, template), byte for byte
-    resumed.abort()
 
 
-async def test_realistic_events_follow_the_sessions_intents(sims: list[Simulator]) -> None:
-    sim = await start(sims, profile="realistic", rate=300)
-    client = await identified(sim, intents=513)  # GUILDS | GUILD_MESSAGES
+async def test_realistic_events_follow_the_sessions_intents(sim_pool: SimulatorPool) -> None:
+    sim = await sim_pool.start(profile="realistic", rate=300)
+    client = await identified(sim_pool, sim, intents=513)  # GUILDS | GUILD_MESSAGES
     got = await client.recv_dispatches(150, timeout=t(15))
     kinds = {p["t"] for p in got}
     assert kinds <= {"MESSAGE_CREATE", "MESSAGE_UPDATE", "GUILD_CREATE"}
     assert "MESSAGE_CREATE" in kinds and "MESSAGE_UPDATE" in kinds
-    client.abort()
 
 
 # --- phases and jitter ------------------------------------------------------------------------
@@ -149,10 +127,10 @@ def circular_phases(times: list[list[float]], interval: float) -> list[float]:
     return sorted(statistics.median((x - base) % interval for x in ts) for ts in times)
 
 
-async def test_each_shard_at_its_own_phase(sims: list[Simulator]) -> None:
+async def test_each_shard_at_its_own_phase(sim_pool: SimulatorPool) -> None:
     shards, rate = 8, 10.0
-    sim = await start(sims, shard_count=shards, max_concurrency=shards, rate=rate, jitter=0.0)
-    clients = [await identified(sim, (i, shards)) for i in range(shards)]
+    sim = await sim_pool.start(shard_count=shards, max_concurrency=shards, rate=rate, jitter=0.0)
+    clients = [await identified(sim_pool, sim, (i, shards)) for i in range(shards)]
     times = await arrivals(clients, t(2.5))
     assert all(len(ts) >= 15 for ts in times), [len(ts) for ts in times]
     interval = 1 / rate
@@ -166,15 +144,13 @@ async def test_each_shard_at_its_own_phase(sims: list[Simulator]) -> None:
         [b - a for a, b in itertools.pairwise(phases)] + [interval - phases[-1] + phases[0]]
     )
     assert widest_gap < interval * 0.75, phases  # spread around the circle, not one cluster
-    for client in clients:
-        client.abort()
 
 
-async def test_jitter_moves_arrivals(sims: list[Simulator]) -> None:
+async def test_jitter_moves_arrivals(sim_pool: SimulatorPool) -> None:
     spreads = {}
     for jitter in (0.0, 0.4):
-        sim = await start(sims, rate=20.0, jitter=jitter)
-        client = await identified(sim)
+        sim = await sim_pool.start(rate=20.0, jitter=jitter)
+        client = await identified(sim_pool, sim)
         (times,) = await arrivals([client], t(2.0))
         gaps = [b - a for a, b in itertools.pairwise(times)]
         spreads[jitter] = statistics.pstdev(gaps)

@@ -18,21 +18,9 @@ ledger says about failover (``ledger.overlap_seconds``).
 Command line: ``spectacles-simulator --help``.
 """
 
-from spectacles_gateway.simulator.ledger import (
-    CommandRecord,
-    ConnectionRecord,
-    DispatchLog,
-    FaultRecord,
-    GuildEventLog,
-    HeartbeatRecord,
-    HttpRecord,
-    IdentifyRecord,
-    Ledger,
-    ReceivedRecord,
-    ResumeRecord,
-)
-from spectacles_gateway.simulator.server import (
-    RESUME_PATH,
+from spectacles_gateway.simulator.config import SimulatorConfig
+from spectacles_gateway.simulator.connection import new_zstd_compressor
+from spectacles_gateway.simulator.faults import (
     AbsurdHello,
     Close,
     CorruptCompressed,
@@ -49,13 +37,25 @@ from spectacles_gateway.simulator.server import (
     Op7BeforeHello,
     Reconnect,
     RestFault,
-    Simulator,
-    SimulatorConfig,
     UnknownDispatch,
     UnknownOpcode,
     WithholdAcks,
-    new_zstd_compressor,
 )
+from spectacles_gateway.simulator.ledger import (
+    CommandRecord,
+    ConnectionRecord,
+    DispatchLog,
+    FaultRecord,
+    GuildEventLog,
+    HeartbeatRecord,
+    HttpRecord,
+    IdentifyRecord,
+    Ledger,
+    ReceivedRecord,
+    ResumeRecord,
+)
+from spectacles_gateway.simulator.rest import RESUME_PATH
+from spectacles_gateway.simulator.server import Simulator
 
 __all__ = [
     "RESUME_PATH",

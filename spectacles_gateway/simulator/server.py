@@ -27,30 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from spectacles_gateway.simulator import controls, events, faults, sockets, tls
 from spectacles_gateway.simulator.config import SimulatorConfig
-from spectacles_gateway.simulator.connection import (
-    new_zstd_compressor,
-)
-from spectacles_gateway.simulator.faults import (
-    AbsurdHello,
-    Close,
-    CorruptCompressed,
-    DecompressionBomb,
-    DeepNesting,
-    Drop,
-    Fault,
-    FragmentedMessage,
-    GatewayBotRedirect,
-    HeartbeatRequest,
-    InsecureGatewayUrl,
-    InvalidSession,
-    MalformedJson,
-    Op7BeforeHello,
-    Reconnect,
-    RestFault,
-    UnknownDispatch,
-    UnknownOpcode,
-    WithholdAcks,
-)
+from spectacles_gateway.simulator.faults import Fault, RestFault
 from spectacles_gateway.simulator.gateway import Gateway
 from spectacles_gateway.simulator.guilds import GuildWorld
 from spectacles_gateway.simulator.ledger import (
@@ -61,31 +38,7 @@ from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
 from spectacles_gateway.simulator.rules import IdentifyLimits, Rules, is_int
 from spectacles_gateway.simulator.traffic import Traffic
 
-__all__ = [
-    "RESUME_PATH",
-    "AbsurdHello",
-    "Close",
-    "CorruptCompressed",
-    "DecompressionBomb",
-    "DeepNesting",
-    "Drop",
-    "Fault",
-    "FragmentedMessage",
-    "GatewayBotRedirect",
-    "HeartbeatRequest",
-    "InsecureGatewayUrl",
-    "InvalidSession",
-    "MalformedJson",
-    "Op7BeforeHello",
-    "Reconnect",
-    "RestFault",
-    "Simulator",
-    "SimulatorConfig",
-    "UnknownDispatch",
-    "UnknownOpcode",
-    "WithholdAcks",
-    "new_zstd_compressor",
-]
+__all__ = ["RESUME_PATH", "Simulator", "SimulatorConfig"]
 
 logger = logging.getLogger(__name__)
 

@@ -487,10 +487,14 @@ def measure(payloads: list[bytes], level: int = 3) -> dict[str, Any]:
     }
 
 
+FIXED_TIME_MS: Final = 1_767_225_600_000
+"""2026-01-01T00:00:00Z: the clock of :func:`profile_stream`, so figures repeat."""
+
+
 def profile_stream(config: SimulatorConfig, count: int, guilds: int = 50) -> list[bytes]:
     """``count`` payloads as one session of ``config``'s profile would get them, every
     intent on: the stream :func:`measure` reads."""
-    ids = events.SnowflakeGenerator()
+    ids = events.SnowflakeGenerator(now_ms=FIXED_TIME_MS)  # the same ids every run
     factory = events.MessageFactory(events.guild_ids_for_shard(0, 1, guilds))
     out = []
     if config.profile == "realistic":

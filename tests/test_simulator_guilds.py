@@ -229,6 +229,20 @@ async def test_session_start_limit_counts_and_is_settable(sim_pool: SimulatorPoo
     assert sim.set_session_start_limit(remaining=5)["remaining"] == 5
 
 
+async def test_an_identify_refused_for_its_bucket_spends_a_session_start(
+    sim_pool: SimulatorPool,
+) -> None:
+    sim = await start(sim_pool, shard_count=4, guilds=8, identify_window=60.0, max_concurrency=2)
+    await sim_pool.identify(sim, (0, 4))
+    assert sim.session_start_remaining == 999
+    client = await sim_pool.connect(sim.gateway_url)
+    await client.hello()
+    await client.identify(shard=(2, 4))  # bucket 0 again, within the window
+    assert (await client.recv())["op"] == 9
+    assert sim.session_start_remaining == 998  # refused, and spent all the same
+    assert [r.outcome for r in sim.ledger.identifies] == ["ready", "invalid_session"]
+
+
 async def test_the_bot_joins_guilds(sim_pool: SimulatorPool) -> None:
     sim = await start(sim_pool, guilds=3, guild_rate=0.0)
     client, ready = await sim_pool.identify(sim, (0, 1))

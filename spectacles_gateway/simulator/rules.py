@@ -298,7 +298,11 @@ class Rules:
         self._check_identify_fields(d, label)
         bucket = shard_id % cfg.max_concurrency
         last = self.limits.bucket_last.get(bucket)
+        self.limits.refresh(now)
         if last is not None and now - last < cfg.identify_window:
+            # Every authenticated IDENTIFY spends a session start, even one refused here:
+            # a client that identifies too fast drains its budget (and shows it).
+            self.limits.remaining = max(0, self.limits.remaining - 1)
             record.outcome = "invalid_session"
             self.gw.violation(
                 f"identify concurrency bucket {bucket}: 2 identifies {now - last:.2f} s apart "
@@ -306,7 +310,6 @@ class Rules:
             )
             conn.write([events.INVALID_SESSION_FALSE])
             return
-        self.limits.refresh(now)
         if self.limits.remaining <= 0:
             record.outcome = "invalid_session"
             self.gw.violation(f"session start limit exhausted: identify shard {shard_id}")

@@ -266,8 +266,9 @@ class Simulator:
         total: int | None = None,
         reset_after_ms: int | None = None,
     ) -> dict[str, int]:
-        """Change ``session_start_limit`` now (every IDENTIFY that starts a session spends
-        one); returns the new ``/gateway/bot`` object. ``POST /control/session_start_limit``
+        """Change ``session_start_limit`` now (every authenticated IDENTIFY spends one, a
+        session started or refused with op 9 for its bucket; at 0, IDENTIFY gets op 9);
+        returns the new ``/gateway/bot`` object. ``POST /control/session_start_limit``
         with ``remaining``, ``total``, ``reset_after`` (ms)."""
         return self._limits.set(remaining, total, reset_after_ms)
 

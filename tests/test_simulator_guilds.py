@@ -5,6 +5,7 @@ a settable session start limit, and the ledger checks a reshard test needs."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -118,6 +119,9 @@ async def test_guild_events_reach_every_owner_of_both_generations(sim_pool: Simu
     assert sim.ledger.missing_guild_events(old | new) == []
     lost = sorted(both)[5]
     assert sim.ledger.missing_guild_events((old | new) - {lost}) == [lost]
+    times = [at for at, _ in sim.ledger.guild_events.emissions(sim.guild_ids[1])]
+    assert times == sorted(times) and len(times) > 10
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.2  # 25/s, jitter
     gaps = sim.ledger.guild_gaps(old | new)
     assert set(gaps) == set(sim.guild_ids) and max(gaps.values()) < 0.5
     # Losing one guild's events for a while shows as a gap in that guild's stream.

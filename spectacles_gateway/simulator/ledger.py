@@ -276,6 +276,10 @@ class GuildEventLog:
                 self._delivered[i],
             )
 
+    def emissions(self, guild_id: int) -> list[tuple[float, str]]:
+        """``(emission time, id)`` of every event of one guild, in order."""
+        return [(at, uid) for uid, guild, at, _, _ in self.rows() if guild == guild_id]
+
     def required_ids(self) -> list[str]:
         """Ids a consumer must see: every event some session received, and every event no
         session owned (a guild left without an owner is a gap too). Events that owners only

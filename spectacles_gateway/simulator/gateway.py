@@ -57,8 +57,6 @@ class Gateway:
         self.application_id = self.user_id
         self.gateway_url = ""
         self.resume_url = ""
-        self.recommended_shards = config.shard_count
-        """``/gateway/bot``'s ``shards`` (raised at run time for a growing bot)."""
         self.guilds: GuildWorld | None = None
         """A growing bot's guilds (``SimulatorConfig.guilds``), else None."""
         self.other_http_base = ""
@@ -70,6 +68,16 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._hello = events.hello(config.heartbeat_interval_ms, config.trace_name)
+
+    @property
+    def recommended_shards(self) -> int:
+        """``/gateway/bot``'s ``shards``: ``config.shard_count``, which may change at run
+        time (a growing bot; tests that assign it keep working)."""
+        return self.config.shard_count
+
+    @recommended_shards.setter
+    def recommended_shards(self, shards: int) -> None:
+        self.config.shard_count = shards
 
     # -- bookkeeping --
 

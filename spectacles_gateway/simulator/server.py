@@ -6,8 +6,12 @@ websocket gateway, on two paths: ``/`` (what ``/gateway/bot`` returns) and ``/re
 is recorded in :attr:`Simulator.ledger` as a violation string as well as acted upon the way
 Discord would (close code, op 9, …).
 
-How bytes are compressed and framed is in :mod:`.connection`. ``websockets`` handles the
-opening handshake, reading client frames and the closing handshake.
+This module is the facade; the parts are :mod:`.connection` (compression and framing of one
+websocket), :mod:`.sessions` (sessions and their replay), :mod:`.gateway` (the node's state and
+a connection's lifecycle), :mod:`.rules` (what each client payload gets), :mod:`.faults`,
+:mod:`.rest` and :mod:`.controls` (HTTP), :mod:`.traffic` and :mod:`.corpus` (generated
+events), :mod:`.guilds` (a growing bot). ``websockets`` handles the opening handshake,
+reading client frames and the closing handshake.
 """
 
 from __future__ import annotations

@@ -155,7 +155,9 @@ class Traffic:
     """Generates ``rate`` events per second on every attached session, and ``guild_rate``
     per guild of a growing bot (``emit_guild`` delivers them)."""
 
-    def __init__(self, config: SimulatorConfig, table: SessionTable, take_ids: Any) -> None:
+    def __init__(
+        self, config: SimulatorConfig, table: SessionTable, take_ids: Callable[[int], int]
+    ) -> None:
         self.config = config
         self.table = table
         self.rate = config.rate
@@ -163,7 +165,7 @@ class Traffic:
         self.emit_guild: Callable[[int], None] = lambda guild_id: None
         self._guilds: dict[int, Stream] = {}
         self.stats = TrafficStats()
-        self._take_ids: Callable[[int], int] = take_ids
+        self._take_ids = take_ids
         self._pacer: Pacer | None = None
         self._streams: dict[str, Stream] = {}
         self._sizes = [s for s, _ in config.size_mix]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import zlib
+from ssl import SSLContext
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -59,6 +60,7 @@ class SimClient:
         compress: str | None = "zstd-stream",
         v: str | None = "10",
         encoding: str | None = "json",
+        ssl: SSLContext | None = None,
         **extra: str,
     ) -> SimClient:
         query: dict[str, str] = {}
@@ -78,6 +80,7 @@ class SimClient:
             proxy=None,
             ping_interval=None,
             close_timeout=2,
+            ssl=ssl,
         )
         return cls(ws, compress)
 
@@ -212,12 +215,21 @@ async def ready_client(
     return client, ready
 
 
-async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """A minimal HTTP/1.1 GET over asyncio streams: (status, decoded JSON body or text)."""
+async def http_get(
+    url: str,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+    ssl: SSLContext | None = None,
+) -> tuple[int, Any]:
+    """A minimal HTTP/1.1 request over asyncio streams: (status, decoded JSON body or text)."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    lines = [f"GET {parts.path or '/'} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port, ssl=ssl)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     await writer.drain()

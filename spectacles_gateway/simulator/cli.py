@@ -5,7 +5,11 @@ Prints one JSON line on stdout once listening::
     {"http_base": "http://127.0.0.1:PORT/api/v10", "gateway_url": "ws://127.0.0.1:PORT/",
      "resume_url": "ws://127.0.0.1:PORT/resume-gw"}
 
-Logs go to stderr. Binds only ``--host`` (default loopback).
+(plus ``"tls_ca_file"`` with ``--tls``). Logs go to stderr. Binds only ``--host`` (default
+loopback). The control endpoints of a running simulator are under
+``http://HOST:PORT/control/``; ``--control URL`` with ``--set-recommended-shards N``,
+``--set-rate R``, ``--set-guild-rate R``, ``--add-guilds N``, ``--set-session-starts N`` or
+``--stats`` talks to them and exits (see :mod:`.controls`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,40 @@ import json
 import logging
 import signal
 import sys
+import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+from urllib.parse import urlencode, urlsplit
 
+from spectacles_gateway.simulator.config import PROFILES
+from spectacles_gateway.simulator.corpus import measure_profile
 from spectacles_gateway.simulator.server import Simulator, SimulatorConfig
 
 logger = logging.getLogger(__name__)
+
+# flag, SimulatorConfig field, type, help ("%(default)s" works).
+_FIELDS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--host", "host", str, "address to bind (default: %(default)s)"),
+    ("--port", "port", int, "port (default: 0 = any free port)"),
+    ("--shards", "shard_count", int, "recommended shard count (default: %(default)s)"),
+    ("--max-concurrency", "max_concurrency", int, "identify buckets (default: %(default)s)"),
+    ("--identify-window", "identify_window", float, "seconds per identify and bucket"),
+    ("--session-start-limit", "session_start_total", int, "session starts a day"),
+    ("--rate", "rate", float, "generated events per second per shard (default: 0 = none)"),
+    ("--profile", "profile", str, "uniform MESSAGE_CREATEs of --size, or a busy bot's mix"),
+    ("--seed", "seed", int, "seed of the realistic pool, phases and jitter"),
+    ("--jitter", "jitter", float, "share of the interval an arrival may move by"),
+    ("--guilds", "guilds", int, "guilds of the bot, placed by (id >> 22) %% shard count"),
+    ("--guild-rate", "guild_rate", float, "events per second per guild, to every owner"),
+    ("--max-guilds-per-shard", "max_guilds_per_shard", int, "4011 above (default: %(default)s)"),
+    ("--heartbeat-interval", "heartbeat_interval_ms", int, "HELLO heartbeat_interval in ms"),
+    ("--resume-window", "resume_window", float, "seconds a session stays resumable"),
+    ("--zstd-level", "zstd_level", int, "1 needs ~110 KiB a connection, 3 ~700 KiB"),
+    ("--token", "token", str, "the bot token clients must use"),
+    ("--guilds-per-shard", "guilds_per_shard", int, "guilds per shard without --guilds"),
+    ("--big-guild-create", "big_guild_create_bytes", int, "first GUILD_CREATE at least BYTES"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,40 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local Discord gateway (v10) for tests, benchmarks and trying things out.",
     )
     defaults = SimulatorConfig()
-    parser.add_argument(
-        "--host", default=defaults.host, help="address to bind (default: %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=0, help="port (default: 0 = any free port)")
-    parser.add_argument("--shards", type=int, default=defaults.shard_count, help="shard count")
-    parser.add_argument(
-        "--max-concurrency", type=int, default=defaults.max_concurrency, help="identify buckets"
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=defaults.rate,
-        help="MESSAGE_CREATE per second per connected shard (default: 0 = none)",
-    )
-    parser.add_argument(
-        "--heartbeat-interval",
-        type=int,
-        default=defaults.heartbeat_interval_ms,
-        help="HELLO heartbeat_interval in ms (default: %(default)s)",
-    )
-    parser.add_argument("--token", default=defaults.token, help="the bot token clients must use")
+    for flag, name, kind, text in _FIELDS:
+        choices = PROFILES if name == "profile" else None
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=getattr(defaults, name),
+            choices=choices,
+            metavar=None if choices else flag[2:].upper().replace("-", "_"),
+            help=text,
+        )
     parser.add_argument(
         "--size", type=int, default=1024, help="approximate size of a MESSAGE_CREATE's d"
     )
     parser.add_argument(
-        "--big-guild-create",
+        "--any-shard-count",
+        action="store_true",
+        help="accept IDENTIFY with any shard count (a fleet that reshards), not only --shards",
+    )
+    parser.add_argument("--tls", action="store_true", help="serve https:// and wss://")
+    parser.add_argument(
+        "--measure-corpus",
         type=int,
         default=0,
-        metavar="BYTES",
-        help="make each session's first GUILD_CREATE at least this big",
+        metavar="N",
+        help="print the wire figures of N generated events of --profile as JSON, and exit",
     )
+    parser.add_argument("--control", metavar="URL", help="a running simulator's http_base")
+    parser.add_argument("--set-recommended-shards", type=int, metavar="N")
+    parser.add_argument("--set-rate", type=float, metavar="R")
+    parser.add_argument("--set-guild-rate", type=float, metavar="R")
+    parser.add_argument("--add-guilds", type=int, metavar="N")
     parser.add_argument(
-        "--guilds-per-shard", type=int, default=defaults.guilds_per_shard, help="guilds per shard"
+        "--set-session-starts", type=int, metavar="N", help="session starts remaining"
     )
+    parser.add_argument("--stats", action="store_true", help="with --control: print its stats")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -71,18 +106,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
+    known = {f.name for f in fields(SimulatorConfig)}
+    values = {name: getattr(args, name) for _, name, _, _ in _FIELDS if name in known}
     return SimulatorConfig(
-        token=args.token,
-        shard_count=args.shards,
-        max_concurrency=args.max_concurrency,
-        heartbeat_interval_ms=args.heartbeat_interval,
-        rate=args.rate,
+        **values,
         size_mix=((args.size, 1.0),),
-        guilds_per_shard=args.guilds_per_shard,
-        big_guild_create_bytes=args.big_guild_create,
-        host=args.host,
-        port=args.port,
+        strict_shard_count=not args.any_shard_count,
+        session_start_remaining=args.session_start_total,
+        tls=args.tls,
+        record_traffic=False,
     )
+
+
+def control(base: str, method: str, name: str, **query: object) -> Any:
+    """Call a control endpoint of the simulator at ``base`` (its http_base or any URL on its
+    port) and return the decoded answer."""
+    parts = urlsplit(base)
+    url = f"{parts.scheme}://{parts.netloc}/control/{name}"
+    if query:
+        url += "?" + urlencode(query)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {base!r}")
+    request = urllib.request.Request(url, method=method)  # noqa: S310 - http(s) only
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        return json.load(response)
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    url = args.control
+    if args.set_recommended_shards is not None:
+        answer = control(url, "POST", "recommended_shards", shards=args.set_recommended_shards)
+    elif args.set_rate is not None:
+        answer = control(url, "POST", "rate", rate=args.set_rate)
+    elif args.set_guild_rate is not None:
+        answer = control(url, "POST", "guild_rate", rate=args.set_guild_rate)
+    elif args.add_guilds is not None:
+        answer = control(url, "POST", "guilds", add=args.add_guilds)
+    elif args.set_session_starts is not None:
+        answer = control(url, "POST", "session_start_limit", remaining=args.set_session_starts)
+    else:
+        answer = control(url, "GET", "stats")
+    sys.stdout.write(json.dumps(answer) + "\n")
+    return 0
 
 
 async def run(config: SimulatorConfig) -> None:
@@ -98,6 +163,8 @@ async def run(config: SimulatorConfig) -> None:
                 "gateway_url": sim.gateway_url,
                 "resume_url": sim.resume_url,
             }
+            if sim.tls_ca_file:
+                line["tls_ca_file"] = sim.tls_ca_file
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
             await stop.wait()
@@ -126,11 +193,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.log_level != "DEBUG":
         logging.getLogger("websockets").setLevel(logging.WARNING)
+    if args.control:
+        try:
+            return _run_control(args)
+        except (OSError, ValueError) as exc:
+            logger.error("control request failed: %s", exc)
+            return 1
     try:
         config = config_from_args(args)
     except ValueError as exc:
         logger.error("invalid configuration: %s", exc)
         return 2
+    if args.measure_corpus > 0:
+        figures = measure_profile(config, args.measure_corpus)
+        sys.stdout.write(json.dumps(figures) + "\n")
+        return 0
     with asyncio.Runner(loop_factory=_loop_factory(args.no_uvloop)) as runner:
         runner.run(run(config))
     return 0

@@ -391,14 +391,20 @@ class MessageFactory:
     def encode(self, seq: int, message_id: int, size: int) -> bytes:
         """One full ``{"t":"MESSAGE_CREATE","s":seq,"op":0,"d":{...}}`` payload."""
         i = message_id % self._n
+        return self.encode_in(seq, message_id, size, self._guilds[i], self._channels[i])
+
+    def encode_in(
+        self, seq: int, message_id: int, size: int, guild_id: int, channel_id: int = 0
+    ) -> bytes:
+        """The same, in a given guild (and channel: by default the guild's first)."""
         return (
             message_template(size)
             % (
                 seq,
                 self._timestamp(message_id),
                 message_id,
-                self._channels[i],
+                channel_id or guild_id + 1,
                 self._authors[message_id % _AUTHORS],
-                self._guilds[i],
+                guild_id,
             )
         ).encode()

@@ -7,8 +7,10 @@ benchmark session with millions of events stays cheap.
 
 from __future__ import annotations
 
+import itertools
+import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -68,6 +70,14 @@ class ConnectionRecord:
     server_close_code: int | None = None
     closed_by: str | None = None
     """``client``, ``server``, ``server-drop`` (TCP aborted by us) or ``client-drop``."""
+    attached_at: float | None = None
+    """When the connection identified or resumed into ``session_id``."""
+    superseded_by: int | None = None
+    """The connection that RESUMEd this one's session while this one was still open."""
+    listener: str = "main"
+    """``main`` (the gateway's address) or ``other`` (the second host, see ``other_host``)."""
+    secure: bool = False
+    """Whether the connection came over TLS (``wss://``)."""
 
 
 @dataclass(slots=True)
@@ -101,7 +111,8 @@ class CommandRecord:
 @dataclass(slots=True)
 class FaultRecord:
     time: float
-    shard_id: int
+    shard_id: int | None
+    """None for faults of the REST side (:meth:`Simulator.inject_rest`)."""
     fault: Any
     conn_ids: list[int]
 
@@ -112,6 +123,10 @@ class HttpRecord:
     method: str
     path: str
     status: int
+    listener: str = "main"
+    """``main`` or ``other`` (the second host a redirect points to)."""
+    authorization: bool = False
+    """Whether the request carried an ``Authorization`` header (whatever its value)."""
 
 
 class DispatchLog(Sequence[tuple[int, str, str | None]]):
@@ -211,6 +226,71 @@ class DispatchLog(Sequence[tuple[int, str, str | None]]):
         return out
 
 
+class GuildEventLog:
+    """Every guild event a growing bot emitted, once however many sessions it went to.
+
+    Row ``i``: the event's id, guild, emission time (``time.monotonic()``), how many live
+    sessions owned the guild then and how many of them received it (the others lacked the
+    intent), and the template it was made from.
+    """
+
+    __slots__ = ("_delivered", "_guilds", "_owners", "_templates", "_times", "_uids")
+
+    def __init__(self) -> None:
+        self._uids = array("q")
+        self._guilds = array("q")
+        self._times = array("d")
+        self._templates = array("q")
+        self._delivered = array("l")
+        self._owners = array("l")
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    def add(self, uid: int, guild_id: int, time: float, template: int) -> int:
+        """Record an emission; returns its row."""
+        self._uids.append(uid)
+        self._guilds.append(guild_id)
+        self._times.append(time)
+        self._templates.append(template)
+        self._delivered.append(0)
+        self._owners.append(0)
+        return len(self._uids) - 1
+
+    def set_delivery(self, row: int, delivered: int, owners: int) -> None:
+        self._delivered[row] = delivered
+        self._owners[row] = owners
+
+    def source(self, row: int) -> tuple[int, int]:
+        """(guild id, template) of a row: what the simulator needs to make it again."""
+        return self._guilds[row], self._templates[row]
+
+    def rows(self) -> Iterator[tuple[str, int, float, int, int]]:
+        """``(id, guild id, emission time, sessions owning the guild, sessions it went to)``."""
+        for i in range(len(self._uids)):
+            yield (
+                str(self._uids[i]),
+                self._guilds[i],
+                self._times[i],
+                self._owners[i],
+                self._delivered[i],
+            )
+
+    def emissions(self, guild_id: int) -> list[tuple[float, str]]:
+        """``(emission time, id)`` of every event of one guild, in order."""
+        return [(at, uid) for uid, guild, at, _, _ in self.rows() if guild == guild_id]
+
+    def required_ids(self) -> list[str]:
+        """Ids a consumer must see: every event some session received, and every event no
+        session owned (a guild left without an owner is a gap too). Events that owners only
+        lacked the intent for are not owed."""
+        return [uid for uid, _, _, owners, got in self.rows() if got or not owners]
+
+    def orphaned_ids(self) -> list[str]:
+        """Ids of events emitted while no live session owned their guild."""
+        return [uid for uid, _, _, owners, _ in self.rows() if not owners]
+
+
 @dataclass
 class Ledger:
     """Plain data the simulator fills in; read it from tests (same event loop, no locking)."""
@@ -226,6 +306,8 @@ class Ledger:
     commands: list[CommandRecord] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
     http: list[HttpRecord] = field(default_factory=list)
+    guild_events: GuildEventLog = field(default_factory=GuildEventLog)
+    """A growing bot's guild events (``SimulatorConfig.guilds``)."""
 
     def identify_count(self, shard_id: int | None = None) -> int:
         """IDENTIFY payloads received (accepted or not), optionally for one shard."""
@@ -254,6 +336,55 @@ class Ledger:
             if shard_id is None or log.shard_id == shard_id:
                 out.extend(log.written_uids())
         return out
+
+    def overlap_seconds(self, session_id: str, now: float | None = None) -> float:
+        """Total time ``session_id`` had two (or more) open connections: from the RESUME on
+        a new connection until the older one was gone (a connection still open counts up
+        to ``now``, default ``time.monotonic()``)."""
+        end = time.monotonic() if now is None else now
+        edges: list[tuple[float, int]] = []
+        for record in self.connections:
+            if record.session_id == session_id and record.attached_at is not None:
+                closed = record.closed_at if record.closed_at is not None else end
+                edges += [(record.attached_at, 1), (max(closed, record.attached_at), -1)]
+        edges.sort()
+        total, live, since = 0.0, 0, 0.0
+        for at, step in edges:
+            if live >= 2:
+                total += at - since
+            live += step
+            since = at
+        return total
+
+    def overlaps(self, now: float | None = None) -> dict[str, float]:
+        """:meth:`overlap_seconds` of every session that ever had two open connections."""
+        ids = {r.session_id for r in self.connections if r.superseded_by is not None}
+        return {s: self.overlap_seconds(s, now) for s in ids if s is not None}
+
+    def missing_guild_events(self, seen_ids: Iterable[str | int]) -> list[str]:
+        """Guild events emitted during the run that a consumer which saw ``seen_ids``
+        (``d.id`` of what it received) did not: an empty list means every one arrived at
+        least once. See :meth:`GuildEventLog.required_ids` for what is owed."""
+        seen = {str(uid) for uid in seen_ids}
+        return [uid for uid in self.guild_events.required_ids() if uid not in seen]
+
+    def guild_gaps(self, seen_ids: Iterable[str | int] | None = None) -> dict[int, float]:
+        """Per guild, the longest time its stream went without an event: between emission
+        times of consecutive events, counting only those in ``seen_ids`` if given (from the
+        guild's first emission to the first one seen, and from the last one seen to its last
+        emission, count too)."""
+        seen = None if seen_ids is None else {str(uid) for uid in seen_ids}
+        times: dict[int, list[float]] = {}
+        kept: dict[int, list[float]] = {}
+        for uid, guild_id, at, _, _ in self.guild_events.rows():
+            times.setdefault(guild_id, []).append(at)
+            if seen is None or uid in seen:
+                kept.setdefault(guild_id, []).append(at)
+        gaps = {}
+        for guild_id, all_times in times.items():
+            marks = [all_times[0], *kept.get(guild_id, []), all_times[-1]]
+            gaps[guild_id] = max(b - a for a, b in itertools.pairwise(marks))
+        return gaps
 
     def sessions_for(self, shard_id: int) -> list[DispatchLog]:
         return [log for log in self.sent_dispatches.values() if log.shard_id == shard_id]

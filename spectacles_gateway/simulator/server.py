@@ -6,456 +6,55 @@ websocket gateway, on two paths: ``/`` (what ``/gateway/bot`` returns) and ``/re
 is recorded in :attr:`Simulator.ledger` as a violation string as well as acted upon the way
 Discord would (close code, op 9, …).
 
-Outgoing data never goes through ``websockets``' send path: each gateway message is compressed
-with the connection's stream compressor, framed here (server frames are unmasked) and written
-with one ``transport.write`` per batch. Everything that writes runs synchronously on the event
-loop, so the compressed stream can never be reordered. ``websockets`` handles the opening
-handshake, reading client frames and the closing handshake.
+This module is the facade; the parts are :mod:`.connection` (compression and framing of one
+websocket), :mod:`.sessions` (sessions and their replay), :mod:`.gateway` (the node's state and
+a connection's lifecycle), :mod:`.rules` (what each client payload gets), :mod:`.faults`,
+:mod:`.rest` and :mod:`.controls` (HTTP), :mod:`.traffic` and :mod:`.corpus` (generated
+events), :mod:`.guilds` (a growing bot). ``websockets`` handles the opening handshake,
+reading client frames and the closing handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
-import itertools
 import json
 import logging
-import random
-import re
-import secrets
 import socket
-import struct
+import ssl
 import time
-import zlib
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any, Final, TypeGuard
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Callable
+from typing import Any
 
-import zstandard
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
-from websockets.protocol import State
 
-from spectacles_gateway.simulator import events
+from spectacles_gateway.simulator import controls, events, faults, sockets, tls
+from spectacles_gateway.simulator.config import SimulatorConfig
+from spectacles_gateway.simulator.faults import Fault, RestFault
+from spectacles_gateway.simulator.gateway import Gateway
+from spectacles_gateway.simulator.guilds import GuildWorld
 from spectacles_gateway.simulator.ledger import (
-    GENERATED,
-    CommandRecord,
-    ConnectionRecord,
-    DispatchLog,
     FaultRecord,
-    HeartbeatRecord,
-    HttpRecord,
-    IdentifyRecord,
     Ledger,
-    ReceivedRecord,
-    ResumeRecord,
 )
+from spectacles_gateway.simulator.rest import RESUME_PATH, Rest
+from spectacles_gateway.simulator.rules import IdentifyLimits, Rules, is_int
+from spectacles_gateway.simulator.traffic import Traffic
 
-__all__ = [
-    "Close",
-    "CorruptCompressed",
-    "Drop",
-    "Fault",
-    "HeartbeatRequest",
-    "InvalidSession",
-    "MalformedJson",
-    "Op7BeforeHello",
-    "Reconnect",
-    "Simulator",
-    "SimulatorConfig",
-    "UnknownDispatch",
-    "UnknownOpcode",
-    "WithholdAcks",
-    "new_zstd_compressor",
-]
+__all__ = ["RESUME_PATH", "Simulator", "SimulatorConfig"]
 
 logger = logging.getLogger(__name__)
 
-RESUME_PATH: Final = "/resume-gw"
-SUPPORTED_COMPRESSION: Final = ("zstd-stream", "zlib-stream")
-COMMAND_OPS: Final = frozenset({3, 4, 8, 31, 43})
-MAX_PAYLOAD_BYTES: Final = 4096
-INVALIDATING_SERVER_CODES: Final = frozenset({4003, 4004, 4007, 4009})
-"""Server close codes after which the session cannot be resumed (discord.md §9)."""
-INVALIDATING_CLIENT_CODES: Final = frozenset({1000, 1001})
-MEMBER_REQUEST_WINDOW: Final = 30.0
-ZSTD_WINDOW_LOG: Final = 18
-_SESSION_LIMIT_PERIOD = 86_400.0
-
-_ZSTD_FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
-# A zstd block header announcing the reserved block type (3): "Corrupted block detected".
-_CORRUPT_ZSTD = b"\x06\x00\x00" + b"\xde\xad\xbe\xef"
-# A deflate block of the reserved type (BTYPE=11): "invalid block type"; ends like a flush.
-_CORRUPT_ZLIB = b"\x07\xde\xad\x00\x00\xff\xff"
-_CORRUPT_RAW = b"\xff\xfe\x00\xde\xad\xbe\xef not a gateway message"
-_API_PATH = re.compile(r"/api(?:/v\d+)?/gateway(/bot)?")
-
-
-def new_zstd_compressor(level: int = 3) -> Any:
-    """A zstd stream compressor configured like Discord's.
-
-    256 KiB window (frame header ``28 b5 2f fd 00 40``), no content size, no checksum. Call
-    ``compress(msg)`` then ``flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)`` per message and never
-    end the frame.
-    """
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=ZSTD_WINDOW_LOG, write_content_size=False, write_checksum=False
-    )
-    return zstandard.ZstdCompressor(compression_params=params).compressobj()
-
-
-# --- faults ----------------------------------------------------------------------------------
-
-
-class Fault:
-    """Base class of what :meth:`Simulator.inject` can do to a shard's connection."""
-
-
-@dataclass(frozen=True)
-class Reconnect(Fault):
-    """Send op 7; close the connection (4000) if the client hasn't after a grace period."""
-
-
-@dataclass(frozen=True)
-class InvalidSession(Fault):
-    """Send op 9 with ``d = resumable``; ``False`` also invalidates the session."""
-
-    resumable: bool = False
-
-
-@dataclass(frozen=True)
-class WithholdAcks(Fault):
-    """Stop (or restart) answering heartbeats with op 11 on the live connection(s)."""
-
-    on: bool = True
-
-
-@dataclass(frozen=True)
-class HeartbeatRequest(Fault):
-    """Send op 1: the client must heartbeat immediately."""
-
-
-@dataclass(frozen=True)
-class Close(Fault):
-    """Close with ``code``; 4003/4004/4007/4009 invalidate the session, others keep it."""
-
-    code: int = 4000
-    reason: str = "simulated close"
-
-
-@dataclass(frozen=True)
-class Drop(Fault):
-    """Abort the TCP connection: no close frame. The session stays resumable."""
-
-
-@dataclass(frozen=True)
-class CorruptCompressed(Fault):
-    """Send one message whose compressed bytes are corrupt (undecodable)."""
-
-
-@dataclass(frozen=True)
-class MalformedJson(Fault):
-    """Send one properly compressed message that is not valid JSON."""
-
-
-@dataclass(frozen=True)
-class Op7BeforeHello(Fault):
-    """One-shot: the next new connection gets op 7 instead of HELLO.
-
-    A connection's shard is unknown until it identifies or resumes, so this applies to the
-    next connection opened after the injection, whichever shard it turns out to be.
-    """
-
-
-@dataclass(frozen=True)
-class UnknownOpcode(Fault):
-    """Send ``op 99`` (a future opcode) that clients must ignore."""
-
-
-@dataclass(frozen=True)
-class UnknownDispatch(Fault):
-    """Dispatch ``t = "FUTURE_EVENT"`` with unknown fields (it takes a seq and has an id)."""
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-@dataclass
-class SimulatorConfig:
-    """Everything the simulated Discord application and gateway node look like."""
-
-    token: str = "simulated-token"  # noqa: S105 - the simulated app's fake token
-    shard_count: int = 1
-    """Recommended count from /gateway/bot; IDENTIFY's num_shards is checked against it."""
-    max_concurrency: int = 1
-    session_start_total: int = 1000
-    session_start_remaining: int = 1000
-    session_start_reset_after_ms: int = 14_400_000
-    heartbeat_interval_ms: int = 41250
-    rate: float = 0.0
-    """MESSAGE_CREATE dispatches per second per connected READY session (0 = none)."""
-    size_mix: tuple[tuple[int, float], ...] = ((1024, 1.0),)
-    """(approximate JSON size of ``d`` in bytes, weight) for generated MESSAGE_CREATEs."""
-    guilds_per_shard: int = 2
-    big_guild_create_bytes: int = 0
-    """If > 0, the first GUILD_CREATE of each new session is at least this big."""
-    allowed_privileged: int = events.PRIVILEGED_INTENTS
-    resume_window: float = 180.0
-    identify_window: float = 5.0
-    send_limit: tuple[int, float] = (120, 60.0)
-    host: str = "127.0.0.1"
-    port: int = 0
-    # Beyond the common API:
-    strict_shard_count: bool = True
-    """4010 unless IDENTIFY's num_shards equals ``shard_count``."""
-    required_shards: int = 0
-    """If > 0, IDENTIFY with fewer shards than this gets 4011 (sharding required)."""
-    heartbeat_timeout_factor: float = 1.5
-    """Close 4009 when no heartbeat arrives for interval x factor (0 disables)."""
-    reconnect_close_after: float = 5.0
-    """After op 7, close the connection (4000) if the client hasn't (0 disables)."""
-    zlib_split_over: int = 65536
-    """zlib-stream: a message compressing to more than this goes out in 2 websocket messages."""
-    ws_fragment_over: int = 0
-    """If > 0, websocket messages larger than this are sent as 2 frames (continuation)."""
-    api_versions: tuple[int, ...] = (9, 10)
-    zstd_level: int = 3
-    tick: float = 0.01
-    """Rate mode: dispatches due are generated and written once per tick, in one write."""
-    close_timeout: float = 2.0
-    trace_name: str = "gateway-sim-local-1"
-    member_request_limit: bool = True
-    """Op 8 for all members (query "" and limit 0): one per guild per 30 s, else RATE_LIMITED."""
-
-    def __post_init__(self) -> None:
-        if self.shard_count < 1 or self.max_concurrency < 1:
-            raise ValueError("shard_count and max_concurrency must be >= 1")
-        if not self.size_mix or any(s <= 0 or w < 0 for s, w in self.size_mix):
-            raise ValueError("size_mix needs (size > 0, weight >= 0) entries")
-        if self.rate < 0:
-            raise ValueError("rate must be >= 0")
-
-
-# --- sessions and connections ----------------------------------------------------------------
-
-
-class _Session:
-    __slots__ = (
-        "conn",
-        "created_at",
-        "credit",
-        "detached_at",
-        "factory",
-        "guild_ids",
-        "intents",
-        "invalidated",
-        "log",
-        "num_shards",
-        "payloads",
-        "session_id",
-        "shard_id",
-    )
-
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        shard_id: int,
-        num_shards: int,
-        intents: int,
-        guild_ids: list[int],
-        created_at: float,
-    ) -> None:
-        self.session_id = session_id
-        self.shard_id = shard_id
-        self.num_shards = num_shards
-        self.intents = intents
-        self.guild_ids = guild_ids
-        self.created_at = created_at
-        self.log = DispatchLog(session_id, shard_id)
-        self.factory = events.MessageFactory(
-            guild_ids or events.guild_ids_for_shard(shard_id, num_shards, 1)
-        )
-        self.payloads: dict[int, bytes] = {}
-        self.conn: _Conn | None = None
-        self.detached_at: float | None = None
-        self.invalidated = False
-        self.credit = 0.0
-
-    def payload(self, seq: int) -> bytes:
-        data = self.payloads.get(seq)
-        if data is None:
-            return self.factory.encode(seq, self.log.raw_uid(seq), self.log.size(seq))
-        return data
-
-
-_ZSTD, _ZLIB, _PAYLOAD_ZLIB, _PLAIN = range(4)
-
-
-def _ws_header(first_byte: int, length: int) -> bytes:
-    if length < 126:
-        return bytes((first_byte, length))
-    if length < 65536:
-        return struct.pack("!BBH", first_byte, 126, length)
-    return struct.pack("!BBQ", first_byte, 127, length)
-
-
-class _Conn:
-    """One websocket connection: its compressor, framing and protocol state."""
-
-    def __init__(
-        self,
-        conn_id: int,
-        ws: ServerConnection,
-        record: ConnectionRecord,
-        config: SimulatorConfig,
-    ) -> None:
-        self.id = conn_id
-        self.ws = ws
-        self.transport: asyncio.WriteTransport = ws.transport
-        self.record = record
-        self.shard_id: int | None = None
-        self.session: _Session | None = None
-        self.owned_session: _Session | None = None
-        self.closing = False
-        self.dropped = False
-        self.withhold_acks = False
-        self.recv_times: deque[float] = deque()
-        self.hb_timer: asyncio.TimerHandle | None = None
-        self.zlib_split_over = config.zlib_split_over
-        self.fragment_over = config.ws_fragment_over
-        self.messages_sent = 0
-        self.bytes_sent = 0
-        self.compressor: Any = None
-        if record.compression == "zstd-stream":
-            self.mode = _ZSTD
-            self.compressor = new_zstd_compressor(config.zstd_level)
-        elif record.compression == "zlib-stream":
-            self.mode = _ZLIB
-            self.compressor = zlib.compressobj()
-        else:
-            self.mode = _PLAIN
-
-    @property
-    def writable(self) -> bool:
-        return (
-            not self.closing
-            and self.ws.protocol.state is State.OPEN
-            and not self.transport.is_closing()
-        )
-
-    def _frame_into(self, buf: bytearray, opcode: int, data: bytes) -> None:
-        n = len(data)
-        if self.fragment_over and n > self.fragment_over:
-            half = n // 2
-            buf += _ws_header(opcode, half)  # FIN = 0
-            buf += data[:half]
-            buf += _ws_header(0x80, n - half)  # continuation, FIN = 1
-            buf += data[half:]
-        else:
-            buf += _ws_header(0x80 | opcode, n)
-            buf += data
-        self.messages_sent += 1
-
-    def encode_into(self, buf: bytearray, payload: bytes) -> None:
-        """Append one gateway message, compressed and framed, to ``buf``."""
-        mode = self.mode
-        if mode == _ZSTD:
-            c = self.compressor
-            out = c.compress(payload) + c.flush(_ZSTD_FLUSH_BLOCK)
-            if self.fragment_over:
-                self._frame_into(buf, 0x2, out)
-            else:
-                n = len(out)
-                buf += bytes((0x82, n)) if n < 126 else _ws_header(0x82, n)
-                buf += out
-                self.messages_sent += 1
-        elif mode == _ZLIB:
-            c = self.compressor
-            out = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
-            if self.zlib_split_over and len(out) > self.zlib_split_over:
-                half = len(out) // 2
-                while out[:half].endswith(b"\x00\x00\xff\xff"):
-                    half += 1
-                self._frame_into(buf, 0x2, out[:half])
-                self._frame_into(buf, 0x2, out[half:])
-            else:
-                self._frame_into(buf, 0x2, out)
-        elif mode == _PAYLOAD_ZLIB:
-            self._frame_into(buf, 0x2, zlib.compress(payload))
-        else:
-            self._frame_into(buf, 0x1, payload)
-
-    def write(self, payloads: Iterable[bytes]) -> bool:
-        """Compress, frame and write gateway messages in one ``transport.write``."""
-        if not self.writable:
-            return False
-        buf = bytearray()
-        encode = self.encode_into
-        for payload in payloads:
-            encode(buf, payload)
-        if buf:
-            self.bytes_sent += len(buf)
-            self.transport.write(buf)
-        return True
-
-    def write_corrupt(self) -> bool:
-        if not self.writable:
-            return False
-        data = {_ZSTD: _CORRUPT_ZSTD, _ZLIB: _CORRUPT_ZLIB}.get(self.mode, _CORRUPT_RAW)
-        buf = bytearray()
-        self._frame_into(buf, 0x2, data)
-        self.transport.write(buf)
-        return True
-
-
-def _json_response(status: int, obj: Any) -> Response:
-    body = events.dumps(obj)
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _normalize_uid(value: Any) -> str | int | None:
-    if _is_int(value):
+    if is_int(value):
         return int(value) if 0 < value < 2**63 else str(value)
     if isinstance(value, str) and value:
         if value.isdigit() and 0 < int(value) < 2**63 and str(int(value)) == value:
             return int(value)
         return value
     return None
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """One listening socket on exactly ``host`` (never every address a name resolves to)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # --- the simulator ---------------------------------------------------------------------------
@@ -474,29 +73,24 @@ class Simulator:
         self.gateway_url = ""
         self.resume_url = ""
         self.port = 0
+        self.tls_ca_file = ""
+        """With ``tls=True``: the PEM file clients must trust (the certificate itself)."""
         self._server: Server | None = None
-        self._conns: dict[int, _Conn] = {}
-        self._sessions: dict[str, _Session] = {}
-        self._shard_sessions: dict[int, list[_Session]] = {}
-        self._attached: dict[str, _Session] = {}
-        self._ids = events.SnowflakeGenerator()
-        self._user_id = self._ids.take()
-        self._application_id = self._user_id
-        self._conn_ids = itertools.count(1)
-        self._rate = self.config.rate
-        self._paused = False
-        self._bucket_last: dict[int, float] = {}
-        self._remaining = self.config.session_start_remaining
-        self._reset_at = time.monotonic() + self.config.session_start_reset_after_ms / 1000
-        self._op7_pending: deque[int] = deque()
-        self._member_requests: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
-        self._ticker: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._sizes = [s for s, _ in self.config.size_mix]
-        self._weights = [w for _, w in self.config.size_mix]
-        self._hello = events.hello(self.config.heartbeat_interval_ms, self.config.trace_name)
+        self._other: Server | None = None
+        self._cert: tls.Certificate | None = None
+        self._gw = Gateway(self.config, self.ledger)
+        self._limits = IdentifyLimits(self.config)
+        self._rules = Rules(self._gw, self._limits)
+        self._rest = Rest(self._gw, self._limits)
+        self._traffic = Traffic(self.config, self._gw.table, self._gw.ids.take)
+        if self.config.growing:
+            world = GuildWorld(
+                self.config, self._gw.table, self.ledger, self._gw.ids.take, self._traffic.corpus
+            )
+            world.on_first_owner = self._traffic.start_guild
+            self._traffic.emit_guild = world.emit
+            self._gw.guilds = world
+        self._rest.controls.update(controls.endpoints(self))
 
     # -- lifecycle --
 
@@ -504,52 +98,79 @@ class Simulator:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         cfg = self.config
-        sock = _bind(cfg.host, cfg.port)
+        sockets.raise_open_files(cfg.expected_connections or 2 * cfg.shard_count)
+        ssl_context = None
+        if cfg.tls:
+            self._cert = tls.self_signed(cfg.host, cfg.other_host)
+            self.tls_ca_file = str(self._cert.cert_file)
+            ssl_context = self._cert.server_context()
+        sock = sockets.bind(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.http_base = f"http://{host}:{self.port}/api/v10"
-        self.gateway_url = f"ws://{host}:{self.port}/"
-        self.resume_url = f"ws://{host}:{self.port}{RESUME_PATH}"
-        self._server = await serve(
-            self._handle,
-            sock=sock,
-            process_request=self._process_request,
-            compression=None,
-            ping_interval=None,
-            ping_timeout=None,
-            close_timeout=cfg.close_timeout,
-            max_size=16 * 2**20,
-            server_header="spectacles-simulator",
-        )
-        self._wake = asyncio.Event()
-        self._ticker = asyncio.create_task(self._tick_loop(), name="simulator ticker")
+        host = sockets.url_host(cfg.host)
+        http, ws = ("https", "wss") if cfg.tls else ("http", "ws")
+        self.http_base = f"{http}://{host}:{self.port}/api/v10"
+        self.gateway_url = f"{ws}://{host}:{self.port}/"
+        self.resume_url = f"{ws}://{host}:{self.port}{RESUME_PATH}"
+        self._gw.gateway_url, self._gw.resume_url = self.gateway_url, self.resume_url
+        self._server = await self._serve(sock, self._rest, "main", ssl_context)
+        if cfg.other_host:
+            await self._start_other(cfg.other_host)
+        self._traffic.start()
         logger.info(
-            "simulator listening on %s (shards=%d, max_concurrency=%d, rate=%s)",
+            "simulator listening on %s (shards=%d, max_concurrency=%d, rate=%s, profile=%s)",
             self.gateway_url,
             cfg.shard_count,
             cfg.max_concurrency,
-            self._rate,
+            cfg.rate,
+            cfg.profile,
         )
+
+    async def _serve(
+        self, sock: socket.socket, rest: Rest, listener: str, ssl_context: ssl.SSLContext | None
+    ) -> Server:
+        secure = ssl_context is not None
+        return await serve(
+            functools.partial(self._handle, listener=listener, secure=secure),
+            sock=sock,
+            ssl=ssl_context,
+            process_request=rest.process_request,
+            compression=None,
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=self.config.close_timeout,
+            max_size=16 * 2**20,
+            server_header="spectacles-simulator",
+        )
+
+    async def _start_other(self, other_host: str) -> None:
+        """The second, plain listener ("another host") for redirect and ``ws://`` faults."""
+        try:
+            sock = sockets.bind(other_host, 0)
+        except OSError as exc:
+            logger.warning("no listener on other_host %s: %s", other_host, exc)
+            return
+        rest = Rest(self._gw, self._limits, listener="other")
+        self._other = await self._serve(sock, rest, "other", None)
+        base = f"{sockets.url_host(other_host)}:{sock.getsockname()[1]}"
+        self._gw.other_http_base = f"http://{base}"
+        self._gw.other_gateway_url = f"ws://{base}/"
 
     async def stop(self) -> None:
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        for conn in list(self._conns.values()):
-            self._cancel_hb(conn)
-        server.close(close_connections=True)
-        await server.wait_closed()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._traffic.stop()
+        self._gw.cancel_timers()
+        servers = [server] if self._other is None else [server, self._other]
+        self._other = None
+        for each in servers:
+            each.close(close_connections=True)
+        for each in servers:
+            await each.wait_closed()
+        await self._gw.reap()
+        if self._cert is not None:
+            self._cert.remove()
+            self._cert = None
         logger.info("simulator stopped")
 
     async def __aenter__(self) -> Simulator:
@@ -567,7 +188,7 @@ class Simulator:
         Written at once if the session is connected (and dispatch isn't paused), otherwise
         kept for the replay of the next RESUME, like Discord.
         """
-        session = self._current_session(shard_id)
+        session = self._gw.table.current(shard_id)
         if isinstance(d, bytes | bytearray | memoryview):
             raw = bytes(d)
             try:
@@ -578,50 +199,111 @@ class Simulator:
         else:
             raw = events.dumps(d)
             uid = _normalize_uid(d.get("id"))
-        seq = self._append(session, event, uid, lambda s: events.dispatch(event, s, raw))
-        self._flush(session)
+        seq = self._gw.table.append(session, event, uid, lambda s: events.dispatch(event, s, raw))
+        self._gw.table.flush(session)
         return seq
 
     def burst(self, shard_id: int, count: int, size: int = 1024) -> None:
         """Generate ``count`` MESSAGE_CREATEs and write them to the socket in one write."""
-        session = self._current_session(shard_id)
+        session = self._gw.table.current(shard_id)
         if session.conn is None:
             raise RuntimeError(f"shard {shard_id} has no connected session to burst into")
-        first_uid = self._ids.take(count)
+        first_uid = self._gw.ids.take(count)
         session.log.extend_generated(first_uid, count, size)
-        self._flush(session)
+        self._gw.table.flush(session)
 
     def inject(self, shard_id: int, fault: Fault) -> None:
         """Apply ``fault`` to the shard's live connection(s) (those that identified/resumed)."""
-        targets = [c for c in self._conns.values() if c.shard_id == shard_id and not c.closing]
-        self.ledger.faults.append(
-            FaultRecord(time.monotonic(), shard_id, fault, [c.id for c in targets])
-        )
-        if isinstance(fault, Op7BeforeHello):
-            self._op7_pending.append(shard_id)
-            return
-        if not targets:
-            logger.warning("inject %r: shard %d has no live connection", fault, shard_id)
-        for conn in targets:
-            self._apply_fault(conn, fault)
+        faults.inject(self._gw, shard_id, fault)
+
+    def inject_rest(self, fault: RestFault) -> None:
+        """Change the next ``/gateway/bot`` answer(s): :class:`GatewayBotRedirect`,
+        :class:`InsecureGatewayUrl` (recorded in ``ledger.faults`` with ``shard_id=None``)."""
+        self._rest.add_fault(fault)
+        self.ledger.faults.append(FaultRecord(time.monotonic(), None, fault, []))
 
     def set_rate(self, rate: float) -> None:
-        if rate < 0:
-            raise ValueError("rate must be >= 0")
-        self._rate = rate
-        if self._wake is not None:
-            self._wake.set()
+        """Generated events per second per session from now on (new phases for all)."""
+        self._traffic.set_rate(rate)
+
+    # -- a growing bot --
+
+    @property
+    def recommended_shards(self) -> int:
+        """The shard count ``/gateway/bot`` recommends."""
+        return self._gw.recommended_shards
+
+    def set_recommended_shards(self, shards: int) -> None:
+        """Raise (or lower) the recommended shard count from now on (``POST
+        /control/recommended_shards?shards=N``, ``--control URL --set-recommended-shards N``)."""
+        if shards < 1:
+            raise ValueError("the recommended shard count must be >= 1")
+        logger.info("recommended shards: %d -> %d", self._gw.recommended_shards, shards)
+        self._gw.recommended_shards = shards
+
+    @property
+    def guild_ids(self) -> list[int]:
+        """A growing bot's guilds (empty without ``guilds``/``guild_ids``)."""
+        return [] if self._gw.guilds is None else list(self._gw.guilds.ids)
+
+    def guilds_of(self, shard_id: int, num_shards: int) -> list[int]:
+        """The guilds shard ``[shard_id, num_shards]`` owns."""
+        return [] if self._gw.guilds is None else list(self._gw.guilds.owned(shard_id, num_shards))
+
+    def add_guilds(self, count: int) -> list[int]:
+        """The bot joins ``count`` more guilds (GUILD_CREATE to their owners, streams start);
+        returns their ids. ``POST /control/guilds?add=N``."""
+        if self._gw.guilds is None:
+            raise RuntimeError("add_guilds needs a growing bot (SimulatorConfig.guilds)")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        return self._gw.guilds.add(count)
+
+    def set_guild_rate(self, rate: float) -> None:
+        """Events per second per guild from now on (``POST /control/guild_rate?rate=R``)."""
+        self._traffic.set_guild_rate(rate)
+
+    def set_session_start_limit(
+        self,
+        *,
+        remaining: int | None = None,
+        total: int | None = None,
+        reset_after_ms: int | None = None,
+    ) -> dict[str, int]:
+        """Change ``session_start_limit`` now (every authenticated IDENTIFY spends one, a
+        session started or refused with op 9 for its bucket; at 0, IDENTIFY gets op 9);
+        returns the new ``/gateway/bot`` object. ``POST /control/session_start_limit``
+        with ``remaining``, ``total``, ``reset_after`` (ms)."""
+        return self._limits.set(remaining, total, reset_after_ms)
+
+    def stats(self) -> dict[str, float]:
+        """Open connections, attached sessions, and what the generator did since start:
+        wake-ups, writes, events, events/s, writes that carried more than one event (it fell
+        behind), skipped events, worst lateness. Also ``GET /control/stats``."""
+        outcomes = [r.outcome for r in self.ledger.identifies]
+        return {
+            "recommended_shards": self._gw.recommended_shards,
+            "guilds": len(self.guild_ids),
+            "guild_events": len(self.ledger.guild_events),
+            "session_starts_remaining": self.session_start_remaining,
+            "connections": len(self._gw.conns),
+            "sessions_attached": len(self._gw.table.attached),
+            "identifies_ready": outcomes.count("ready"),
+            "identifies_refused": len(outcomes) - outcomes.count("ready"),
+            "resumes": len(self.ledger.resumes),
+            "violations": len(self.ledger.violations),
+            **self._traffic.stats.as_dict(),
+        }
 
     def pause_dispatch(self) -> None:
         """Stop rate mode and hold every dispatch (queued with its seq) until resumed."""
-        self._paused = True
+        self._gw.table.paused = True
 
     def resume_dispatch(self) -> None:
-        self._paused = False
-        for session in list(self._attached.values()):
-            self._flush(session)
-        if self._wake is not None:
-            self._wake.set()
+        self._gw.table.paused = False
+        for session in list(self._gw.table.attached.values()):
+            self._gw.table.flush(session)
+        self._traffic.restart()
 
     async def wait_for(
         self,
@@ -637,776 +319,27 @@ class Simulator:
 
     def session_ids(self, shard_id: int) -> list[str]:
         """Session ids created for a shard, oldest first."""
-        return [s.session_id for s in self._shard_sessions.get(shard_id, [])]
+        return self._gw.table.ids_for(shard_id)
 
     def is_resumable(self, session_id: str) -> bool:
-        session = self._sessions.get(session_id)
-        return session is not None and not self._session_dead(session, time.monotonic())
+        session = self._gw.table.by_id.get(session_id)
+        return session is not None and not self._gw.table.is_dead(session, time.monotonic())
 
     @property
     def session_start_remaining(self) -> int:
-        self._refresh_session_limit(time.monotonic())
-        return self._remaining
-
-    # -- internals: sessions and writes --
-
-    def _current_session(self, shard_id: int) -> _Session:
-        for session in reversed(self._shard_sessions.get(shard_id, [])):
-            if not session.invalidated:
-                return session
-        raise LookupError(f"shard {shard_id} has no session")
-
-    def _append(
-        self, session: _Session, event: str, uid: str | int | None, build: Callable[[int], bytes]
-    ) -> int:
-        seq = session.log.last_seq + 1
-        session.payloads[seq] = build(seq)
-        session.log.append(event, uid)
-        return seq
-
-    def _flush(self, session: _Session, *, force: bool = False) -> None:
-        conn = session.conn
-        log = session.log
-        if conn is None or (self._paused and not force):
-            return
-        start, end = log.written + 1, log.last_seq
-        if start > end:
-            return
-        payload = session.payload
-        if conn.write(payload(seq) for seq in range(start, end + 1)):
-            log.written = end
-
-    def _generate(self, session: _Session, count: int) -> None:
-        if len(self._sizes) == 1:
-            session.log.extend_generated(self._ids.take(count), count, self._sizes[0])
-        else:
-            first = self._ids.take(count)
-            sizes = random.choices(self._sizes, self._weights, k=count)
-            for i, size in enumerate(sizes):
-                session.log.append(GENERATED, first + i, size)
-        self._flush(session)
-
-    async def _tick_loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            if not self._rate_active():
-                self._wake.clear()
-                await self._wake.wait()
-                last = loop.time()
-                for session in self._attached.values():
-                    session.credit = 0.0
-                continue
-            await asyncio.sleep(self.config.tick)
-            now = loop.time()
-            elapsed, last = min(now - last, 1.0), now
-            if not self._rate_active():
-                continue
-            for session in list(self._attached.values()):
-                session.credit += self._rate * elapsed
-                count = int(session.credit)
-                if count:
-                    session.credit -= count
-                    self._generate(session, count)
-
-    def _rate_active(self) -> bool:
-        return self._rate > 0 and not self._paused
-
-    def _attach(self, session: _Session, conn: _Conn) -> None:
-        session.conn = conn
-        session.detached_at = None
-        session.credit = 0.0
-        conn.session = session
-        conn.owned_session = session
-        conn.shard_id = session.shard_id
-        conn.record.shard_id = session.shard_id
-        conn.record.session_id = session.session_id
-        self._attached[session.session_id] = session
-
-    def _detach(self, session: _Session) -> None:
-        conn = session.conn
-        if conn is not None and conn.session is session:
-            conn.session = None
-        session.conn = None
-        session.detached_at = time.monotonic()
-        self._attached.pop(session.session_id, None)
-
-    def _session_dead(self, session: _Session, now: float) -> bool:
-        if session.invalidated:
-            return True
-        return (
-            session.conn is None
-            and session.detached_at is not None
-            and now - session.detached_at > self.config.resume_window
-        )
-
-    def _refresh_session_limit(self, now: float) -> None:
-        while now >= self._reset_at:
-            self._remaining = self.config.session_start_total
-            self._reset_at += _SESSION_LIMIT_PERIOD
+        self._limits.refresh(time.monotonic())
+        return self._limits.remaining
 
     # -- internals: connection lifecycle --
 
-    def _violation(self, text: str) -> None:
-        self.ledger.violations.append(text)
-        logger.warning("violation: %s", text)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        def fire() -> None:
-            self._timers.discard(handle)
-            callback(*args)
-
-        handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._timers.add(handle)
-
-    def _server_close(self, conn: _Conn, code: int, reason: str) -> None:
-        if conn.closing:
-            return
-        conn.closing = True
-        conn.record.server_close_code = code
-        self._cancel_hb(conn)
-        session = conn.session
-        if session is not None:
-            self._detach(session)
-            if code in INVALIDATING_SERVER_CODES:
-                session.invalidated = True
-        logger.debug("conn %d: closing with %d (%s)", conn.id, code, reason)
-        self._spawn(self._close_ws(conn.ws, code, reason))
-
-    @staticmethod
-    async def _close_ws(ws: ServerConnection, code: int, reason: str) -> None:
+    async def _handle(self, ws: ServerConnection, *, listener: str, secure: bool) -> None:
+        conn, query = self._gw.accept(ws, listener, secure)
         try:
-            await ws.close(code, reason)
-        except Exception:  # the peer may vanish mid-close; the ledger already has the code
-            logger.debug("error while closing", exc_info=True)
-
-    def _refuse(
-        self,
-        conn: _Conn,
-        record: IdentifyRecord | ResumeRecord,
-        code: int,
-        reason: str,
-        violation: str,
-    ) -> None:
-        """Close an IDENTIFY or RESUME attempt with ``code`` and record why."""
-        record.outcome = f"close {code}"
-        self._violation(violation)
-        self._server_close(conn, code, reason)
-
-    def _drop(self, conn: _Conn) -> None:
-        if conn.closing:
-            return
-        conn.closing = True
-        conn.dropped = True
-        self._cancel_hb(conn)
-        if conn.session is not None:
-            self._detach(conn.session)
-        conn.transport.abort()
-
-    def _cancel_hb(self, conn: _Conn) -> None:
-        if conn.hb_timer is not None:
-            conn.hb_timer.cancel()
-            conn.hb_timer = None
-
-    def _arm_hb(self, conn: _Conn) -> None:
-        factor = self.config.heartbeat_timeout_factor
-        if factor <= 0 or conn.closing:
-            return
-        self._cancel_hb(conn)
-        timeout = self.config.heartbeat_interval_ms / 1000 * factor
-        conn.hb_timer = asyncio.get_running_loop().call_later(
-            timeout, self._hb_expired, conn, timeout
-        )
-
-    def _hb_expired(self, conn: _Conn, timeout: float) -> None:
-        conn.hb_timer = None
-        if conn.closing:
-            return
-        self._violation(
-            f"4009 heartbeat timeout shard {self._shard_label(conn)}: "
-            f"no heartbeat for {timeout:.2f} s"
-        )
-        self._server_close(conn, 4009, "Session timed out")
-
-    @staticmethod
-    def _shard_label(conn: _Conn) -> str:
-        return "?" if conn.shard_id is None else str(conn.shard_id)
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        path = path.rstrip("/") or "/"
-        match = _API_PATH.fullmatch(path)
-        if match is not None:
-            response = self._http(match.group(1) is not None, request)
-            self.ledger.http.append(
-                HttpRecord(time.monotonic(), "GET", request.path, response.status_code)
-            )
-            return response
-        if path in ("/", RESUME_PATH):
-            return None
-        self.ledger.http.append(HttpRecord(time.monotonic(), "GET", request.path, 404))
-        return _json_response(404, {"message": "404: Not Found", "code": 0})
-
-    def _http(self, bot: bool, request: Request) -> Response:
-        if not bot:
-            return _json_response(200, {"url": self.gateway_url})
-        if request.headers.get("Authorization") != f"Bot {self.config.token}":
-            return _json_response(401, {"message": "401: Unauthorized", "code": 0})
-        now = time.monotonic()
-        self._refresh_session_limit(now)
-        return _json_response(
-            200,
-            {
-                "url": self.gateway_url,
-                "shards": self.config.shard_count,
-                "session_start_limit": {
-                    "total": self.config.session_start_total,
-                    "remaining": self._remaining,
-                    "reset_after": max(0, int((self._reset_at - now) * 1000)),
-                    "max_concurrency": self.config.max_concurrency,
-                },
-            },
-        )
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert ws.request is not None
-        split = urlsplit(ws.request.path)
-        query = dict(parse_qsl(split.query, keep_blank_values=True))
-        compress = query.get("compress")
-        compression = compress if compress in SUPPORTED_COMPRESSION else None
-        record = ConnectionRecord(
-            conn_id=next(self._conn_ids),
-            path=split.path,
-            query=query,
-            compression=compression,
-            opened_at=time.monotonic(),
-        )
-        conn = _Conn(record.conn_id, ws, record, self.config)
-        self._conns[conn.id] = conn
-        self.ledger.connections.append(record)
-        try:
-            self._open(conn, query)
+            self._gw.open(conn, query)
             while True:
                 message = await ws.recv()
-                self._on_message(conn, message)
+                self._rules.on_message(conn, message)
         except ConnectionClosed:
             pass
         finally:
-            self._on_closed(conn)
-
-    def _open(self, conn: _Conn, query: dict[str, str]) -> None:
-        version = query.get("v", "")
-        if not version.isdigit() or int(version) not in self.config.api_versions:
-            self._violation(f"4012 invalid API version {version!r} (conn {conn.id})")
-            self._server_close(conn, 4012, "Invalid API version")
-            return
-        encoding = query.get("encoding", "json")
-        if encoding != "json":
-            self._violation(f"4002 unsupported encoding {encoding!r} (conn {conn.id})")
-            self._server_close(conn, 4002, "Only encoding=json is simulated")
-            return
-        compress = query.get("compress")
-        if compress is not None and compress not in SUPPORTED_COMPRESSION:
-            self._violation(f"unknown compress {compress!r} (conn {conn.id}): not compressing")
-        if self._op7_pending:
-            self._op7_pending.popleft()
-            conn.write([events.RECONNECT])
-            self._schedule_reconnect_close(conn)
-            return
-        conn.write([self._hello])
-        self._arm_hb(conn)
-
-    def _schedule_reconnect_close(self, conn: _Conn) -> None:
-        delay = self.config.reconnect_close_after
-        if delay > 0:
-            self._later(delay, self._close_if_open, conn, 4000, "Reconnect requested")
-
-    def _close_if_open(self, conn: _Conn, code: int, reason: str) -> None:
-        if not conn.closing and conn.ws.protocol.state is State.OPEN:
-            self._server_close(conn, code, reason)
-
-    def _on_closed(self, conn: _Conn) -> None:
-        self._cancel_hb(conn)
-        self._conns.pop(conn.id, None)
-        record = conn.record
-        record.closed_at = time.monotonic()
-        proto = conn.ws.protocol
-        if proto.close_rcvd is not None:
-            record.client_close_code = proto.close_rcvd.code
-        client_first = proto.close_rcvd is not None and proto.close_rcvd_then_sent is not False
-        if conn.dropped:
-            record.closed_by = "server-drop"
-        elif record.server_close_code is not None and not client_first:
-            record.closed_by = "server"
-        elif client_first:
-            record.closed_by = "client"
-        elif proto.close_sent is not None:
-            record.closed_by = "server"
-            record.server_close_code = proto.close_sent.code
-        else:
-            record.closed_by = "client-drop"
-        conn.closing = True
-        session = conn.session
-        if session is not None:
-            self._detach(session)
-        owned = conn.owned_session
-        if (
-            owned is not None
-            and record.closed_by == "client"
-            and record.client_close_code in INVALIDATING_CLIENT_CODES
-            and owned.conn is None
-        ):
-            owned.invalidated = True
-        logger.debug(
-            "conn %d closed by %s (client code %s, server code %s)",
-            conn.id,
-            record.closed_by,
-            record.client_close_code,
-            record.server_close_code,
-        )
-
-    # -- internals: client payloads --
-
-    def _on_message(self, conn: _Conn, message: str | bytes) -> None:
-        if conn.closing:
-            return
-        now = time.monotonic()
-        raw = message.encode() if isinstance(message, str) else message
-        size = len(raw)
-        limit, window = self.config.send_limit
-        times = conn.recv_times
-        times.append(now)
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) > limit:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
-            self._violation(
-                f"4008 rate limit shard {self._shard_label(conn)}: "
-                f"{len(times)} payloads in {window:g} s (limit {limit})"
-            )
-            self._server_close(conn, 4008, "Rate limited")
-            return
-        if size > MAX_PAYLOAD_BYTES:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
-            self._violation(f"4002 payload of {size} bytes shard {self._shard_label(conn)}")
-            self._server_close(conn, 4002, "Decode error: payload too large")
-            return
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            self.ledger.received.append(
-                ReceivedRecord(now, conn.id, conn.shard_id, None, size, raw[:256])
-            )
-            kind = "binary" if isinstance(message, bytes) else "text"
-            self._violation(
-                f"4002 undecodable {kind} payload of {size} bytes shard {self._shard_label(conn)}"
-            )
-            self._server_close(conn, 4002, "Decode error")
-            return
-        self.ledger.received.append(ReceivedRecord(now, conn.id, conn.shard_id, payload, size))
-        if not isinstance(payload, dict) or not _is_int(payload.get("op")):
-            self._violation(f"4002 payload without an integer op shard {self._shard_label(conn)}")
-            self._server_close(conn, 4002, "Decode error: no op")
-            return
-        try:
-            self._dispatch_op(conn, payload, size, now)
-        except Exception:  # a simulator bug must not kill the connection handler silently
-            logger.exception("conn %d: error handling %r", conn.id, payload.get("op"))
-            self._violation(f"simulator internal error on op {payload.get('op')!r}")
-            self._server_close(conn, 4000, "Unknown error")
-
-    def _dispatch_op(self, conn: _Conn, payload: dict[str, Any], size: int, now: float) -> None:
-        op = payload["op"]
-        d = payload.get("d")
-        if op == 1:
-            self._on_heartbeat(conn, d, now)
-        elif op == 2:
-            self._on_identify(conn, payload, d, size, now)
-        elif op == 6:
-            self._on_resume(conn, d, now)
-        elif op in COMMAND_OPS:
-            if conn.session is None:
-                self._violation(
-                    f"4003 op {op} before identify shard {self._shard_label(conn)} (conn {conn.id})"
-                )
-                self._server_close(conn, 4003, "Not authenticated")
-                return
-            self._on_command(conn, conn.session, op, d, now)
-        else:
-            self._violation(f"4001 unknown opcode {op} shard {self._shard_label(conn)}")
-            self._server_close(conn, 4001, "Unknown opcode")
-
-    def _on_heartbeat(self, conn: _Conn, d: Any, now: float) -> None:
-        self.ledger.heartbeats.append(HeartbeatRecord(now, conn.id, conn.shard_id, d))
-        if d is not None and not _is_int(d):
-            self._violation(f"heartbeat d={d!r} is not an integer or null (conn {conn.id})")
-        elif conn.session is not None and d is not None and d > conn.session.log.written:
-            self._violation(
-                f"heartbeat d={d} ahead of the last seq sent ({conn.session.log.written}) "
-                f"shard {self._shard_label(conn)}"
-            )
-        if not conn.withhold_acks:
-            conn.write([events.HEARTBEAT_ACK])
-        self._arm_hb(conn)
-
-    def _on_identify(
-        self, conn: _Conn, payload: dict[str, Any], d: Any, size: int, now: float
-    ) -> None:
-        cfg = self.config
-        if not isinstance(d, dict):
-            self._violation(f"4001 identify without an object d (conn {conn.id})")
-            self._server_close(conn, 4001, "Invalid payload for identify")
-            return
-        shard_raw = d.get("shard", [0, 1])
-        shard_ok = (
-            isinstance(shard_raw, list)
-            and len(shard_raw) == 2
-            and _is_int(shard_raw[0])
-            and _is_int(shard_raw[1])
-        )
-        shard_id: int | None = shard_raw[0] if shard_ok else None
-        num_shards: int | None = shard_raw[1] if shard_ok else None
-        token = d.get("token")
-        token_ok = isinstance(token, str) and token in (cfg.token, f"Bot {cfg.token}")
-        record = IdentifyRecord(
-            time=now,
-            conn_id=conn.id,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            intents=d.get("intents"),
-            token_ok=token_ok,
-            properties=d.get("properties"),
-            presence=d.get("presence"),
-            large_threshold=d.get("large_threshold"),
-            compress=d.get("compress"),
-            payload=payload,
-            size=size,
-        )
-        self.ledger.identifies.append(record)
-        label = "?" if shard_id is None else str(shard_id)
-
-        def close(code: int, reason: str, violation: str) -> None:
-            self._refuse(conn, record, code, reason, violation)
-
-        if conn.session is not None:
-            close(4005, "Already authenticated", f"4005 second identify shard {label}")
-            return
-        if not token_ok:
-            close(4004, "Authentication failed", f"4004 authentication failed shard {label}")
-            return
-        if token != cfg.token:
-            self._violation(f"identify token carries the 'Bot ' prefix shard {label}")
-        if shard_id is None or num_shards is None or not 0 <= shard_id < num_shards:
-            close(4010, "Invalid shard", f"4010 invalid shard {shard_raw!r}")
-            return
-        if cfg.strict_shard_count and num_shards != cfg.shard_count:
-            close(
-                4010,
-                "Invalid shard",
-                f"4010 invalid shard {shard_raw!r}: expected {cfg.shard_count} shards",
-            )
-            return
-        if cfg.required_shards and num_shards < cfg.required_shards:
-            close(
-                4011,
-                "Sharding required",
-                f"4011 sharding required: {num_shards} < {cfg.required_shards} shards",
-            )
-            return
-        raw_intents = d.get("intents")
-        if not _is_int(raw_intents):
-            close(4013, "Invalid intent(s)", f"4013 invalid intents {raw_intents!r} shard {label}")
-            return
-        intents = int(raw_intents)
-        if intents < 0 or intents & ~events.DOCUMENTED_INTENTS:
-            close(4013, "Invalid intent(s)", f"4013 invalid intents {intents!r} shard {label}")
-            return
-        disallowed = intents & events.PRIVILEGED_INTENTS & ~cfg.allowed_privileged
-        if disallowed:
-            close(
-                4014,
-                "Disallowed intent(s)",
-                f"4014 disallowed privileged intents {disallowed} shard {label}",
-            )
-            return
-        self._check_identify_fields(d, label)
-        bucket = shard_id % cfg.max_concurrency
-        last = self._bucket_last.get(bucket)
-        if last is not None and now - last < cfg.identify_window:
-            record.outcome = "invalid_session"
-            self._violation(
-                f"identify concurrency bucket {bucket}: 2 identifies {now - last:.2f} s apart "
-                f"(shard {shard_id})"
-            )
-            conn.write([events.INVALID_SESSION_FALSE])
-            return
-        self._refresh_session_limit(now)
-        if self._remaining <= 0:
-            record.outcome = "invalid_session"
-            self._violation(f"session start limit exhausted: identify shard {shard_id}")
-            conn.write([events.INVALID_SESSION_FALSE])
-            return
-        self._remaining -= 1
-        self._bucket_last[bucket] = now
-        self._start_session(
-            conn=conn,
-            record=record,
-            d=d,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            intents=intents,
-            now=now,
-        )
-
-    def _check_identify_fields(self, d: dict[str, Any], label: str) -> None:
-        props = d.get("properties")
-        if not isinstance(props, dict) or not all(k in props for k in ("os", "browser", "device")):
-            self._violation(f"identify properties lack os/browser/device shard {label}")
-        threshold = d.get("large_threshold")
-        if threshold is not None and not (_is_int(threshold) and 50 <= threshold <= 250):
-            self._violation(f"identify large_threshold {threshold!r} not in 50..250 shard {label}")
-        presence = d.get("presence")
-        if presence is not None and not isinstance(presence, dict):
-            self._violation(f"identify presence is not an object shard {label}")
-
-    def _start_session(
-        self,
-        *,
-        conn: _Conn,
-        record: IdentifyRecord,
-        d: dict[str, Any],
-        shard_id: int,
-        num_shards: int,
-        intents: int,
-        now: float,
-    ) -> None:
-        cfg = self.config
-        session_id = secrets.token_hex(16)
-        guild_ids = events.guild_ids_for_shard(shard_id, num_shards, cfg.guilds_per_shard)
-        session = _Session(
-            session_id=session_id,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            intents=intents,
-            guild_ids=guild_ids,
-            created_at=now,
-        )
-        self._sessions[session_id] = session
-        self._shard_sessions.setdefault(shard_id, []).append(session)
-        self.ledger.sent_dispatches[session_id] = session.log
-        self._attach(session, conn)
-        record.outcome = "ready"
-        record.session_id = session_id
-        if d.get("compress") is True and conn.mode == _PLAIN:
-            conn.mode = _PAYLOAD_ZLIB
-        version = int(conn.record.query.get("v", "10"))
-        self._append(
-            session,
-            "READY",
-            None,
-            lambda seq: events.ready(
-                seq=seq,
-                version=version,
-                user_id=self._user_id,
-                application_id=self._application_id,
-                session_id=session_id,
-                resume_gateway_url=self.resume_url,
-                shard=(shard_id, num_shards),
-                guild_ids=guild_ids,
-                trace_name=cfg.trace_name,
-            ),
-        )
-        raw_threshold = d.get("large_threshold")
-        threshold = raw_threshold if _is_int(raw_threshold) else 50
-        for index, guild_id in enumerate(guild_ids):
-            build = functools.partial(
-                events.guild_create,
-                guild_id=guild_id,
-                index=index,
-                large_threshold=threshold,
-                min_bytes=cfg.big_guild_create_bytes if index == 0 else 0,
-            )
-            self._append(session, "GUILD_CREATE", None, build)
-        self._flush(session, force=True)
-        logger.info("shard %d/%d: new session %s", shard_id, num_shards, session_id)
-
-    def _on_resume(self, conn: _Conn, d: Any, now: float) -> None:
-        session_id = d.get("session_id") if isinstance(d, dict) else None
-        seq = d.get("seq") if isinstance(d, dict) else None
-        record = ResumeRecord(now, conn.id, None, session_id, seq)
-        self.ledger.resumes.append(record)
-
-        def close(code: int, reason: str, violation: str) -> None:
-            self._refuse(conn, record, code, reason, violation)
-
-        if conn.session is not None:
-            close(4005, "Already authenticated", f"4005 resume on an authenticated conn {conn.id}")
-            return
-        if (
-            not isinstance(d, dict)
-            or not isinstance(session_id, str)
-            or not (seq is None or _is_int(seq))
-        ):
-            close(4001, "Invalid payload for resume", f"4001 malformed resume (conn {conn.id})")
-            return
-        token = d.get("token")
-        if not isinstance(token, str) or token not in (
-            self.config.token,
-            f"Bot {self.config.token}",
-        ):
-            close(4004, "Authentication failed", f"4004 authentication failed on resume {conn.id}")
-            return
-        session = self._sessions.get(session_id)
-        if session is not None:
-            record.shard_id = session.shard_id
-            conn.shard_id = session.shard_id
-            conn.record.shard_id = session.shard_id
-        if session is None or self._session_dead(session, now):
-            if session is not None:
-                session.invalidated = True
-            record.outcome = "invalid_session"
-            conn.write([events.INVALID_SESSION_FALSE])
-            return
-        log = session.log
-        client_seq = seq or 0
-        if client_seq > log.last_seq or client_seq < 0:
-            session.invalidated = True
-            close(
-                4007,
-                "Invalid seq",
-                f"4007 resume seq {client_seq} beyond last seq {log.last_seq} "
-                f"shard {session.shard_id}",
-            )
-            return
-        if client_seq > log.written:
-            self._violation(
-                f"resume seq {client_seq} was never sent (last written {log.written}) "
-                f"shard {session.shard_id}"
-            )
-        if session.conn is not None:
-            self._drop(session.conn)  # a resume takes the session over from a zombie
-        self._attach(session, conn)
-        replay = [
-            s
-            for s in range(client_seq + 1, log.last_seq + 1)
-            if log.event(s) not in ("READY", "RESUMED")
-        ]
-        resumed_seq = self._append(
-            session, "RESUMED", None, lambda s: events.resumed(s, self.config.trace_name)
-        )
-        payload = session.payload
-        # Replay everything after the client's seq (including what was queued while away),
-        # then RESUMED, in one write.
-        if conn.write(itertools.chain((payload(s) for s in replay), (payload(resumed_seq),))):
-            log.written = resumed_seq
-        record.success = True
-        record.outcome = "resumed"
-        record.replayed = len(replay)
-        logger.info(
-            "shard %d: resumed session %s from seq %d (%d replayed)",
-            session.shard_id,
-            session_id,
-            client_seq,
-            len(replay),
-        )
-        self._flush(session)
-
-    def _on_command(self, conn: _Conn, session: _Session, op: int, d: Any, now: float) -> None:
-        self.ledger.commands.append(CommandRecord(now, conn.id, conn.shard_id, op, d))
-        if not isinstance(d, dict):
-            self._violation(f"4001 op {op} without an object d shard {session.shard_id}")
-            self._server_close(conn, 4001, "Invalid payload")
-            return
-        if op == 8:
-            self._on_request_members(session, d, now)
-        elif op == 31:
-            guild_ids = d.get("guild_ids")
-            for guild_id in guild_ids if isinstance(guild_ids, list) else []:
-                build = functools.partial(events.soundboard_sounds, guild_id=str(guild_id))
-                self._append(session, "SOUNDBOARD_SOUNDS", None, build)
-        elif op == 43:
-            gid = str(d.get("guild_id"))
-            self._append(
-                session, "CHANNEL_INFO", None, lambda s: events.channel_info(seq=s, guild_id=gid)
-            )
-        self._flush(session)
-
-    def _on_request_members(self, session: _Session, d: dict[str, Any], now: float) -> None:
-        gid = str(d.get("guild_id"))
-        nonce = d.get("nonce") if isinstance(d.get("nonce"), str) else None
-        all_members = d.get("query") == "" and d.get("limit") == 0
-        if all_members and self.config.member_request_limit:
-            last = self._member_requests.get(gid)
-            if last is not None and now - last < MEMBER_REQUEST_WINDOW:
-                meta: dict[str, Any] = {"guild_id": gid}
-                if nonce is not None:
-                    meta["nonce"] = nonce
-                retry = MEMBER_REQUEST_WINDOW - (now - last)
-                self._append(
-                    session,
-                    "RATE_LIMITED",
-                    None,
-                    lambda s: events.rate_limited(seq=s, opcode=8, retry_after=retry, meta=meta),
-                )
-                return
-            self._member_requests[gid] = now
-        user_ids = d.get("user_ids")
-        ids = [str(u) for u in user_ids] if isinstance(user_ids, list) else []
-        self._append(
-            session,
-            "GUILD_MEMBERS_CHUNK",
-            None,
-            lambda s: events.guild_members_chunk(seq=s, guild_id=gid, nonce=nonce, user_ids=ids),
-        )
-
-    def _apply_fault(self, conn: _Conn, fault: Fault) -> None:
-        if isinstance(fault, Reconnect):
-            conn.write([events.RECONNECT])
-            self._schedule_reconnect_close(conn)
-        elif isinstance(fault, InvalidSession):
-            conn.write(
-                [events.INVALID_SESSION_TRUE if fault.resumable else events.INVALID_SESSION_FALSE]
-            )
-            session = conn.session
-            if session is not None:
-                self._detach(session)
-                if not fault.resumable:
-                    session.invalidated = True
-        elif isinstance(fault, WithholdAcks):
-            conn.withhold_acks = fault.on
-        elif isinstance(fault, HeartbeatRequest):
-            conn.write([events.HEARTBEAT_REQUEST])
-        elif isinstance(fault, Close):
-            self._server_close(conn, fault.code, fault.reason)
-        elif isinstance(fault, Drop):
-            self._drop(conn)
-        elif isinstance(fault, CorruptCompressed):
-            conn.write_corrupt()
-        elif isinstance(fault, MalformedJson):
-            conn.write([events.MALFORMED_JSON])
-        elif isinstance(fault, UnknownOpcode):
-            conn.write([events.UNKNOWN_OPCODE])
-        elif isinstance(fault, UnknownDispatch):
-            session = conn.session
-            if session is not None:
-                uid = self._ids.take()
-                guild_id = session.factory.guild_for(uid)
-                self._append(
-                    session,
-                    "FUTURE_EVENT",
-                    uid,
-                    lambda s: events.future_event(seq=s, event_id=uid, guild_id=guild_id),
-                )
-                self._flush(session, force=True)
-        else:
-            raise TypeError(f"unknown fault {fault!r}")
+            self._gw.on_closed(conn)

@@ -30,7 +30,7 @@ from spectacles_gateway.simulator import Drop, Simulator, SimulatorConfig
 from supervisor.status import page
 
 from .gwproc import BIN, duration, free_port, gateway_env, status
-from .gwtest import t
+from .gwtest import t, wait_until
 from .support.statusview import FakeView, serve, shard_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,19 +95,6 @@ def browser() -> Iterator[Any]:
 
 def js(browser: Any, script: str, *args: Any) -> Any:
     return browser.execute_script(script, *args)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something true (and return that); ``timeout`` is
-    scaled once here."""
-    deadline = time.monotonic() + t(timeout)
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {t(timeout):.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def script_errors(browser: Any) -> list[str]:
@@ -185,7 +172,7 @@ def supervisor_status(port: int) -> dict[str, Any] | None:
         return None
 
 
-def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
+async def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
     browser: Any, tmp_path: Path
 ) -> None:
     shards, rate, victim = 24, 5.0, 7
@@ -212,12 +199,14 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
         )
     release = threading.Event()
     try:
-        wait_for(lambda: (supervisor_status(port) or {}).get("ready"), 60, "every shard READY")
+        await wait_until(
+            lambda: (supervisor_status(port) or {}).get("ready"), 60, "every shard READY"
+        )
         browser.get(f"http://127.0.0.1:{port}/")
         # Every shard the simulator runs, ready, on the page; nothing else.
         running = set(sim.call(lambda: {r.shard_id for r in sim.sim.ledger.identifies}))
         assert running == set(range(shards))
-        wait_for(
+        await wait_until(
             lambda: (
                 set(view := shown(browser)) == running
                 and all(v["dom_state"] == "ready" and "s-ready" in v["cls"] for v in view.values())
@@ -227,12 +216,12 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
         )
 
         # Events per second (derived in the page from seq deltas), latency, the worker's pid.
-        def complete() -> dict[int, dict[str, Any]] | None:
-            view = shown(browser)
-            filled = all(v["eps"] and v["latency_ms"] is not None for v in view.values())
-            return view if filled else None
-
-        view = wait_for(complete, 40, "events per second and latency for every shard")
+        await wait_until(
+            lambda: all(v["eps"] and v["latency_ms"] is not None for v in shown(browser).values()),
+            40,
+            "events per second and latency for every shard",
+        )
+        view = shown(browser)
         total = sum(v["eps"] for v in view.values())
         print(f"shard map: {total:.1f} events/s on the page for {shards} shards x {rate:g}/s")
         assert 0.3 * shards * rate <= total <= 3 * shards * rate
@@ -243,7 +232,7 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
         written = sim.call(
             lambda: {s: sim.sim.ledger.sessions_for(s)[-1].written for s in range(shards)}
         )
-        wait_for(
+        await wait_until(
             lambda: {s: v["seq"] for s, v in shown(browser).items()} == written,
             20,
             f"the page's seq to be the simulator's {written}",
@@ -253,11 +242,12 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
 
         # Kill one shard's connection; the simulator answers nothing until the page shows it.
         sim.kill_and_hold(victim, release)
-        down = wait_for(
-            lambda: (v := shown(browser)[victim])["dom_state"] in NOT_READY and v,
+        await wait_until(
+            lambda: shown(browser)[victim]["dom_state"] in NOT_READY,
             30,
             f"shard {victim} shown as not ready",
         )
+        down = shown(browser)[victim]  # and so it stays while the simulator is held
         assert f"s-{down['state']}" in down["cls"], down
         others = shown(browser)
         assert all(v["dom_state"] == "ready" for s, v in others.items() if s != victim)
@@ -269,7 +259,7 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
         SCREENSHOT.parent.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
         release.set()
-        wait_for(
+        await wait_until(
             lambda: shown(browser)[victim]["dom_state"] == "ready",
             30,
             f"shard {victim} ready again on the page",
@@ -298,11 +288,15 @@ def test_the_map_follows_a_real_gateway_through_a_dropped_connection(
 # 2,500 shards, and a fleet
 
 
+def refreshes(browser: Any) -> int:
+    return js(browser, "return window.shardmap.refreshes")  # type: ignore[no-any-return]
+
+
 def timings(browser: Any) -> dict[str, list[float]]:
     return js(browser, "return window.shardmap.timings")  # type: ignore[no-any-return]
 
 
-def test_two_thousand_five_hundred_shards_render_and_refresh(browser: Any) -> None:
+async def test_two_thousand_five_hundred_shards_render_and_refresh(browser: Any) -> None:
     shards = 2500
     view = FakeView.of(shards, workers=8)
     # Start-up: the last 500 shards wait for their identify.
@@ -323,9 +317,9 @@ def test_two_thousand_five_hundred_shards_render_and_refresh(browser: Any) -> No
         served.before = churn
         started = time.monotonic()
         browser.get(served.url + "/?every=500")
-        wait_for(lambda: js(browser, "return window.shardmap.refreshes") >= 1, 30, "a first render")
+        await wait_until(lambda: refreshes(browser) >= 1, 30, "a first render")
         first = time.monotonic() - started
-        wait_for(lambda: js(browser, "return window.shardmap.refreshes") >= 21, 60, "20 refreshes")
+        await wait_until(lambda: refreshes(browser) >= 21, 60, "20 refreshes")
         got = timings(browser)
         cells = js(browser, "return document.querySelectorAll('#grid .c').length")
         size = js(browser, "return window.shardmap.bytes")
@@ -366,7 +360,7 @@ def fetch_bytes(url: str) -> bytes:
         return response.read()  # type: ignore[no-any-return]
 
 
-def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> None:
+async def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> None:
     view = FakeView.of(6, workers=2)  # this member runs shards 0-5 of 12
     fleet = {
         "name": "bot",
@@ -383,7 +377,7 @@ def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> None:
     with serve(view) as served:
         served.extra = {"fleet": fleet}
         browser.get(served.url + "/")
-        wait_for(lambda: len(shown(browser)) == 12, 20, "12 shards on the map")
+        await wait_until(lambda: len(shown(browser)) == 12, 20, "12 shards on the map")
         view_ = shown(browser)
         assert all(view_[s]["dom_state"] == "ready" for s in range(6))
         assert all(
@@ -408,16 +402,13 @@ def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> None:
         assert not script_errors(browser)
 
 
-def test_a_supervisor_that_stops_answering_is_said_so(browser: Any) -> None:
+async def test_a_supervisor_that_stops_answering_is_said_so(browser: Any) -> None:
     with serve(FakeView.of(4, workers=1)) as served:
         browser.get(served.url + "/?every=250")
-        wait_for(lambda: js(browser, "return window.shardmap.refreshes") >= 1, 20, "a render")
+        await wait_until(lambda: refreshes(browser) >= 1, 20, "a render")
     # The listener is gone: the page says so and keeps the last picture.
-    banner = wait_for(
-        lambda: js(browser, "return document.getElementById('banner').innerText"),
-        20,
-        "the banner",
-    )
-    assert "does not answer" in banner
+    banner = "return document.getElementById('banner').innerText"
+    await wait_until(lambda: js(browser, banner), 20, "the banner")
+    assert "does not answer" in js(browser, banner)
     assert js(browser, "return document.getElementById('badge').textContent") == "no answer"
     assert len(shown(browser)) == 4

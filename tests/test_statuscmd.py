@@ -8,10 +8,6 @@ import asyncio
 import base64
 import json
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ from supervisor.statuscmd import GLYPHS, default_url, render
 from .gwproc import BIN, free_port, gateway, gateway_env
 from .gwproc import status as get_status
 from .gwtest import simulator, t, wait_until
+from .support.answers import answering
 from .support.statusview import FakeView, shard_status
 
 PASSWORD = "s3cret-proxy-pass"
@@ -99,32 +96,6 @@ def test_no_address_to_ask_is_a_configuration_error() -> None:
     ]
 
 
-@contextmanager
-def answering(status_code: int, body: bytes) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """A listener that answers every GET with ``body``; the requests' headers are recorded."""
-    seen: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(dict(self.headers.items(), path=self.path))
-            self.send_response(status_code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize(
     ("code", "body", "says"),
     [
@@ -142,7 +113,7 @@ def answering(status_code: int, body: bytes) -> Iterator[tuple[str, list[dict[st
 def test_an_answer_that_is_not_a_status_is_one_line_and_exit_1(
     code: int, body: bytes, says: str
 ) -> None:
-    with answering(code, body) as (url, _):
+    with answering(lambda n: (code, {}, body)) as (url, _):
         done = status_cmd("--url", url)
     assert done.returncode == 1, done.stdout
     assert len(done.stderr.splitlines()) == 1, done.stderr
@@ -152,15 +123,15 @@ def test_an_answer_that_is_not_a_status_is_one_line_and_exit_1(
 def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_shown() -> None:
     view = FakeView.of(3, workers=1)
     body = json.dumps(status(view, 0.0) | {"columns": shard_columns(view)}).encode()  # type: ignore[arg-type]
-    with answering(200, body) as (url, seen):
+    with answering(lambda n: (200, {"Content-Type": "application/json"}, body)) as (url, seen):
         done = status_cmd("--url", url.replace("://", f"://watcher:{PASSWORD}@") + "/gw/")
     assert done.returncode == 0, done.stderr
     assert PASSWORD not in done.stdout + done.stderr
     assert done.stdout.startswith("supervisor at http://***@127.0.0.1:")
     (request,) = seen
-    assert request["path"] == "/gw/status?shards=columns"  # under the URL's path prefix
+    assert request[":path"] == "/gw/status?shards=columns"  # under the URL's path prefix
     expected = base64.b64encode(f"watcher:{PASSWORD}".encode()).decode()
-    assert request["Authorization"] == f"Basic {expected}"
+    assert request["authorization"] == f"Basic {expected}"
 
 
 def test_many_shards_a_grid_and_the_unready_ones_only() -> None:

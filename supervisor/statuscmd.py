@@ -22,6 +22,7 @@ from spectacles_gateway.exitcodes import EX_CONFIG
 from spectacles_gateway.redact import redact_url
 from spectacles_gateway.shardspec import parse_shard_spec
 
+from .plan import describe_ids
 from .status import human
 
 __all__ = ["GLYPHS", "default_url", "render", "run_status"]
@@ -121,6 +122,32 @@ def _shards(data: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _fleet(fleet: dict[str, Any] | None, shard_count: int) -> list[str]:
+    """The fleet section: this member, every member's shards against its fair share, and the
+    shards that nobody owns."""
+    if not fleet:
+        return []
+    me = fleet.get("member")
+    head = f"fleet {fleet.get('name')}: this member {me}"
+    if fleet.get("draining"):
+        head += " (draining: handing its shards off)"
+    targets = fleet.get("targets") or {}
+    rows = [["member", "shards", "target", "capacity", "renewed"]]
+    for m in fleet.get("members") or []:
+        name = str(m["member"]) + (" (this one)" if m["member"] == me else "")
+        ago = m.get("last_renewal_ago")
+        renewed = "-" if ago is None else f"{ago:.1f} s ago"
+        capacity = str(m.get("capacity") or "any")
+        rows.append([name, str(m.get("shards")), str(targets.get(m["member"], "-")), capacity])
+        rows[-1].append(renewed)
+    owned = {int(s) for s in fleet.get("owners") or {}}
+    unowned = [s for s in range(shard_count) if s not in owned]
+    lines = [head, *_table(rows)] if len(rows) > 1 else [head]
+    if unowned:
+        lines.append(f"  shards without an owner: {describe_ids(unowned)}")
+    return lines
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return ["  " + "  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
@@ -148,6 +175,7 @@ def render(data: dict[str, Any], url: str) -> str:
     ]
     states = data.get("states") or {}
     lines.append("states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    lines += _fleet(data.get("fleet"), int(data.get("shard_count") or 0))
     workers = data.get("workers") or []
     if workers:
         rows = [["worker", "pid", "shards", "broker", "restarts"]]

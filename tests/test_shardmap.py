@@ -31,7 +31,7 @@ from supervisor.status import page
 
 from .gwproc import BIN, duration, free_port, gateway_env, status
 from .gwtest import t, wait_until
-from .support.statusview import FakeView, serve, shard_status
+from .support.statusview import FakeView, FleetView, MemberView, fleet_member, serve, shard_status
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "shardmap.png"
@@ -361,34 +361,33 @@ def fetch_bytes(url: str) -> bytes:
 
 
 async def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> None:
-    view = FakeView.of(6, workers=2)  # this member runs shards 0-5 of 12
-    fleet = {
-        "name": "bot",
-        "member": "host-a-101",
-        "members": [
-            {"id": "host-a-101", "capacity": 0, "shards": 6, "last_renewal": time.time()},
-            {"id": "host-b-202", "capacity": 8, "shards": 6, "last_renewal": time.time()},
-        ],
-        "shards": {
-            str(s): {"owner": "host-a-101" if s < 6 else "host-b-202", "epoch": 3 + s}
-            for s in range(12)
-        },
-    }
+    # This member runs shards 0-5 of 12; another runs 6-10; shard 11 has no owner right now.
+    owners = {s: ("host-a-101" if s < 6 else "host-b-202", 3 + s) for s in range(11)}
+    members = [MemberView("host-a-101", 0, 6, 0.4), MemberView("host-b-202", 8, 5, 2.5)]
+    targets = {"host-a-101": 6, "host-b-202": 6}
+    view = fleet_member(
+        FakeView.of(6, workers=2), "host-a-101", 12, FleetView(members, owners, targets)
+    )
     with serve(view) as served:
-        served.extra = {"fleet": fleet}
         browser.get(served.url + "/")
         await wait_until(lambda: len(shown(browser)) == 12, 20, "12 shards on the map")
-        view_ = shown(browser)
-        assert all(view_[s]["dom_state"] == "ready" for s in range(6))
-        assert all(
-            view_[s]["dom_state"] == "remote" and "s-remote" in view_[s]["cls"]
-            for s in range(6, 12)
-        )
-        assert [view_[s]["owner"] for s in (0, 11)] == ["host-a-101", "host-b-202"]
-        assert view_[11]["epoch"] == 14
-        members = js(browser, "return document.querySelector('#members tbody').innerText")
-        assert "host-a-101 (this one)" in members and "host-b-202" in members
+        cells = shown(browser)
+        assert [cells[s]["dom_state"] for s in range(12)] == ["ready"] * 6 + ["remote"] * 5 + [
+            "unowned"
+        ]
+        assert "s-remote" in cells[6]["cls"] and "s-unowned" in cells[11]["cls"]
+        assert [cells[s]["owner"] for s in (0, 10, 11)] == ["host-a-101", "host-b-202", None]
+        assert cells[10]["epoch"] == 13
+        table = js(browser, "return document.querySelector('#members tbody').innerText")
+        rows = [line.split("\t") for line in table.splitlines()]
+        assert rows == [
+            ["host-a-101 (this one)", "6", "6", "any", "0.4 s ago"],
+            ["host-b-202", "5", "6", "8", "2.5 s ago"],
+        ]
         assert js(browser, "return document.getElementById('fleetBox').hidden") is False
+        # The shard nobody owns is a problem to show.
+        problems = js(browser, "return document.querySelector('#problems tbody').innerText")
+        assert problems.split("\t")[:2] == ["11", "no owner"]
         # Coloured by member: one colour per owner.
         js(
             browser,
@@ -397,8 +396,8 @@ async def test_a_fleet_section_shows_members_and_every_owner(browser: Any) -> No
         )
         classes = {s: v["cls"].split()[1] for s, v in shown(browser).items()}
         assert len({classes[s] for s in range(6)}) == 1
-        assert len({classes[s] for s in range(6, 12)}) == 1
-        assert classes[0] != classes[11]
+        assert len({classes[s] for s in range(6, 11)}) == 1
+        assert classes[0] != classes[10]
         assert not script_errors(browser)
 
 

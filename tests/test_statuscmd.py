@@ -20,7 +20,7 @@ from .gwproc import BIN, free_port, gateway, gateway_env
 from .gwproc import status as get_status
 from .gwtest import simulator, t, wait_until
 from .support.answers import answering
-from .support.statusview import FakeView, shard_status
+from .support.statusview import FakeView, FleetView, MemberView, fleet_member, shard_status
 
 PASSWORD = "s3cret-proxy-pass"
 
@@ -190,3 +190,20 @@ def test_the_default_address_is_the_listener_seen_from_this_host(
     address: str, url: str | None
 ) -> None:
     assert default_url(PrometheusSettings(address=address)) == url
+
+
+def test_a_fleet_member_shows_the_members_and_the_shards_nobody_owns() -> None:
+    owners = {s: ("host-a-101" if s < 6 else "host-b-202", 3 + s) for s in range(10)}
+    members = [MemberView("host-a-101", 0, 6, 0.4), MemberView("host-b-202", 8, 4, 2.5)]
+    fleet = FleetView(members, owners, {"host-a-101": 6, "host-b-202": 6})
+    view = fleet_member(FakeView.of(6, workers=2), "host-a-101", 12, fleet)
+    data = status(view, 0.0) | {"columns": shard_columns(view)}  # type: ignore[arg-type]
+    lines = render(data, "http://h:1").splitlines()
+    start = lines.index("fleet bot: this member host-a-101")
+    assert [line.split() for line in lines[start + 1 : start + 4]] == [
+        ["member", "shards", "target", "capacity", "renewed"],
+        ["host-a-101", "(this", "one)", "6", "6", "any", "0.4", "s", "ago"],
+        ["host-b-202", "4", "6", "8", "2.5", "s", "ago"],
+    ]
+    assert lines[start + 4] == "  shards without an owner: 10-11"
+    assert "not ready" in lines[0]  # the fleet does not own every shard

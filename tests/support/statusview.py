@@ -8,19 +8,19 @@ whose shard statuses the test sets (no worker processes behind them).
 
 from __future__ import annotations
 
-import json
+import random
 import selectors
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from spectacles_gateway import metrics
-from spectacles_gateway.control import ShardStatus
+from spectacles_gateway.control import FleetView, MemberView, ShardStatus
 from spectacles_gateway.protocol.identify import IdentifyPacer
 from spectacles_gateway.telemetry import Aggregator
+from supervisor.fleet import FleetOptions, FleetSide
 from supervisor.httpd import HttpServer, Response
 from supervisor.plan import group_shards
 from supervisor.slots import WorkerSlot
@@ -46,6 +46,7 @@ class FakeView:
     pacer: IdentifyPacer = field(default_factory=lambda: IdentifyPacer(16))
     stopping: str | None = None
     started: float = field(default_factory=time.monotonic)
+    fleet: FleetSide | None = None
 
     @classmethod
     def of(cls, shards: int, workers: int = 4, state: str = "ready") -> FakeView:
@@ -65,8 +66,6 @@ class FakeView:
 class Served:
     view: FakeView
     port: int
-    #: Added to every ``/status`` answer (a ``fleet`` section, say).
-    extra: dict[str, Any] = field(default_factory=dict)
     #: Called in the server's thread before each request: changes between refreshes.
     before: Callable[[FakeView], None] | None = None
     requests: int = 0
@@ -87,10 +86,7 @@ def serve(view: FakeView) -> Iterator[Served]:
         served.requests += 1
         if served.before is not None:
             served.before(view)
-        response = routes(path, query)
-        if path == "/status" and served.extra:
-            response.body = json.dumps(json.loads(response.body) | served.extra).encode()
-        return response
+        return routes(path, query)
 
     server = HttpServer(selector, "127.0.0.1", 0, handler)
     served = Served(view, server.port)
@@ -111,3 +107,27 @@ def serve(view: FakeView) -> Iterator[Served]:
         thread.join(5)
         server.close()
         selector.close()
+
+
+def fleet_member(
+    view: FakeView, member: str, shard_count: int, fleet: FleetView, name: str = "bot"
+) -> FakeView:
+    """``view`` as the member ``member`` of a fleet of ``shard_count`` shards that its agent
+    sees as ``fleet`` (what ``/status`` says of the fleet comes from the real fleet side)."""
+    options = FleetOptions(name, member, 10.0, None, 1000, 1000, 0.0)
+    view.shard_count = shard_count
+    view.fleet = FleetSide(
+        options,
+        shard_count,
+        [],
+        selectors.DefaultSelector(),
+        view.slots,
+        {s: slot for slot in view.slots for s in slot.shards},
+        Aggregator(metrics.REGISTRY.families),
+        random.random,
+        view=fleet,
+    )
+    return view
+
+
+__all__ = ["FakeView", "FleetView", "MemberView", "Served", "fleet_member", "serve", "shard_status"]

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from spectacles_gateway.config import SIMULATED_TOKEN, Loaded, run_or_exit
+from spectacles_gateway.config import SIMULATED_TOKEN, Loaded, StatusCommand, run_or_exit
 from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
 from spectacles_gateway.exitcodes import EX_CONFIG, EX_UNAVAILABLE
 from spectacles_gateway.logsetup import setup_logging
@@ -182,6 +182,10 @@ def run(loaded: Loaded, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     loaded = run_or_exit(args, os.environ)
+    if isinstance(loaded.cli.command, StatusCommand):
+        from .statuscmd import run_status
+
+        return run_status(loaded.cli.command, loaded.settings.prometheus, sys.stdout, sys.stderr)
     if loaded.cli.command is not None:  # parsed by the config package; not run yet
         name = type(loaded.cli.command).__name__.removesuffix("Command").lower()
         print(f"spectacles-supervise: the {name} command is not available yet", file=sys.stderr)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import cache
+from importlib import resources
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from spectacles_gateway import metrics
 from spectacles_gateway.protocol.identify import IdentifyPacer
@@ -19,7 +22,7 @@ from .httpd import Response
 from .plan import describe_ids
 from .slots import WorkerSlot
 
-__all__ = ["Routes", "View", "human", "progress", "readiness", "status"]
+__all__ = ["Routes", "View", "human", "page", "progress", "readiness", "shard_columns", "status"]
 
 
 class View(Protocol):
@@ -98,6 +101,51 @@ def shard_entries(view: View) -> dict[str, dict[str, Any]]:
     return shards
 
 
+def shard_columns(view: View) -> dict[str, Any]:
+    """Every shard, column by column, for the shard map (``/status?shards=columns``).
+
+    About a sixth of ``/status?shards=1`` in bytes: the ids as a range spec, states and close
+    reasons as indexes into short lists, and one array per value, in shard id order. A shard
+    with no report yet is ``starting`` with nulls.
+    """
+    rows: list[tuple[int, int, Any]] = []
+    for slot in view.slots:
+        rows.extend((shard, slot.index, slot.status.get(shard)) for shard in slot.shards)
+    rows.sort(key=lambda row: row[0])
+    names: dict[str, int] = {}
+    closes: dict[str, int] = {}
+    state: list[int] = []
+    seq: list[int | None] = []
+    latency: list[float | None] = []
+    last_close: list[int] = []
+    fatal: dict[str, int] = {}
+    for shard, _, info in rows:
+        if info is None:
+            state.append(names.setdefault("starting", len(names)))
+            seq.append(None)
+            latency.append(None)
+            last_close.append(-1)
+            continue
+        state.append(names.setdefault(info.state, len(names)))
+        seq.append(info.seq)
+        latency.append(info.latency_ms)
+        close = info.last_close
+        last_close.append(-1 if close is None else closes.setdefault(close, len(closes)))
+        if info.fatal is not None:
+            fatal[str(shard)] = info.fatal
+    return {
+        "ids": describe_ids([shard for shard, _, _ in rows]),
+        "states": list(names),
+        "state": state,
+        "seq": seq,
+        "latency_ms": latency,
+        "worker": [index for _, index, _ in rows],
+        "closes": list(closes),
+        "last_close": last_close,
+        "fatal": fatal,
+    }
+
+
 def status(view: View, now: float, *, shards: bool = False) -> dict[str, Any]:
     """The summary (quick at any shard count); with ``shards``, every shard too."""
     states: dict[str, int] = {}
@@ -140,6 +188,12 @@ def human(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@cache
+def page() -> bytes:
+    """The shard map (``GET /``): one self-contained HTML file shipped in the package."""
+    return resources.files("supervisor").joinpath("shardmap.html").read_bytes()
+
+
 class Routes:
     """``GET`` handlers of the metrics and health listener."""
 
@@ -159,7 +213,12 @@ class Routes:
             ready, why = readiness(self.view)
             return Response(200 if ready else 503, (why + "\n").encode())
         if path == "/status":
-            detail = "shards=1" in query.split("&") or "shards=all" in query.split("&")
-            body = json.dumps(status(self.view, time.monotonic(), shards=detail)).encode()
+            shards = parse_qs(query).get("shards", [""])[-1]
+            out = status(self.view, time.monotonic(), shards=shards in ("1", "all"))
+            if shards == "columns":
+                out["columns"] = shard_columns(self.view)
+            body = json.dumps(out, separators=(",", ":")).encode()
             return Response(200, body, "application/json")
+        if path == "/":
+            return Response(200, page(), "text/html; charset=utf-8")
         return Response(404, b"not found\n")

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
+
+from .support.answers import Answer, answering
 
 TOKEN = "discovery-test-token"
 GOOD = {
@@ -24,35 +24,13 @@ GOOD = {
         "max_concurrency": 16,
     },
 }
-Answer = tuple[int, dict[str, str], bytes]
 
 
 @contextlib.contextmanager
 def server(answers: Callable[[int], Answer]) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    seen: list[dict[str, str]] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append({k.lower(): v for k, v in self.headers.items()})
-            status, headers, body = answers(len(seen))
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return None
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_port}/api/v10", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    """A REST API root answering ``answers(n)`` to the n-th request."""
+    with answering(answers) as (url, seen):
+        yield f"{url}/api/v10", seen
 
 
 def ok(obj: Any = GOOD) -> Answer:

@@ -166,6 +166,7 @@ def test_sdist_and_wheel_build_and_pass_twine_check(dist: Path) -> None:
     assert "License-Expression: MIT" in metadata
     assert not any(n.startswith("tests/") for n in names), "tests stay out of the wheel"
     assert "supervisor/cli.py" in names and "spectacles_gateway/worker.py" in names
+    assert "supervisor/shardmap.html" in names, "the shard map (GET /) ships as package data"
 
 
 def simulate(bin_: Path, cwd: Path, events: int = 5) -> tuple[int, list[dict[str, object]], str]:

@@ -26,7 +26,9 @@ def make_broker(settings: Settings, plan: WorkerPlan, *, confirm_on_relay: bool 
         from .brokers.redis_streams import RedisStreamsBroker
 
         return RedisStreamsBroker.from_settings(settings, plan)
-    return StdioBroker(settings.stdio.format, confirm_on_relay=confirm_on_relay)
+    return StdioBroker(
+        settings.stdio.format, confirm_on_relay=confirm_on_relay, generation=plan.generation
+    )
 
 
 def make_store(settings: Settings) -> ShardStore:

@@ -108,6 +108,13 @@ publish_latency = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+gaps = Counter(
+    "gateway_gaps",
+    "GATEWAY_GAP events published: events Discord will not send again, by why.",
+    ["reason"],
+    registry=_R,
+)
+
 # --- the supervisor's own ---
 session_starts_remaining = Gauge(
     "gateway_session_starts_remaining",

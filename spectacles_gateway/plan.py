@@ -42,6 +42,8 @@ class WorkerPlan(msgspec.Struct, frozen=True, kw_only=True):
     max_message_size: int = DEFAULT_MAX_MESSAGE
     command_queue_limit: int = 1000
     command_max_age: float = 120.0
+    #: Which side of a reshard this is (published with every event); 0 before any reshard.
+    generation: int = 0
 
     def __repr__(self) -> str:  # the token stays out of every repr
         return (

@@ -31,6 +31,7 @@ from .protocol.events import (
     CommandsSent,
     Dispatch,
     Event,
+    Gap,
     Notice,
     NoticeKind,
     ShardStats,
@@ -45,6 +46,8 @@ __all__ = ["Worker", "WorkerPlan"]
 log = logging.getLogger(__name__)
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+#: The control event that tells consumers about events Discord will never send again.
+GAP_EVENT = "GATEWAY_GAP"
 
 
 class Worker:
@@ -127,12 +130,39 @@ class Worker:
             for ticket in event.tickets:  # type: ignore[union-attr]
                 if callable(ticket):
                     ticket()
+        elif kind is Gap:
+            self.publish_gap(runner.shard_id, event)  # type: ignore[arg-type]
         elif kind is CommandsDropped:
             dropped: CommandsDropped = event  # type: ignore[assignment]
             metrics.input_dropped.labels(self.broker.name, dropped.reason).inc(len(dropped.tickets))
             for ticket in dropped.tickets:
                 if callable(ticket):
                     ticket()
+
+    def publish_gap(self, shard_id: int, gap: Gap) -> None:
+        """Tell the consumers, as an ordinary event ``GATEWAY_GAP`` on the same exchange,
+        stream or stdout, which events Discord will never send again."""
+        offset = time.time() - asyncio.get_running_loop().time()  # core time -> wall time
+        body = {
+            "shard_id": shard_id,
+            "shard_count": self.plan.shard_count,
+            "generation": self.plan.generation,
+            "reason": gap.reason,
+            "old_session": gap.old_session,
+            "new_session": gap.new_session,
+            "last_seq": gap.last_seq,
+            "since": round((gap.since + offset) * 1000),
+            "until": round((gap.until + offset) * 1000),
+        }
+        log.warning(
+            "shard %d: gap (%s): session %s… given up after seq %s; consumers are told",
+            shard_id,
+            gap.reason,
+            gap.old_session[:8],
+            gap.last_seq,
+        )
+        metrics.gaps.labels(gap.reason).inc()
+        self._publish(shard_id, GAP_EVENT, None, msgspec.json.encode(body), gap.new_session)
 
     def _notice(self, shard_id: int, notice: Notice) -> None:
         kind = notice.kind

@@ -97,14 +97,19 @@ def test_event_frames_are_what_pika_writes(
     fmt: str, persistent: bool, shard_id: int, seq: int | None
 ) -> None:
     builder = FrameBuilder(
-        exchange="gateway", expiration_ms=120000, persistent=persistent, fmt=fmt, channel=3
+        exchange="gateway",
+        expiration_ms=120000,
+        persistent=persistent,
+        fmt=fmt,
+        channel=3,
+        generation=shard_id % 3,
     )
     data = b'{"id":"1","content":"h\\u00e9llo"}'
     session = "9c3f1e2d4b5a69788796a5b4c3d2e1f0"
     for _ in range(2):  # the second time from the caches
         built = builder.event("MESSAGE_CREATE", shard_id, seq, session, data)
         timestamp = int.from_bytes(built[built.index(b"\xce\x03") - 8 : built.index(b"\xce\x03")])
-        headers: dict[str, int] = {"shard_id": shard_id}
+        headers: dict[str, int] = {"shard_id": shard_id, "generation": shard_id % 3}
         if seq is not None:
             headers["seq"] = seq
         props = spec.BasicProperties(
@@ -126,7 +131,7 @@ def test_big_bodies_are_split_at_the_frame_size_like_pika() -> None:
     data = json.dumps({"id": "1", "blob": "x" * 20000}).encode()
     built = builder.event("GUILD_CREATE", 0, 2, "s", data)
     props = spec.BasicProperties(
-        headers={"shard_id": 0, "seq": 2},
+        headers={"shard_id": 0, "generation": 0, "seq": 2},
         expiration="1000",
         message_id="s:2",
         timestamp=int.from_bytes(built[built.index(b"s:2") + 3 :][:8]),
@@ -162,8 +167,9 @@ def test_body_is_the_legacy_msgpack_string_of_the_raw_json(size: int, header: by
 
 
 def test_headers_table_and_message_ids() -> None:
-    assert event_headers_table(2, 9) == (
-        b"\x00\x00\x00\x17\x08shard_idI\x00\x00\x00\x02\x03seqI\x00\x00\x00\x09"
+    assert event_headers_table(2, 9, 1) == (
+        b"\x00\x00\x00\x27\x08shard_idI\x00\x00\x00\x02\x0agenerationI\x00\x00\x00\x01"
+        b"\x03seqI\x00\x00\x00\x09"
     )
     assert message_id("abc", 42, 0) == b"abc:42"
     assert message_id("abc", 42, 0) == message_id("abc", 42, 7)  # the same event, replayed

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from spectacles_gateway.simulator import Close, InvalidSession
+
 from .gwproc import gateway, gateway_env
 from .gwtest import simulator, wait_until
 from .support.brokers import AMQP_URL, PRESENCE, delete_group, depth, unique_group
@@ -133,3 +135,47 @@ async def test_a_spectacles_consumer_reads_every_event_and_its_sends_reach_the_r
         assert depth(f"{group}:SEND") == 0
     finally:
         delete_group(group, [f"{group}:MESSAGE_CREATE"], shards=2)
+
+
+async def test_gaps_reach_a_spectacles_consumer_as_ordinary_events(node: str) -> None:
+    """op 9 false and a forced re-identify (4009) each end a session: Discord will not send its
+    missed events again, and a GATEWAY_GAP says so to every consumer of the exchange."""
+    group = unique_group()
+    try:
+        async with simulator(shard_count=1, rate=50) as sim:
+            events = ("MESSAGE_CREATE", "GATEWAY_GAP")
+            async with spectacles_consumer(node, group, *events) as consumer:
+                env = gateway_env(sim, BROKER_TYPE="amqp", BROKER_GROUP=group, AMQP_URL=AMQP_URL)
+                async with gateway(env) as gw:
+                    await wait_until(lambda: len(consumer.ids()) > 20, 20, "events in node")
+                    first = sim.session_ids(0)[-1]
+                    seq = sim.ledger.sessions_for(0)[-1].last_seq
+                    sim.inject(0, InvalidSession(resumable=False))
+                    await wait_until(lambda: len(sim.session_ids(0)) == 2, 20, "a new session")
+                    await wait_until(lambda: len(gaps(consumer)) == 1, 20, "the first gap")
+                    second = sim.session_ids(0)[-1]
+                    sim.inject(0, Close(4009))  # session timed out: identify again
+                    await wait_until(lambda: len(gaps(consumer)) == 2, 30, "the second gap")
+                    third = sim.session_ids(0)[-1]
+                    code = await gw.stop()
+            assert code == 0, gw.log()[-3000:]
+            one, two = gaps(consumer)
+            assert (one["reason"], one["old_session"], one["new_session"]) == (
+                "invalid_session",
+                first,
+                second,
+            )
+            assert one["last_seq"] >= seq and one["shard_id"] == 0 and one["generation"] == 0
+            assert one["since"] <= one["until"]
+            assert (two["reason"], two["old_session"], two["new_session"]) == (
+                "session_closed",
+                second,
+                third,
+            )
+            assert sim.ledger.identify_count() == 3
+    finally:
+        delete_group(group, [f"{group}:MESSAGE_CREATE", f"{group}:GATEWAY_GAP"])
+
+
+def gaps(consumer: Consumer) -> list[dict[str, Any]]:
+    return [r["fields"] for r in consumer.of("event") if r["event"] == "GATEWAY_GAP"]

@@ -134,6 +134,7 @@ async def test_events_go_to_one_stream_per_event_with_the_amqp_body_and_are_conf
                 b"data": msgpack_string(event_data(1)),
                 b"shard_id": b"0",
                 b"seq": b"1",
+                b"generation": b"0",
                 b"id": b"sess-a:1",
             }
             # What @spectacles/brokers consumers do with the body: a string of JSON.

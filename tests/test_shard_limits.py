@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from spectacles_gateway.protocol.closecodes import CloseAction
-from spectacles_gateway.protocol.events import CommandsDropped, NoticeKind
+from spectacles_gateway.protocol.events import CommandsDropped, Gap, NoticeKind
 from spectacles_gateway.protocol.shard import CommandRejected, Phase, Session
 
 from .support.shard import (
@@ -78,6 +78,11 @@ def test_a_message_that_fails_twice_at_the_same_seq_makes_the_shard_identify() -
     assert core.session_id is None
     plan = core.plan_connect(1.4)
     assert plan is not None and plan.identify
+    core.connection_opened(3.0, identify_permitted=True)
+    core.receive(hello(), 3.0)
+    core.receive(ready(session="sess-2"), 3.1)
+    (gap,) = take(core, Gap)  # the unprocessable event and what followed are lost: say so
+    assert (gap.reason, gap.old_session, gap.last_seq) == ("unprocessable", "sess-1", 2)
 
 
 def test_a_transient_failure_is_forgotten_once_the_resume_gets_through() -> None:
@@ -181,3 +186,44 @@ def test_heartbeats_of_many_shards_fall_on_a_shared_grid() -> None:
         assert second is not None and 41.25 - 41.25 / 40 < second - first <= 41.25 + 1e-9
         times.add(round(second, 6))
     assert len(times) <= 41  # fifty shards, at most one wake-up per grid step
+
+
+def test_a_session_given_up_is_reported_as_a_gap_at_the_next_ready() -> None:
+    core = make()
+    connected_ready(core)
+    core.receive(dispatch(2), 1.0)
+    core.receive(j({"op": 9, "d": False}), 2.0)  # the session is gone: events after 2 are lost
+    assert take(core, Gap) == []  # not before we know the new session
+    core.connection_closed(2.1, None)
+    core.connection_opened(5.0, identify_permitted=True)
+    core.receive(hello(), 5.0)
+    core.receive(ready(session="sess-2"), 5.5)
+    (gap,) = take(core, Gap)
+    assert gap == Gap("invalid_session", "sess-1", 2, 2.0, "sess-2", 5.5)
+
+
+@pytest.mark.parametrize(("code", "reason"), [(4009, "session_closed"), (4007, "session_closed")])
+def test_a_session_closed_for_good_is_a_gap(code: int, reason: str) -> None:
+    core = make()
+    connected_ready(core)
+    core.connection_closed(3.0, code)
+    core.connection_opened(3.5, identify_permitted=True)
+    core.receive(hello(), 3.5)
+    core.receive(ready(session="sess-2"), 4.0)
+    (gap,) = take(core, Gap)
+    assert (gap.reason, gap.old_session, gap.new_session, gap.since) == (
+        reason,
+        "sess-1",
+        "sess-2",
+        3.0,
+    )
+
+
+def test_a_resume_is_no_gap() -> None:
+    core = make()
+    connected_ready(core)
+    core.connection_closed(1.0, 1006)
+    core.connection_opened(1.0, identify_permitted=False)
+    core.receive(hello(), 1.0)
+    core.receive(j({"op": 0, "t": "RESUMED", "s": 2, "d": {}}), 1.1)
+    assert take(core, Gap) == []

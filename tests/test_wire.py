@@ -49,12 +49,13 @@ def test_body_is_the_raw_json_of_d_unchanged() -> None:
 
 def test_json_line_embeds_d_without_reserialising() -> None:
     d = b'{"a": [1, 2.50]}'
-    line = json_line("MESSAGE_CREATE", 3, 17, d)
+    line = json_line("MESSAGE_CREATE", 3, 17, d, 2)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {
         "event": "MESSAGE_CREATE",
         "shard_id": 3,
         "seq": 17,
+        "generation": 2,
         "data": {"a": [1, 2.5]},
     }
     assert d in line

@@ -90,6 +90,7 @@ class AmqpBroker(Broker):
         reconnect_base: float = 0.5,
         reconnect_cap: float = 10.0,
         shutdown_wait: float = 5.0,
+        generation: int = 0,
     ) -> None:
         super().__init__()
         self.url = url
@@ -105,6 +106,7 @@ class AmqpBroker(Broker):
             expiration_ms=max(0, round(message_timeout * 1000)),
             persistent=persistent,
             fmt=fmt,
+            generation=generation,
         )
         self.tracker = ConfirmTracker(self._confirmed)
         self.intake = CommandIntake(group, self._take_command, self._owns)
@@ -143,6 +145,7 @@ class AmqpBroker(Broker):
             persistent=settings.amqp.persistent,
             prefetch=settings.amqp.prefetch,
             buffer=settings.broker.buffer,
+            generation=plan.generation,
         )
 
     @property
@@ -310,6 +313,7 @@ class AmqpBroker(Broker):
             persistent=old.persistent,
             fmt=old.fmt,
             mandatory=old.mandatory,
+            generation=old.generation,
         )
         for msg in [*self.tracker.unsettled(), *self.forwarder.held()]:
             if msg.shard == FORWARD:

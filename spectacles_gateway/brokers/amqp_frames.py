@@ -74,9 +74,10 @@ def _int_field(value: int) -> bytes:
     return b"l" + _i64(value)
 
 
-def event_headers_table(shard_id: int, seq: int | None) -> bytes:
-    """The ``headers`` field table ``{"shard_id": N, "seq": N}`` (``seq`` left out if None)."""
-    body = b"\x08shard_id" + _int_field(shard_id)
+def event_headers_table(shard_id: int, seq: int | None, generation: int = 0) -> bytes:
+    """The ``headers`` field table ``{"shard_id": N, "generation": G, "seq": N}`` (``seq`` left
+    out if None). ``generation`` tells the two sides of a reshard apart."""
+    body = b"\x08shard_id" + _int_field(shard_id) + b"\x0ageneration" + _int_field(generation)
     if seq is not None:
         body += b"\x03seq" + _int_field(seq)
     return _u32(len(body)) + body
@@ -140,6 +141,7 @@ class FrameBuilder:
     persistent: bool = False
     fmt: str = "msgpack"
     mandatory: bool = True
+    generation: int = 0
     _methods: dict[str, bytes] = field(default_factory=dict, repr=False)
     _shards: dict[int, bytes] = field(default_factory=dict, repr=False)
     _ts_second: int = field(default=-1, repr=False)
@@ -173,7 +175,7 @@ class FrameBuilder:
         if seq is not None and _I32_MIN <= seq <= _I32_MAX and shard_id in self._shards:
             table = self._shards[shard_id] + _i32(seq)
         else:
-            table = event_headers_table(shard_id, seq)
+            table = event_headers_table(shard_id, seq, self.generation)
             if seq is not None and _I32_MIN <= seq <= _I32_MAX and 0 <= shard_id <= _I32_MAX:
                 self._shards[shard_id] = table[:-4]
         mid = message_id(session, seq, shard_id)

@@ -84,8 +84,10 @@ class RedisStreamsBroker(Broker):
         consumer: str | None = None,
         url: str = "",
         op_timeout: float = 5.0,
+        generation: int = 0,
     ) -> None:
         super().__init__()
+        self.generation = generation
         self.client = client
         self.reader = reader
         self.shard_ids = shard_ids
@@ -144,6 +146,7 @@ class RedisStreamsBroker(Broker):
             body_format=settings.broker.format,
             buffer=settings.broker.buffer,
             url=settings.redis.url,
+            generation=plan.generation,
         )
 
     def stream(self, event: str) -> str:
@@ -163,6 +166,7 @@ class RedisStreamsBroker(Broker):
             "data": body,
             "shard_id": shard_id,
             "seq": seq_text,
+            "generation": self.generation,
             "id": f"{session}:{seq_text}",
         }
         self._queue.append(_Item(event, self.stream_prefix + event, fields, shard_id, seq, session))

@@ -53,9 +53,15 @@ class StdioBroker(Broker):
     name = "stdio"
 
     def __init__(
-        self, fmt: str = "json", *, stdout_fd: int = 1, confirm_on_relay: bool = False
+        self,
+        fmt: str = "json",
+        *,
+        stdout_fd: int = 1,
+        confirm_on_relay: bool = False,
+        generation: int = 0,
     ) -> None:
         super().__init__()
+        self.generation = generation
         if fmt not in ("json", "msgpack"):
             raise ValueError(f"unknown stdio format {fmt!r}")
         self.format = fmt
@@ -79,7 +85,7 @@ class StdioBroker(Broker):
         self, shard_id: int, event: str, seq: int | None, data: bytes, session: str
     ) -> None:
         if self.format == "json":
-            self._buffer.append(json_line(event, shard_id, seq, data))
+            self._buffer.append(json_line(event, shard_id, seq, data, self.generation))
         else:
             self._buffer.append(msgpack_event_map(event, data))
         if seq is not None:

@@ -59,12 +59,15 @@ def _event_json(event: str) -> bytes:
     return encoded
 
 
-def json_line(event: str, shard_id: int, seq: int | None, data: bytes) -> bytes:
-    """``{"event":..,"shard_id":..,"seq":..,"data":<d>}\\n``: one stdio JSON line."""
-    return b'{"event":%b,"shard_id":%d,"seq":%b,"data":%b}\n' % (
+def json_line(
+    event: str, shard_id: int, seq: int | None, data: bytes, generation: int = 0
+) -> bytes:
+    """``{"event":..,"shard_id":..,"seq":..,"generation":..,"data":<d>}\n``: one stdio line."""
+    return b'{"event":%b,"shard_id":%d,"seq":%b,"generation":%d,"data":%b}\n' % (
         _event_json(event),
         shard_id,
         b"null" if seq is None else b"%d" % seq,
+        generation,
         data,
     )
 

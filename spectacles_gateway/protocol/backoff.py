@@ -1,8 +1,10 @@
-"""Reconnect delays: exponential backoff with jitter, as a pure function."""
+"""Timing policies as pure functions: reconnect backoff with jitter, the heartbeat grid."""
 
 from __future__ import annotations
 
-__all__ = ["backoff_delay"]
+import math
+
+__all__ = ["backoff_delay", "heartbeat_time"]
 
 
 def backoff_delay(attempt: int, rand: float, *, base: float = 1.0, cap: float = 60.0) -> float:
@@ -16,3 +18,11 @@ def backoff_delay(attempt: int, rand: float, *, base: float = 1.0, cap: float = 
         return 0.0
     step = min(cap, base * 2.0 ** (attempt - 1))
     return step / 2.0 + step / 2.0 * rand
+
+
+def heartbeat_time(now: float, at: float, interval: float) -> float:
+    """``at`` moved earlier onto a grid of a fortieth of the interval (1 s for Discord's
+    41.25 s), never before ``now``: the heartbeats of many shards then share their wake-ups.
+    Beating a little early is always allowed."""
+    grid = interval / 40.0
+    return max(now, math.floor(at / grid) * grid) if grid > 0 else at

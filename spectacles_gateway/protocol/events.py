@@ -10,7 +10,8 @@ After any input (:meth:`ShardProtocol.receive`, :meth:`~ShardProtocol.tick`,
 - :class:`IdentifySent`: an IDENTIFY went out: give the identify permit back;
 - :class:`CommandsSent`: these commands were written: acknowledge them to their source;
 - :class:`CommandsDropped`: these commands will never be sent: acknowledge them too;
-- :class:`Notice`: a lifecycle fact worth a log line or a metric.
+- :class:`Notice`: a lifecycle fact worth a log line or a metric;
+- :class:`Gap`: a new session replaced one that was given up: tell the consumers.
 
 Counters for metrics are not events: :meth:`ShardProtocol.stats` is a read-only snapshot.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "CommandsSent",
     "Dispatch",
     "Event",
+    "Gap",
     "IdentifySent",
     "Notice",
     "NoticeKind",
@@ -77,6 +79,21 @@ class CommandsDropped(NamedTuple):
     reason: str
 
 
+class Gap(NamedTuple):
+    """Discord will never send some events of this shard again: the session ``old_session``
+    was given up at ``since`` (core time) after ``last_seq``, and ``new_session`` started at
+    ``until``. ``reason``: ``invalid_session`` (op 9 false), ``session_closed`` (4003, 4007,
+    4009), ``unprocessable`` (a message that failed twice), ``identify`` (any other new
+    session in place of one that existed)."""
+
+    reason: str
+    old_session: str
+    last_seq: int | None
+    since: float
+    new_session: str
+    until: float
+
+
 class NoticeKind(enum.Enum):
     """Lifecycle facts. ``level`` is how loud the log line is (``debug``, ``info``,
     ``warning``); ``reconnect`` is the reason label when the fact ends the connection."""
@@ -110,7 +127,16 @@ class Notice(NamedTuple):
     detail: str
 
 
-Event = Dispatch | SendData | CloseRequest | IdentifySent | CommandsSent | CommandsDropped | Notice
+Event = (
+    Dispatch
+    | SendData
+    | CloseRequest
+    | IdentifySent
+    | CommandsSent
+    | CommandsDropped
+    | Notice
+    | Gap
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from .backoff import backoff_delay
+from .backoff import backoff_delay, heartbeat_time
 from .closecodes import (
     RESUMABLE_CLOSE,
     SESSION_END_CLOSE,
@@ -44,6 +44,7 @@ from .events import (
     CommandsSent,
     Dispatch,
     Event,
+    Gap,
     IdentifySent,
     Notice,
     NoticeKind,
@@ -96,8 +97,7 @@ class ShardProtocol:
             self.session_id = session.session_id
             self.resume_url = session.resume_url
             self.seq = session.seq
-        # The one way out.
-        self._out: list[Event] = []
+        self._out: list[Event] = []  # the one way out
         # Connection state.
         self._limiter = self._new_limiter()
         self._heartbeat_interval = 0.0
@@ -117,8 +117,10 @@ class ShardProtocol:
         self._use_resume_url = True
         self._stopping = False
         self._poisoned_after: tuple[str | None, int | None] | None = None
+        self._identify_reason = ""  # why the session is given up when the close completes
+        self._gap: tuple[str, str, int | None, float] | None = None
         self.fatal_code: int | None = None
-        self.last_close: str = ""
+        self.last_close = ""
         # Running totals for metrics (see stats()).
         self._packets_received: dict[tuple[str, int], int] = {}
         self._packets_sent: dict[int, int] = {}
@@ -130,9 +132,8 @@ class ShardProtocol:
     # ------------------------------------------------------------------ the way out
 
     def events_received(self) -> list[Event]:
-        """Everything the driver must carry out or report, in order, since the last call.
-
-        Call after every input (receive, tick, queue_command, connection_closed, stop, ...)."""
+        """Everything to carry out or report, in order, since the last call (call it after
+        every input: receive, tick, queue_command, connection_closed, stop, ...)."""
         out = self._out
         if out:
             self._out = []
@@ -177,20 +178,17 @@ class ShardProtocol:
         self._heartbeat_at = None
         self._hello_deadline = None
 
-    def _on_grid(self, now: float, at: float) -> float:
-        """``at`` moved earlier onto a grid of a fortieth of the interval (1 s for Discord's
-        41.25 s): heartbeats of many shards then share their wake-ups. Beating a little early
-        is always allowed; never before ``now``."""
-        grid = self._heartbeat_interval / 40.0
-        return max(now, math.floor(at / grid) * grid) if grid > 0 else at
-
     def _next_backoff(self) -> float:
         """One more failure in a row: how long to wait before the next connection."""
         self._failures += 1
         c = self.config
         return backoff_delay(self._failures, self._rand(), base=c.backoff_base, cap=c.backoff_cap)
 
-    def _drop_session(self) -> None:
+    def _drop_session(self, reason: str = "", now: float | None = None) -> None:
+        """Forget the session. With a ``reason``, the events Discord will not send again are a
+        gap the next session's READY reports (:class:`Gap`)."""
+        if reason and self.session_id is not None and now is not None:
+            self._gap = (reason, self.session_id, self.seq, now)
         self.session_id = None
         self.resume_url = None
         self.seq = None
@@ -223,7 +221,7 @@ class ShardProtocol:
     # ------------------------------------------------------------------ connecting
 
     def plan_connect(self, now: float) -> ConnectPlan | None:
-        """Where and when to connect next, or None when the shard must not reconnect."""
+        """Where and when to connect next (None: never again)."""
         if self.phase is Phase.STOPPED or self._stopping:
             return None
         c = self.config
@@ -238,8 +236,7 @@ class ShardProtocol:
     def connect_failed(self, now: float, reason: str) -> None:
         """The websocket could not be opened (DNS, TCP, TLS, handshake, timeout)."""
         if self.session_id is not None and self.resume_url and self._use_resume_url:
-            # A stale resume URL: try the main gateway URL next (the session may still resume).
-            self._use_resume_url = False
+            self._use_resume_url = False  # a stale resume URL: try the main one (may resume)
         delay = self._next_backoff()
         self._connect_at = now + delay
         self._notice(NoticeKind.CONNECT_FAILED, f"{reason}; retrying in {delay:.1f} s")
@@ -303,7 +300,7 @@ class ShardProtocol:
                 RESUMABLE_CLOSE, "reconnect requested", CloseAction.RESUME, Delay.NOW
             )
         elif op == Opcode.INVALID_SESSION:
-            self._on_invalid_session(env.d)
+            self._on_invalid_session(env.d, now)
         else:
             self._notice(NoticeKind.UNKNOWN_OPCODE, f"ignored unknown opcode {op}")
 
@@ -321,6 +318,7 @@ class ShardProtocol:
                 f"{reason}; it failed again after seq {self.seq}: starting a new session",
             )
             self._poisoned_after = None
+            self._identify_reason = "unprocessable"
             self._request_close(
                 RESUMABLE_CLOSE, "unprocessable", CloseAction.IDENTIFY, Delay.BACKOFF
             )
@@ -344,6 +342,9 @@ class ShardProtocol:
             self._use_resume_url = True
             self._pending.clear()
             self._notice(NoticeKind.READY, f"session {info.session_id[:8]}…")
+            gap, self._gap = self._gap, None
+            if gap is not None:
+                self._out.append(Gap(gap[0], gap[1], gap[2], gap[3], info.session_id, now))
         else:
             self._notice(NoticeKind.RESUMED, f"seq {self.seq}")
         self.phase = Phase.READY
@@ -377,13 +378,12 @@ class ShardProtocol:
             interval = clamped
         self._hello_deadline = None
         self._heartbeat_interval = interval
-        # Keep enough of the send budget for every heartbeat of a window, plus identify/resume
-        # and one heartbeat request from the server.
+        # Keep a window's heartbeats, identify/resume and one heartbeat request in the budget.
         c = self.config
         beats = math.ceil(c.send_period / interval) + 2
         self._limiter.reserved = min(c.send_limit - 1, max(c.heartbeat_reserve, beats))
         self._acked = True
-        self._heartbeat_at = self._on_grid(now, now + interval * self._rand())
+        self._heartbeat_at = heartbeat_time(now, now + interval * self._rand(), interval)
         if self.session_id is not None:
             # Resume after the last event handed to the broker: this process still holds what
             # the broker has not confirmed yet (it retries until it can), so a replay would only
@@ -399,7 +399,7 @@ class ShardProtocol:
             # Planned a resume but the session vanished meanwhile: identify on a new connection.
             self._request_close(RESUMABLE_CLOSE, "identify needed", CloseAction.RESUME, Delay.NOW)
 
-    def _on_invalid_session(self, d: msgspec.Raw) -> None:
+    def _on_invalid_session(self, d: msgspec.Raw, now: float) -> None:
         try:
             resumable = bool(decode_bool(d))
         except _DECODE_ERRORS:
@@ -409,7 +409,7 @@ class ShardProtocol:
             self._request_close(RESUMABLE_CLOSE, "invalid session", CloseAction.RESUME, Delay.NOW)
         else:
             self._notice(NoticeKind.INVALID_SESSION, "op 9 (not resumable): new session")
-            self._drop_session()
+            self._drop_session("invalid_session", now)
             self._request_close(
                 RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, Delay.INVALID_SESSION
             )
@@ -431,7 +431,9 @@ class ShardProtocol:
             self._acked = False
             self._heartbeat_sent_at = now
             if self._heartbeat_interval:
-                self._heartbeat_at = self._on_grid(now, now + self._heartbeat_interval)
+                self._heartbeat_at = heartbeat_time(
+                    now, now + self._heartbeat_interval, self._heartbeat_interval
+                )
         else:  # cannot happen while commands keep to their share; retry when a slot frees
             self._heartbeat_at = self._limiter.next_free(now, priority=True)
 
@@ -580,7 +582,8 @@ class ShardProtocol:
             self.fatal_code = code
             return action
         if action is CloseAction.IDENTIFY:
-            self._drop_session()
+            self._drop_session(self._identify_reason or "session_closed", now)
+        self._identify_reason = ""
         if delay is Delay.NOW and not self._reached_ready and self._failures > 0:
             delay = Delay.BACKOFF  # still failing: a clean close right away does not reset backoff
         if delay is Delay.BACKOFF:

@@ -6,7 +6,7 @@
 // Subscribes to the events with @spectacles/brokers (which asserts the exchange <group> and the
 // durable queues <group>:<EVENT> itself), decodes each message as the Spectacles libraries do
 // (msgpack -> string, then JSON.parse), acks it, and prints one JSON line per message on stdout:
-//   {"type":"event","event":...,"id":...,"kind":"string"}
+//   {"type":"event","event":...,"id":...,"kind":"string"} (and "fields" for GATEWAY_* events)
 // Lines on stdin publish through the same broker: {"event":"SEND","data":"<JSON text>"} is
 // broker.publish("SEND", data), i.e. a msgpack string, as a Spectacles bot sends commands.
 // Prints {"type":"ready"} once subscribed, {"type":"published"} after each publish and
@@ -22,13 +22,16 @@ broker.on('error', (err) => out({ type: 'error', message: String(err) }));
 
 for (const event of events) {
   broker.on(event, (data, { ack }) => {
-    let id = null;
+    let parsed = null;
     try {
-      id = JSON.parse(data).id;
+      parsed = JSON.parse(data);
     } catch (err) {
       out({ type: 'error', message: `cannot parse ${event}: ${err}`, kind: typeof data });
     }
-    out({ type: 'event', event, id, kind: typeof data });
+    const record = { type: 'event', event, id: parsed && parsed.id, kind: typeof data };
+    // Control events come whole: the test reads their fields.
+    if (event.startsWith('GATEWAY_')) record.fields = parsed;
+    out(record);
     ack();
   });
 }

@@ -170,6 +170,12 @@ def owned_once(group: Fleet, shards: int, members: int) -> bool:
     )
 
 
+def sessions_stored(group: Fleet, shards: set[int]) -> bool:
+    """Every one of ``shards`` has a session in Redis: stopping its member now must resume it."""
+    with redis.Redis.from_url(f"redis://{REDIS_URL}") as r:
+        return all(r.get(f"{group.prefix}{s}session") for s in shards)
+
+
 def resumed_after(sim: Simulator, shard: int, since: float) -> float | None:
     times = [
         r.time for r in sim.ledger.resumes if r.shard_id == shard and r.success and r.time > since
@@ -196,6 +202,7 @@ async def test_kill9_of_a_member_its_shards_resume_elsewhere_within_the_lease() 
         lost = victim.owned()
         assert len(lost) == 4
         await wait_until(lambda: len(group.ids()) > 500, 20, "events flowing")
+        await wait_until(lambda: sessions_stored(group, lost), 10, "sessions saved")
         killed = time.monotonic()
         victim.signal_tree(signal.SIGKILL)  # the supervisor, its workers and its agent
         await wait_until(
@@ -225,6 +232,7 @@ async def test_a_paused_member_is_taken_over_and_publishes_nothing_after_it_wake
         sleeper = group.members["c"]
         taken = sleeper.owned()
         await wait_until(lambda: len(group.ids()) > 300, 20, "events flowing")
+        await wait_until(lambda: sessions_stored(group, taken), 10, "sessions saved")
         r = redis.Redis.from_url(f"redis://{REDIS_URL}")
         sleeper.signal_tree(signal.SIGSTOP)
         stopped = time.monotonic()

@@ -5,9 +5,10 @@ big-endian length on a ``socketpair``. Pure code (no asyncio, no sockets): the s
 loop and the worker's asyncio protocol both frame with :func:`encode` and :class:`FrameReader`.
 
 Supervisor -> worker: :class:`Start` (first, once), :class:`Grant`, :class:`Relayed`,
-:class:`Deliver`, and in fleet mode :class:`Assign`, :class:`Release`, :class:`Leases`.
+:class:`Deliver`, in fleet mode :class:`Assign`, :class:`Release`, :class:`Leases`, and in a
+reshard :class:`Publish` and :class:`Retire`.
 Worker -> supervisor: :class:`IdentifyRequest`, :class:`Identified`, :class:`Status`,
-:class:`Released`.
+:class:`Released`, :class:`Publishing`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ __all__ = [
     "MemberView",
     "Message",
     "Own",
+    "Publish",
+    "Publishing",
     "Relayed",
     "Release",
     "Released",
+    "Retire",
     "ShardStatus",
     "Start",
     "Status",
@@ -108,6 +112,8 @@ class ShardStatus(msgspec.Struct, array_like=True):
     latency_ms: float | None
     last_close: str | None
     fatal: int | None
+    guilds_pending: int = 0  # guilds READY listed that have not arrived yet
+    publishing: bool = True  # False in standby
 
 
 class Status(_Message, tag="status"):
@@ -136,6 +142,25 @@ class Release(_Message, tag="release"):
 
     shard: int
     save: bool = True
+
+
+class Publish(_Message, tag="publish"):
+    """Reshard: leave standby, publish every shard's events from now on (the switch)."""
+
+
+class Publishing(_Message, tag="publishing"):
+    """Worker: every shard of ours publishes now (the answer to :class:`Publish`)."""
+
+    generation: int
+
+
+class Retire(_Message, tag="retire"):
+    """Reshard: this generation is over: tell consumers (``GATEWAY_GAP``, ``reason``), close
+    every shard with 1000, forget the stored sessions, exit 0. ``successor``: (generation,
+    shard count) that took over, to record as current in the store (None: a rollback)."""
+
+    reason: str = "reshard"
+    successor: tuple[int, int] | None = None
 
 
 class Leases(_Message, tag="leases"):
@@ -228,6 +253,9 @@ Message = (
     | HandOff
     | Drain
     | FleetView
+    | Publish
+    | Publishing
+    | Retire
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -31,11 +31,11 @@ def make_broker(settings: Settings, plan: WorkerPlan, *, confirm_on_relay: bool 
     )
 
 
-def make_store(settings: Settings) -> ShardStore:
+def make_store(settings: Settings, generation: int = 0) -> ShardStore:
     if settings.shard_store.type == "redis":
         from .redis_store import RedisStore
 
-        return RedisStore.from_settings(settings)
+        return RedisStore.from_settings(settings, generation)
     return MemoryStore()
 
 

@@ -167,3 +167,26 @@ fenced_writes = Counter(
     "Session writes refused because a newer lease epoch owns the shard.",
     registry=_R,
 )
+
+# --- resharding (the supervisor) ---
+generation = Gauge(
+    "gateway_generation",
+    "The running generation of shards (one more after each reshard).",
+    registry=_R,
+    mode="max",
+)
+recommended_shards = Gauge(
+    "gateway_recommended_shards",
+    "The shard count Discord recommended at the last look.",
+    registry=_R,
+    mode="max",
+)
+reshard_state = Gauge(
+    "gateway_reshard_in_progress", "1 while a reshard runs.", registry=_R, mode="max"
+)
+reshards = Counter(
+    "gateway_reshards",
+    "Reshards by outcome (done, rolled_back, impossible).",
+    ["outcome"],
+    registry=_R,
+)

@@ -44,6 +44,8 @@ class WorkerPlan(msgspec.Struct, frozen=True, kw_only=True):
     command_max_age: float = 120.0
     #: Which side of a reshard this is (published with every event); 0 before any reshard.
     generation: int = 0
+    #: A reshard's new generation, before the switch: run the shards, publish nothing.
+    standby: bool = False
 
     def __repr__(self) -> str:  # the token stays out of every repr
         return (
@@ -68,6 +70,7 @@ class WorkerPlan(msgspec.Struct, frozen=True, kw_only=True):
             send_period=self.send_period,
             command_queue_limit=self.command_queue_limit,
             command_max_age=self.command_max_age,
+            standby=self.standby,
         )
 
     def for_worker(self, worker_id: int, shard_ids: tuple[int, ...]) -> WorkerPlan:

@@ -39,6 +39,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from .fleet.keys import FleetKeys
+from .generation import Pointer, format_pointer, parse_pointer, pointer_key, session_prefix
 from .protocol.backoff import backoff_delay
 from .protocol.shard import Session
 from .redact import redact_url
@@ -46,7 +47,7 @@ from .redact import redact_url
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["REDIS_ERRORS", "Outage", "RedisStore", "redis_client"]
+__all__ = ["REDIS_ERRORS", "Outage", "RedisStore", "read_pointer", "redis_client"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,32 @@ return 1
 """
 
 
+# KEYS: the generation pointer. ARGV: the new pointer's generation, then its value. Only ever
+# moves forward: a late writer of an older switch changes nothing. Returns 1 when written.
+_POINT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local generation = tonumber(string.match(current, '^(%d+) '))
+  if generation and generation >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+async def read_pointer(settings: Settings) -> Pointer | None:
+    """The current generation as the Redis store records it (None: none recorded yet)."""
+    client = redis_client(settings, max_connections=1, name="spectacles-generation")
+    try:
+        async with asyncio.timeout(SOCKET_TIMEOUT):
+            raw = await client.get(pointer_key(settings.shard_store.prefix))
+    finally:
+        await client.aclose()
+    return parse_pointer(raw)
+
+
 class RedisStore:
     """Sessions in Redis (``[shard_store] type = "redis"``); see the module docstring."""
 
@@ -224,9 +251,12 @@ class RedisStore:
         op_timeout: float = 3.0,
         refresh_interval: float | None = None,
         fleet: FleetKeys | None = None,
+        generation: int = 0,
     ) -> None:
         self.client = client
-        self.prefix = prefix
+        self.base_prefix = prefix
+        self.generation = generation
+        self.prefix = session_prefix(prefix, generation)
         self.fleet = fleet
         self.ttl_ms = max(1, round(session_ttl * 1000))
         #: Seconds after :meth:`start` during which :meth:`load` keeps retrying an outage.
@@ -246,11 +276,12 @@ class RedisStore:
         self._gave_up = False
         self._closing = False
         self._write_script = client.register_script(_WRITE)
+        self._point_script = client.register_script(_POINT)
         #: Writes the store refused because a newer epoch owns the shard (fleet mode).
         self.fenced = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RedisStore:
+    def from_settings(cls, settings: Settings, generation: int = 0) -> RedisStore:
         prefix = settings.shard_store.prefix
         fleet = settings.fleet.name
         return cls(
@@ -259,7 +290,28 @@ class RedisStore:
             session_ttl=settings.shard_store.session_ttl,
             url=settings.redis.url,
             fleet=FleetKeys(prefix, fleet) if fleet else None,
+            generation=generation,
         )
+
+    async def point_to(self, pointer: Pointer) -> bool:
+        """Record ``pointer`` as the current generation (a reshard switched to it), so a
+        restart runs it; never moves the pointer back. False when Redis did not take it."""
+        key = pointer_key(self.base_prefix)
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await self._point_script(
+                    keys=[key], args=[pointer.generation, format_pointer(pointer)]
+                )
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "shard store: the switch to generation %d (%d shards) was not recorded (%s): "
+                "a restart would run the shard count of the settings",
+                pointer.generation,
+                pointer.shard_count,
+                describe_error(exc),
+            )
+            return False
+        return True
 
     @property
     def closing(self) -> bool:

@@ -25,7 +25,7 @@ from .control import ShardStatus
 from .exitcodes import EX_CONFIG, EX_IOERR, EX_OK
 from .gate import LocalIdentifyGate
 from .plan import WorkerPlan
-from .protocol.closecodes import FATAL_CODES
+from .protocol.closecodes import FATAL_CODES, SHARDING_REQUIRED
 from .protocol.events import (
     CommandsDropped,
     CommandsSent,
@@ -60,6 +60,7 @@ class Worker:
         gate: IdentifyGateLike | None = None,
         keep_sessions: bool | None = None,
         dynamic: bool = False,
+        sharding_required_is_fatal: bool = True,
     ) -> None:
         self.plan = plan
         self.broker = broker
@@ -97,6 +98,10 @@ class Worker:
         self.on_released: Callable[[int, Session | None, str], None] | None = None
         self.fatal_code: int | None = None
         self.output_failed = False
+        #: With resharding on, a shard closed with 4011 (sharding required) stops alone and
+        #: says so in its status (the supervisor reshards); otherwise the worker stops with 78.
+        self.sharding_required_is_fatal = sharding_required_is_fatal
+        self.sharding_required: set[int] = set()
 
     def bind_broker(self) -> None:
         """Let the broker wake us when it has news on its own time."""
@@ -323,16 +328,61 @@ class Worker:
             if install_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
-        if self.fatal_code is not None:
+        if self.fatal_code is not None or (self.sharding_required and not self.runners_alive()):
             return EX_CONFIG
         return EX_IOERR if self.output_failed else EX_OK
 
     def _runner_done(self, runner: ShardRunner, code: int | None) -> None:
-        if code in FATAL_CODES:
+        self._changed.add(runner.shard_id)
+        if code == SHARDING_REQUIRED and not self.sharding_required_is_fatal:
+            log.warning(
+                "shard %d: Discord wants more shards (4011): it stays closed until the reshard",
+                runner.shard_id,
+            )
+            self.sharding_required.add(runner.shard_id)
+        elif code in FATAL_CODES:
             self.fatal_code = code
             self.request_stop()
-        elif not self.dynamic and all(t.done() for t in self.shards.tasks.values()):
+            return
+        stopping = self._stop_requested is not None and self._stop_requested.is_set()
+        if not stopping and not self.dynamic and all(t.done() for t in self.shards.tasks.values()):
             self.request_stop()
+
+    # ------------------------------------------------------------------ reshard
+
+    def start_publishing(self) -> None:
+        """The switch of a reshard: every shard publishes from its next message on."""
+        self.plan = msgspec.structs.replace(self.plan, standby=False)
+        self.shards.plan = self.plan
+        for runner in self.runners.values():
+            runner.core.start_publishing()
+            self._changed.add(runner.shard_id)
+        log.info(
+            "generation %d: publishing from now on (%d shards)",
+            self.plan.generation,
+            len(self.runners),
+        )
+
+    def retire(self, reason: str = "reshard") -> None:
+        """This generation is over: consumers are told where each shard's events stopped
+        (``GATEWAY_GAP``; the new generation carries them on), every shard closes with 1000
+        and its stored session is forgotten, then the worker exits."""
+        now = asyncio.get_running_loop().time()
+        for shard_id, runner in self.runners.items():
+            stats = runner.stats()
+            if stats.session_id is not None and stats.publishing:
+                self.publish_gap(shard_id, Gap(reason, stats.session_id, stats.seq, now, "", now))
+        log.info(
+            "generation %d retired (%s): closing %d shards with 1000",
+            self.plan.generation,
+            reason,
+            len(self.runners),
+        )
+        self.keep_sessions = False
+        self.request_stop()
+
+    def runners_alive(self) -> bool:
+        return any(s not in self.sharding_required for s in self.runners)
 
     # ------------------------------------------------------------------ fleet
 
@@ -479,6 +529,8 @@ class Worker:
                 latency_ms=None if stats.latency is None else round(stats.latency * 1000.0, 1),
                 last_close=stats.last_close or None,
                 fatal=stats.fatal_code,
+                guilds_pending=stats.guilds_pending,
+                publishing=stats.publishing,
             )
         if confirmed:
             metrics.events_confirmed.labels(self.broker.name).inc(confirmed)

@@ -33,9 +33,12 @@ from .control import (
     IdentifyRequest,
     Leases,
     Message,
+    Publish,
+    Publishing,
     Relayed,
     Release,
     Released,
+    Retire,
     Start,
     Status,
 )
@@ -126,6 +129,20 @@ class ControlLink(asyncio.Protocol):
             self._spawn(self.worker.assign(message.shard, epoch=message.epoch, until=message.until))
         elif isinstance(message, Release):
             self._spawn(self.worker.release(message.shard, save=message.save))
+        elif isinstance(message, Publish):
+            self.worker.start_publishing()
+            self.send(Publishing(self.worker.plan.generation))
+        elif isinstance(message, Retire):
+            self._spawn(self._retire(message))
+
+    async def _retire(self, message: Retire) -> None:
+        assert self.worker is not None
+        point_to = getattr(self.worker.store, "point_to", None)
+        if message.successor is not None and point_to is not None:
+            from .generation import Pointer
+
+            await point_to(Pointer(*message.successor))
+        self.worker.retire(message.reason)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -217,7 +234,7 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         }
         store: Any = MemoryStore(sessions)
     else:
-        store = make_store(settings)
+        store = make_store(settings, plan.generation)
     worker = Worker(
         plan,
         make_broker(settings, plan, confirm_on_relay=start.confirm_on_relay),
@@ -225,6 +242,7 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         gate=make_gate(settings, plan, SupervisorGate(link)),
         keep_sessions=True,  # the supervisor (or Redis) keeps them: a restart resumes
         dynamic=start.fleet,
+        sharding_required_is_fatal=settings.reshard.policy == "off",
     )
     worker.on_released = lambda shard, session, reason: link.send(Released(shard, session, reason))
     link.attach(worker)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from spectacles_gateway import metrics
 from spectacles_gateway.control import (
     FrameError,
@@ -34,13 +36,22 @@ from spectacles_gateway.control import (
     Identified,
     IdentifyRequest,
     Message,
+    Publish,
+    Publishing,
     Released,
+    Retire,
     Start,
     Status,
 )
 from spectacles_gateway.exitcodes import EX_IOERR
 from spectacles_gateway.plan import WorkerPlan
-from spectacles_gateway.protocol.identify import IdentifyPacer, SessionBudget
+from spectacles_gateway.protocol.closecodes import SHARDING_REQUIRED
+from spectacles_gateway.protocol.identify import (
+    IdentifyPacer,
+    SessionBudget,
+    pacer_key,
+    shard_of_key,
+)
 from spectacles_gateway.protocol.shard import Session
 from spectacles_gateway.telemetry import Aggregator
 
@@ -48,8 +59,9 @@ from .channel import ControlChannel
 from .fleet import FleetOptions, FleetSide
 from .httpd import HttpServer
 from .lifecycle import Lifecycle, describe_exit
-from .plan import describe_ids
+from .plan import describe_ids, group_shards
 from .relay import StdinRouter, StdioRelay, pollable, read_available
+from .reshard import Reshard, ReshardOptions
 from .slots import WorkerSlot
 from .status import Routes
 
@@ -76,6 +88,8 @@ class SupervisorOptions:
     input_buffer: int = 4 << 20
     budget: SessionBudget | None = None
     fleet: FleetOptions | None = None  # fleet mode: shards come from the fleet agent
+    reshard: ReshardOptions | None = None
+    generation: int = 0  # the generation the store says is current (see .generation)
     notifier: Any = None  # sdnotify.Notifier or None
     rand: Callable[[], float] = random.random
 
@@ -84,7 +98,12 @@ class Supervisor(Lifecycle):
     def __init__(self, options: SupervisorOptions) -> None:
         self.options = options
         self.selector = selectors.DefaultSelector()
-        self.slots = [WorkerSlot(i, group) for i, group in enumerate(options.groups)]
+        self.generation = options.generation
+        self.slots = [
+            WorkerSlot(i, group, generation=self.generation, shard_count=options.shard_count)
+            for i, group in enumerate(options.groups)
+        ]
+        self._next_index = len(self.slots)
         self.owner = {shard: slot for slot in self.slots for shard in slot.shards}
         self.shard_count = options.shard_count
         self.sessions: dict[int, Session | None] = {}
@@ -114,6 +133,9 @@ class Supervisor(Lifecycle):
                 self.aggregator,
                 options.rand,
             )
+        self.reshard: Reshard | None = None
+        if options.reshard is not None:
+            self.reshard = Reshard(self, options.reshard)
         super().__init__()
 
     # ------------------------------------------------------------------ set-up
@@ -215,11 +237,20 @@ class Supervisor(Lifecycle):
             _nothing,  # the reaper notices the death
         )
         fleet = self.fleet is not None
+        sessions = self._sessions_for(slot)
+        plan = self.options.plan.for_worker(slot.index, () if fleet else slot.shards)
+        if slot.generation or slot.standby or plan.shard_count != slot.shard_count:
+            plan = msgspec.structs.replace(
+                plan,
+                shard_count=slot.shard_count or plan.shard_count,
+                generation=slot.generation,
+                standby=slot.standby,
+            )
         slot.channel.send(
             Start(
-                plan=self.options.plan.for_worker(slot.index, () if fleet else slot.shards),
+                plan=plan,
                 argv=self.options.argv,
-                sessions={} if fleet else {s: self.sessions.get(s) for s in slot.shards},
+                sessions={} if fleet else {s: sessions.get(s) for s in slot.shards},
                 confirm_on_relay=stdio,
                 fleet=fleet,
             )
@@ -230,7 +261,16 @@ class Supervisor(Lifecycle):
             self.relay.attach(slot, proc.stdout)
         if self.stdin is not None:
             self.stdin.pump(slot)
-        log.info("worker %d started (pid %d) for shards %s", slot.index, proc.pid, spec)
+        log.info(
+            "worker %d started (pid %d) for shards %s%s",
+            slot.index,
+            proc.pid,
+            spec,
+            f" of {slot.shard_count} (generation {slot.generation}"
+            f"{', standby' if slot.standby else ''})"
+            if slot.generation != self.generation or slot.generation
+            else "",
+        )
         metrics.workers.inc()
 
     def _on_message(self, slot: WorkerSlot, message: Message | FrameError) -> None:
@@ -241,22 +281,33 @@ class Supervisor(Lifecycle):
                 for shard in became_ready:
                     self.fleet.shard_ready(shard, slot.last_seen)
             slot.broker = message.broker
+            sessions = self._sessions_for(slot)
             for shard, session in message.sessions.items():
                 if shard in slot.shards:
-                    self.sessions[shard] = session
+                    sessions[shard] = session
             if message.metrics:
                 self.aggregator.update(slot.index, message.metrics)
+            if self.reshard is not None and slot.generation == self.generation:
+                for shard, info in message.shards.items():
+                    if info.fatal == SHARDING_REQUIRED:
+                        self.reshard.sharding_required(shard)
         elif isinstance(message, IdentifyRequest):
-            if message.shard in slot.shards and self.stopping is None:
-                self.pacer.request(message.shard)
+            if message.shard in slot.shards and self.stopping is None and not slot.retiring:
+                self.pacer.request(pacer_key(message.shard, slot.generation))
                 self._gate_dirty = True
         elif isinstance(message, Identified):
-            self.pacer.release(message.shard, message.sent)
+            self.pacer.release(pacer_key(message.shard, slot.generation), message.sent)
+            if message.sent is not None and self.reshard is not None:
+                self.reshard.identify_sent(slot)
             self._gate_dirty = True
             if message.sent is not None and self.options.budget is not None:
                 metrics.session_starts_remaining.set(self.options.budget.remaining)
         elif isinstance(message, Released) and self.fleet is not None:
             self.fleet.released(slot, message)
+        elif isinstance(message, Publishing):
+            slot.standby = False
+            if self.reshard is not None:
+                self.reshard.publishing(slot)
         elif isinstance(message, FrameError):
             log.error("worker %d sent a bad control frame: %s", slot.index, message)
             metrics.input_dropped.labels("control", "bad_frame").inc()
@@ -268,17 +319,18 @@ class Supervisor(Lifecycle):
         self._gate_dirty = False
         if self.stopping is not None:
             return
-        for shard in self.pacer.grants(now):
-            slot = self.owner.get(shard)
+        for key in self.pacer.grants(now):
+            shard, generation = shard_of_key(key)
+            slot = self._owner_of(generation, shard)
             if slot is None or slot.channel is None or slot.channel.closed:
-                self.pacer.cancel(shard)
+                self.pacer.cancel(key)
                 continue
             slot.channel.send(Grant(shard))
 
     def _reap(self) -> None:
         if self.fleet is not None and self.fleet.reap(time.monotonic()):
             self._drained()
-        for slot in self.slots:
+        for slot in list(self.slots):  # a retired worker leaves the list as it is reaped
             proc = slot.proc
             if proc is None:
                 continue
@@ -300,10 +352,115 @@ class Supervisor(Lifecycle):
             self.relay.detach(slot)
         slot.proc = None
         for shard in slot.shards:
-            self.pacer.cancel(shard)
+            self.pacer.cancel(pacer_key(shard, slot.generation))
         self._gate_dirty = True
         self.aggregator.retire(slot.index)
         metrics.workers.dec()
+
+    # ------------------------------------------------------------------ generations
+
+    def _owner_of(self, generation: int, shard: int) -> WorkerSlot | None:
+        if generation == self.generation:
+            return self.owner.get(shard)
+        if self.reshard is not None and self.reshard.generation == generation:
+            return self.reshard.owner_of(shard)
+        return None
+
+    def _sessions_for(self, slot: WorkerSlot) -> dict[int, Session | None]:
+        if slot.generation == self.generation or self.reshard is None:
+            return self.sessions
+        if self.reshard.generation == slot.generation:
+            return self.reshard.sessions()
+        return {}  # a generation on its way out: nothing of it is kept
+
+    def current_slots(self) -> list[WorkerSlot]:
+        """The workers of the running generation (not those a reshard adds or retires)."""
+        generation = self.generation
+        return [s for s in self.slots if s.generation == generation]
+
+    @property
+    def max_concurrency(self) -> int:
+        return int(self.options.max_concurrency)
+
+    @property
+    def budget(self) -> SessionBudget | None:
+        budget: SessionBudget | None = self.options.budget
+        return budget
+
+    def spawn_generation(self, generation: int, shard_count: int) -> list[WorkerSlot]:
+        """Start the workers of a reshard's new generation, in standby: as many workers as
+        now, each with a share of every identify window (as at start-up)."""
+        workers = max(1, len(self.current_slots()))
+        groups = group_shards(range(shard_count), workers, self.options.max_concurrency)
+        slots = []
+        for group in groups:
+            slot = WorkerSlot(
+                self._next_index,
+                group,
+                generation=generation,
+                shard_count=shard_count,
+                standby=True,
+            )
+            self._next_index += 1
+            slots.append(slot)
+        self.slots.extend(slots)
+        for slot in slots:
+            self.spawn(slot)
+        return slots
+
+    def publish(self, slot: WorkerSlot) -> None:
+        if slot.channel is not None:
+            slot.channel.send(Publish())
+
+    def commit_generation(
+        self,
+        generation: int,
+        shard_count: int,
+        slots: list[WorkerSlot],
+        sessions: dict[int, Session | None],
+    ) -> None:
+        """The switch is done: ``generation`` is the running one from now on. The maps are
+        changed in place: the relay, the stdin router and the fleet side hold them."""
+        self.generation = generation
+        self.shard_count = shard_count
+        self.owner.clear()
+        self.owner.update({shard: slot for slot in slots for shard in slot.shards})
+        self.sessions.clear()
+        self.sessions.update(sessions)
+        if self.stdin is not None:
+            self.stdin.shard_count = shard_count
+        self.options.plan = msgspec.structs.replace(
+            self.options.plan, shard_count=shard_count, generation=generation
+        )
+        self.options.shard_count = shard_count
+        metrics.total_shards.set(shard_count)
+        metrics.generation.set(generation)
+        self._ready_notified = self._ready_notified and all(s.all_ready() for s in slots)
+
+    def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None:
+        slot.retiring = True
+        slot.restart_at = None
+        for shard in slot.shards:
+            self.pacer.cancel(pacer_key(shard, slot.generation))
+        self._gate_dirty = True
+        if slot.proc is None:  # dead already (refused, or waiting for a restart): just gone
+            if slot in self.slots:
+                self.slots.remove(slot)
+            self.aggregator.retire(slot.index)
+        elif slot.channel is not None:
+            slot.channel.send(Retire("reshard", successor))
+
+    def kill(self, slot: WorkerSlot) -> None:
+        self._kill(slot, signal.SIGKILL)
+
+    def request_reshard(self, count: int | None) -> tuple[int, str]:
+        """``POST /reshard``: (HTTP status, answer)."""
+        if self.reshard is None:
+            return 409, "resharding is not available here"
+        if count is not None and count < 1:
+            return 400, "the shard count must be at least 1"
+        answer = self.reshard.request("operator", count)
+        return (202 if answer == "accepted" else 409), answer
 
     # ------------------------------------------------------------------ the loop
 
@@ -317,7 +474,12 @@ class Supervisor(Lifecycle):
             host, port = self.options.http
             routes = Routes(self, self.aggregator, self.options.metrics_path)
             self.http = HttpServer(
-                self.selector, host, port, routes, max_clients=self.options.max_clients
+                self.selector,
+                host,
+                port,
+                routes,
+                max_clients=self.options.max_clients,
+                post=routes.post,
             )
             log.info("metrics and health on http://%s:%d", host, self.http.port)
         for slot in self.slots:
@@ -333,6 +495,8 @@ class Supervisor(Lifecycle):
                 if now >= self._next_tick or self._due(now):
                     self._reap()
                     self._tick(now)
+                    if self.reshard is not None:
+                        self.reshard.tick(now)
                     self._next_tick = now + TICK
                 next_grant = self.pacer.next_time(now) if self.pacer.waiting else None
                 if self._gate_dirty or (next_grant is not None and now >= next_grant):
@@ -359,6 +523,9 @@ class Supervisor(Lifecycle):
         """A deadline of the periodic round has come before the round (a restart, a client)."""
         if any(s.restart_at is not None and now >= s.restart_at for s in self.slots):
             return True
+        reshard = self.reshard.next_deadline() if self.reshard is not None else None
+        if reshard is not None and now >= reshard:
+            return True
         deadline = self.http.next_deadline() if self.http is not None else None
         return deadline is not None and now >= deadline
 
@@ -372,6 +539,8 @@ class Supervisor(Lifecycle):
             if slot.restart_at is not None:
                 at = min(at, slot.restart_at)
         if self.http is not None and (deadline := self.http.next_deadline()) is not None:
+            at = min(at, deadline)
+        if self.reshard is not None and (deadline := self.reshard.next_deadline()) is not None:
             at = min(at, deadline)
         if self.relay is not None and (ack := self.relay.next_ack()) is not None:
             at = min(at, ack)

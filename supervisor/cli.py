@@ -1,9 +1,9 @@
 """``spectacles-supervise``: read the configuration, plan the shards, run and heal the workers.
 
 Exit codes (:mod:`spectacles_gateway.exitcodes`): 0 clean stop; 78 bad configuration or a fatal
-refusal from Discord (bad token, invalid shard, sharding required, invalid version, invalid or
-disallowed intents), decided at start-up only; 74 the stdio output was closed; 1 Discord's API
-could not be reached at start-up.
+refusal from Discord (bad token, invalid shard, invalid version, invalid or disallowed intents;
+sharding required only with ``RESHARD_POLICY=off``, else it reshards); 74 the stdio output was
+closed; 1 Discord's API could not be reached at start-up.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from spectacles_gateway.config import SIMULATED_TOKEN, Loaded, StatusCommand, run_or_exit
+from spectacles_gateway.config import (
+    SIMULATED_TOKEN,
+    Loaded,
+    ReshardCommand,
+    Settings,
+    StatusCommand,
+    run_or_exit,
+)
 from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
 from spectacles_gateway.exitcodes import EX_CONFIG, EX_UNAVAILABLE
 from spectacles_gateway.logsetup import setup_logging
@@ -25,6 +32,7 @@ from spectacles_gateway.shardspec import parse_shard_spec
 from .arbiter import Supervisor, SupervisorOptions
 from .fleet import FleetOptions
 from .plan import describe_ids, group_shards, worker_count
+from .reshard import ReshardOptions
 from .simulate import Simulated, start_simulator
 
 __all__ = ["main"]
@@ -56,6 +64,59 @@ def _notifier() -> object | None:
     return Notifier.from_env(os.environ)
 
 
+def stored_generation(settings: Settings, argv: list[str]) -> tuple[int, int] | None:
+    """(generation, shard count) the Redis store records as running, from a short-lived child
+    process (the Redis client stays out of the supervisor); None: none recorded, or no answer."""
+    if settings.shard_store.type != "redis":
+        return None
+    import json
+    import subprocess
+
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "spectacles_gateway.generation", *argv],
+            capture_output=True,
+            timeout=15,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        answer = json.loads(done.stdout or b"{}") if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        answer = None
+    if answer is None:
+        log.warning(
+            "could not read the running generation from Redis: starting from the settings' "
+            "shard count"
+        )
+        return None
+    if not answer:
+        return None
+    return int(answer["generation"]), int(answer["shard_count"])
+
+
+def reshard_options(
+    loaded: Loaded, api_base: str, token: str, explicit_ids: bool
+) -> ReshardOptions:
+    settings = loaded.settings
+    reshard = settings.reshard
+    unavailable = None
+    if explicit_ids and not settings.fleet.name:
+        unavailable = "this supervisor runs shard ids chosen by hand (shards.ids, --shards)"
+
+    def check() -> object:
+        return fetch_gateway_bot(api_base, token)
+
+    return ReshardOptions(
+        policy=reshard.policy,
+        check_interval=reshard.check_interval,
+        budget_reserve=reshard.budget_reserve,
+        timeout=reshard.timeout,
+        overlap=reshard.overlap,
+        check=check,  # type: ignore[arg-type]
+        unavailable=unavailable,
+    )
+
+
 def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> SupervisorOptions:
     """Everything decided before the first worker starts. Raises :class:`Fatal` (exit 78),
     ``ValueError`` for a limit the configuration breaks (exit 78), ``RuntimeError`` when
@@ -72,6 +133,21 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
     except BadToken as exc:
         raise Fatal(str(exc)) from None
     count = settings.shards.count or bot.shards
+    explicit = bool(loaded.cli.shards or settings.shards.ids)
+    generation = 0
+    if settings.reshard.policy != "off" and not explicit and not settings.fleet.name:
+        stored = stored_generation(settings, argv)
+        if stored is not None:
+            generation, stored_count = stored
+            if stored_count != count:
+                log.info(
+                    "the store records generation %d with %d shards (a reshard ran): running "
+                    "that, not %d",
+                    generation,
+                    stored_count,
+                    count,
+                )
+            count = stored_count
     ids = _shard_ids(loaded, count)
     n_workers = worker_count(
         len(ids),
@@ -82,7 +158,6 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
     fleet: FleetOptions | None = None
     if settings.fleet.name:
         # The fleet decides which shards run here: the workers start empty and get shards.
-        explicit = bool(loaded.cli.shards or settings.shards.ids)
         fleet = FleetOptions(
             name=settings.fleet.name,
             member=settings.fleet.member,
@@ -114,6 +189,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         max_message_size=gateway.max_message_size,
         command_queue_limit=settings.commands.queue_limit,
         command_max_age=settings.commands.max_age,
+        generation=generation,
     )
     plan.shard_config(ids[0]).identify_payload()  # over 4096 bytes: refused now, not by Discord
     log.info(
@@ -150,6 +226,8 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         budget=SessionBudget(bot.total, bot.remaining, time.monotonic() + bot.reset_after),
         notifier=_notifier(),
         fleet=fleet,
+        reshard=None if fleet else reshard_options(loaded, api_base, token, explicit),
+        generation=generation,
     )
 
 
@@ -186,10 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .statuscmd import run_status
 
         return run_status(loaded.cli.command, loaded.settings.prometheus, sys.stdout, sys.stderr)
-    if loaded.cli.command is not None:  # parsed by the config package; not run yet
-        name = type(loaded.cli.command).__name__.removesuffix("Command").lower()
-        print(f"spectacles-supervise: the {name} command is not available yet", file=sys.stderr)
-        return 1
+    if isinstance(loaded.cli.command, ReshardCommand):
+        from .reshardcmd import run_reshard
+
+        return run_reshard(loaded.cli.command, loaded.settings, args, sys.stdout, sys.stderr)
     settings = loaded.settings
     setup_logging(settings.logging_level, settings.secrets())
     for warning in loaded.warnings:

@@ -1,7 +1,9 @@
 """A tiny HTTP/1.0 server driven by the supervisor's select loop (no threads, no event loop).
 
-It answers GET requests for metrics, liveness, readiness and status; every connection is read
-until the end of its headers, answered, and closed. Requests over 8 KiB, clients slower than 5 s
+It answers GET requests for metrics, liveness, readiness and status, and POST requests (their
+parameters in the query string, a body is not read) from loopback clients only: those change
+things (``POST /reshard``). Every connection is read until the end of its headers, answered,
+and closed. Requests over 8 KiB, clients slower than 5 s
 and clients beyond ``max_clients`` at once are dropped; a failing ``accept()`` (out of file
 descriptors, say) pauses accepting for a moment instead of ending the supervisor.
 """
@@ -9,6 +11,7 @@ descriptors, say) pauses accepting for a moment instead of ending the supervisor
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import selectors
 import socket
@@ -35,9 +38,12 @@ class Response:
 
 _REASONS = {
     200: "OK",
+    202: "Accepted",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     503: "Service Unavailable",
 }
 
@@ -46,12 +52,24 @@ _REASONS = {
 class _Client:
     sock: socket.socket
     started: float
+    local: bool = False  # a loopback peer: may POST
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytes = b""
 
 
 #: ``handler(path, query)``.
 Handler = Callable[[str, str], Response]
+#: ``post(path, query)``, for loopback clients only.
+PostHandler = Callable[[str, str], Response]
+
+
+def _loopback(address: object) -> bool:
+    if isinstance(address, tuple) and address:
+        try:
+            return ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback
+        except ValueError:
+            return False
+    return False
 
 
 class HttpServer:
@@ -63,9 +81,11 @@ class HttpServer:
         handler: Handler,
         *,
         max_clients: int = 64,
+        post: PostHandler | None = None,
     ) -> None:
         self.selector = selector
         self.handler = handler
+        self.post = post
         self.max_clients = max_clients
         self.accept_errors = 0
         self.refused = 0
@@ -82,7 +102,7 @@ class HttpServer:
 
     def _accept(self, mask: int) -> None:
         try:
-            conn, _ = self.sock.accept()
+            conn, peer = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED...
@@ -95,7 +115,7 @@ class HttpServer:
             conn.close()  # too many at once: the client retries, we stay responsive
             return
         conn.setblocking(False)
-        client = _Client(conn, time.monotonic())
+        client = _Client(conn, time.monotonic(), _loopback(peer))
         self._clients[conn.fileno()] = client
         self.selector.register(conn, selectors.EVENT_READ, lambda m, c=client: self._io(c, m))
 
@@ -133,15 +153,15 @@ class HttpServer:
         parts = line.split()
         if len(parts) < 2:
             response = Response(400, b"bad request\n")
+        elif parts[0] == "POST" and self.post is not None:
+            if client.local:
+                response = self._call(self.post, parts[1])
+            else:
+                response = Response(403, b"POST is answered on loopback only\n")
         elif parts[0] not in ("GET", "HEAD"):
             response = Response(405, b"method not allowed\n")
         else:
-            path, _, query = parts[1].partition("?")
-            try:
-                response = self.handler(path, query)
-            except Exception:
-                log.exception("HTTP handler failed for %s", path)
-                response = Response(503, b"internal error\n")
+            response = self._call(self.handler, parts[1])
         head = (
             f"HTTP/1.0 {response.status} {_REASONS.get(response.status, 'Status')}\r\n"
             f"Content-Type: {response.content_type}\r\n"
@@ -150,6 +170,15 @@ class HttpServer:
         ).encode()
         client.outbuf = head + (b"" if parts and parts[0] == "HEAD" else response.body)
         self.selector.modify(client.sock, selectors.EVENT_WRITE, lambda m, c=client: self._io(c, m))
+
+    @staticmethod
+    def _call(handler: Handler, target: str) -> Response:
+        path, _, query = target.partition("?")
+        try:
+            return handler(path, query)
+        except Exception:
+            log.exception("HTTP handler failed for %s", path)
+            return Response(503, b"internal error\n")
 
     def _close(self, client: _Client) -> None:
         self._clients.pop(client.sock.fileno(), None)

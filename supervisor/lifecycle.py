@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .fleet import FleetSide
     from .httpd import HttpServer
     from .relay import StdinRouter
+    from .reshard import Reshard
     from .slots import WorkerSlot
 
 __all__ = ["Lifecycle", "describe_exit"]
@@ -69,6 +70,11 @@ class Lifecycle:
     http: HttpServer | None
     stdin: StdinRouter | None
     fleet: FleetSide | None
+    reshard: Reshard | None
+    generation: int
+
+    def current_slots(self) -> list[WorkerSlot]:
+        raise NotImplementedError
 
     def spawn(self, slot: WorkerSlot) -> None:
         raise NotImplementedError
@@ -99,15 +105,33 @@ class Lifecycle:
             reason, text = "stalled", "killed after its event loop stalled (no heartbeat)"
         self._release_worker(slot)
         spec = describe_ids(slot.shards)
+        if slot.retiring:  # a reshard retired it: it leaves for good
+            log.info(
+                "worker %d (pid %s, generation %d) retired: %s",
+                slot.index,
+                pid,
+                slot.generation,
+                text,
+            )
+            self.slots.remove(slot)
+            return
         if self.stopping is not None:
             log.info("worker %d (pid %s, shards %s) %s", slot.index, pid, spec, text)
+            return
+        if slot.generation != self.generation and self.reshard is not None:
+            # The new generation of a reshard: the old one runs on, the reshard rolls back.
+            log.error("worker %d (pid %s) of the new generation %s", slot.index, pid, text)
+            slot.retiring = True
+            self.slots.remove(slot)
+            self.reshard.crashed(slot)
             return
         if reason == "fatal":
             slot.fatal = True
             log.warning(
                 "worker %d (pid %s, shards %s) %s; not restarting it", slot.index, pid, spec, text
             )
-            if all(s.fatal for s in self.slots):
+            current = self.current_slots()
+            if all(s.fatal for s in current) and not (self.reshard and self.reshard.busy):
                 log.warning("no worker is left to run: stopping with exit code 78")
                 self.exit_code = EX_CONFIG
                 self._begin_stop("graceful")
@@ -181,7 +205,10 @@ class Lifecycle:
         if self._rolling or self._rolling_current is not None:
             log.info("a rolling restart is already running")
             return
-        self._rolling = deque(s for s in self.slots if not s.fatal)
+        if self.reshard is not None and self.reshard.active:
+            log.warning("no rolling restart during a reshard: send SIGHUP again once it is done")
+            return
+        self._rolling = deque(s for s in self.current_slots() if not s.fatal)
         log.info("rolling restart of %d workers, one at a time", len(self._rolling))
         self._reloading = True
         if self.options.notifier is not None:
@@ -266,7 +293,7 @@ class Lifecycle:
 
     def _report(self, now: float) -> None:
         notifier = self.options.notifier
-        total = sum(len(s.shards) for s in self.slots if not s.fatal)
+        total = sum(len(s.shards) for s in self.current_slots() if not s.fatal)
         ready = shards_ready(self)  # type: ignore[arg-type]
         if ready == total and total and not self._ready_notified:
             self._ready_notified = True

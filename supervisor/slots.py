@@ -37,6 +37,13 @@ class WorkerSlot:
     #: stdin commands for this worker not yet handed to its control channel (bytes, bodies).
     pending_input: deque[bytes] = field(default_factory=deque)
     pending_bytes: int = 0
+    #: Which generation of shards it runs (a reshard adds slots of the next one), with how
+    #: many shards in all (0: the supervisor's count); in standby until the switch.
+    generation: int = 0
+    shard_count: int = 0
+    standby: bool = False
+    #: Retired by a reshard: it closes its shards with 1000 and leaves for good.
+    retiring: bool = False
     shard_set: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:

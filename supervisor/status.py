@@ -20,6 +20,7 @@ from spectacles_gateway.telemetry import Aggregator, render
 from .fleet import FleetSide
 from .httpd import Response
 from .plan import describe_ids
+from .reshard import Reshard
 from .slots import WorkerSlot
 
 __all__ = ["Routes", "View", "human", "page", "progress", "readiness", "shard_columns", "status"]
@@ -34,6 +35,9 @@ class View(Protocol):
     started: float
     shard_count: int
     fleet: FleetSide | None
+    reshard: Reshard | None
+
+    def current_slots(self) -> list[WorkerSlot]: ...
 
 
 def readiness(view: View) -> tuple[bool, str]:
@@ -41,7 +45,7 @@ def readiness(view: View) -> tuple[bool, str]:
         return False, "stopping"
     if view.fleet is not None and not view.fleet.fully_owned():
         return False, "the fleet does not own every shard yet"
-    for slot in view.slots:
+    for slot in view.current_slots():
         if slot.fatal:
             continue
         if slot.proc is None:
@@ -56,11 +60,11 @@ def readiness(view: View) -> tuple[bool, str]:
 
 
 def shards_ready(view: View) -> int:
-    return sum(slot.ready_shards() for slot in view.slots)
+    return sum(slot.ready_shards() for slot in view.current_slots())
 
 
 def progress(view: View, now: float) -> dict[str, Any]:
-    total = sum(len(s.shards) for s in view.slots)
+    total = sum(len(s.shards) for s in view.current_slots())
     pacer = view.pacer
     waiting = pacer.waiting
     next_at = pacer.next_time(now)
@@ -80,7 +84,7 @@ def progress(view: View, now: float) -> dict[str, Any]:
 def shard_entries(view: View) -> dict[str, dict[str, Any]]:
     """Every shard's state, seq, latency, last close and worker: ``/status?shards=1``."""
     shards: dict[str, dict[str, Any]] = {}
-    for slot in view.slots:
+    for slot in view.current_slots():
         for shard in slot.shards:
             info = slot.status.get(shard)
             entry: dict[str, Any] = (
@@ -109,7 +113,7 @@ def shard_columns(view: View) -> dict[str, Any]:
     with no report yet is ``starting`` with nulls.
     """
     rows: list[tuple[int, int, Any]] = []
-    for slot in view.slots:
+    for slot in view.current_slots():
         rows.extend((shard, slot.index, slot.status.get(shard)) for shard in slot.shards)
     rows.sort(key=lambda row: row[0])
     names: dict[str, int] = {}
@@ -149,7 +153,7 @@ def shard_columns(view: View) -> dict[str, Any]:
 def status(view: View, now: float, *, shards: bool = False) -> dict[str, Any]:
     """The summary (quick at any shard count); with ``shards``, every shard too."""
     states: dict[str, int] = {}
-    for slot in view.slots:
+    for slot in view.current_slots():
         for shard in slot.shards:
             info = slot.status.get(shard)
             state = "starting" if info is None else info.state
@@ -169,12 +173,17 @@ def status(view: View, now: float, *, shards: bool = False) -> dict[str, Any]:
                 "broker_connected": s.broker,
                 "fatal": s.fatal,
                 "restarts": s.failures,
+                "generation": s.generation,
+                **({"standby": True} if s.standby else {}),
+                **({"retiring": True} if s.retiring else {}),
             }
             for s in view.slots
         ],
     }
     if view.fleet is not None:
         out["fleet"] = view.fleet.status()
+    if view.reshard is not None:
+        out["reshard"] = view.reshard.status(now)
     if shards:
         out["shards"] = shard_entries(view)
     return out
@@ -222,3 +231,16 @@ class Routes:
         if path == "/":
             return Response(200, page(), "text/html; charset=utf-8")
         return Response(404, b"not found\n")
+
+    def post(self, path: str, query: str) -> Response:
+        """``POST /reshard[?to=N]`` (loopback only, see :mod:`.httpd`)."""
+        if path != "/reshard":
+            return Response(404, b"not found\n")
+        to = parse_qs(query).get("to", [""])[-1]
+        if to and not (to.isascii() and to.isdigit()):
+            return Response(400, b"to: a shard count\n")
+        request = getattr(self.view, "request_reshard", None)
+        if request is None:
+            return Response(409, b"resharding is not available here\n")
+        code, answer = request(int(to) if to else None)
+        return Response(code, (answer + "\n").encode())

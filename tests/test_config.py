@@ -398,6 +398,8 @@ ENV_CASES: list[tuple[str, str, Get, object]] = [
     ("RESHARD_POLICY", "Manual", lambda s: s.reshard.policy, "manual"),
     ("RESHARD_CHECK_INTERVAL", "30m", lambda s: s.reshard.check_interval, 1800.0),
     ("RESHARD_BUDGET_RESERVE", "0", lambda s: s.reshard.budget_reserve, 0),
+    ("RESHARD_TIMEOUT", "10m", lambda s: s.reshard.timeout, 600.0),
+    ("RESHARD_OVERLAP", "250ms", lambda s: s.reshard.overlap, 0.25),
 ]
 #: Env names whose tests need more than one variable or a file: see the tests named here.
 TESTED_ELSEWHERE = {
@@ -508,8 +510,10 @@ BAD_ENV_VALUES = {
         "redis+sentinel://h:1,:2/m",
     ],
     "RESHARD_POLICY": ["always"],
-    "RESHARD_CHECK_INTERVAL": ["10s"],
+    "RESHARD_CHECK_INTERVAL": ["500ms"],
     "RESHARD_BUDGET_RESERVE": ["-5"],
+    "RESHARD_TIMEOUT": ["0", "0.5s"],
+    "RESHARD_OVERLAP": ["0", "soon"],
 }
 _KEY_OF_ENV = {spec.env: spec.path for spec in KEYS}
 BAD_ENV += [

@@ -130,10 +130,12 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "reshard.check_interval",
         "RESHARD_CHECK_INTERVAL",
-        c.duration(minimum=60.0),
+        c.duration(minimum=1.0),
         kind="duration",
     ),
     KeySpec("reshard.budget_reserve", "RESHARD_BUDGET_RESERVE", c.NON_NEGATIVE),
+    KeySpec("reshard.timeout", "RESHARD_TIMEOUT", c.duration(minimum=1.0), kind="duration"),
+    KeySpec("reshard.overlap", "RESHARD_OVERLAP", c.duration(), kind="duration"),
 )
 
 BY_PATH: dict[str, KeySpec] = {spec.path: spec for spec in KEYS}

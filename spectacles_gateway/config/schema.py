@@ -285,6 +285,11 @@ class ReshardSettings(_Section, frozen=True):
     """Seconds between two looks at Discord's recommended shard count."""
     budget_reserve: int = 50
     """Session starts a reshard leaves in Discord's daily budget."""
+    timeout: float = 300.0
+    """Seconds the new generation may take to be ready with its guilds, beyond the time its
+    identifies take by Discord's pacing; then the reshard rolls back."""
+    overlap: float = 1.0
+    """Seconds both generations publish after the switch before the old one closes."""
 
 
 class Settings(_Section, frozen=True):

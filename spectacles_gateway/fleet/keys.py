@@ -7,6 +7,11 @@ Per fleet ``name``, under the shard store's ``prefix``::
     <prefix>fleet:<name>:members         hash: member -> JSON (capacity, shards, last seen)
     <prefix>fleet:<name>:budget          hash: Discord's session start budget, for every member
     <prefix>fleet:<name>:free            pub/sub channel: a shard was let go (claim it now)
+    <prefix>fleet:<name>:reshard         the reshard lock: "<member> <token>", PX = the lease
+    <prefix>fleet:<name>:reshard:ask     an operator's request (JSON), and its pub/sub channel
+
+A generation after the first (a reshard) has leases and epochs of its own, under
+``<prefix>fleet:<name>:g<generation>:`` (:meth:`FleetKeys.of_generation`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,27 @@ __all__ = ["FleetKeys"]
 class FleetKeys:
     prefix: str
     name: str
+    generation: int = 0
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}fleet:{self.name}:"
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}fleet:{self.name}:"
+        """Where this generation's leases and epochs live."""
+        return self.root if self.generation == 0 else f"{self.root}g{self.generation}:"
+
+    def of_generation(self, generation: int) -> FleetKeys:
+        return FleetKeys(self.prefix, self.name, generation)
+
+    @property
+    def reshard_lock(self) -> str:
+        return f"{self.root}reshard"
+
+    @property
+    def reshard_ask(self) -> str:
+        return f"{self.root}reshard:ask"
 
     def lease(self, shard: int) -> str:
         return f"{self.base}lease:{shard}"
@@ -33,12 +55,12 @@ class FleetKeys:
 
     @property
     def members(self) -> str:
-        return f"{self.base}members"
+        return f"{self.root}members"
 
     @property
     def budget(self) -> str:
-        return f"{self.base}budget"
+        return f"{self.root}budget"
 
     @property
     def free(self) -> str:
-        return f"{self.base}free"
+        return f"{self.root}free"

@@ -8,6 +8,7 @@ __all__ = [
     "FATAL_CODES",
     "RESUMABLE_CLOSE",
     "SESSION_END_CLOSE",
+    "SHARDING_REQUIRED",
     "CloseAction",
     "classify_close",
     "describe_close",
@@ -50,6 +51,8 @@ _DESCRIPTIONS = {
 }
 
 #: Codes after which reconnecting cannot help (discord.md §9, "reconnect: false").
+#: Discord wants more shards: the shard holds too many guilds (a reshard is the way on).
+SHARDING_REQUIRED = 4011
 FATAL_CODES = frozenset({4004, 4010, 4011, 4012, 4013, 4014})
 _NEW_SESSION_CODES = frozenset({4003, 4007, 4009})
 #: Codes that mean we sent something wrong: still resumable, but worth a loud log line.

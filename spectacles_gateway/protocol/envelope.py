@@ -6,7 +6,15 @@ import enum
 
 import msgspec
 
-__all__ = ["Envelope", "Opcode", "ReadyInfo", "decode_envelope", "decode_ready"]
+__all__ = [
+    "Envelope",
+    "GuildRef",
+    "Opcode",
+    "ReadyInfo",
+    "decode_envelope",
+    "decode_guild",
+    "decode_ready",
+]
 
 
 class Opcode(enum.IntEnum):
@@ -38,9 +46,16 @@ class Envelope(msgspec.Struct, gc=False):
     t: str | None = None
 
 
+class GuildRef(msgspec.Struct, gc=False):
+    """A guild's id, from READY's list or a GUILD_CREATE/GUILD_DELETE (the rest is skipped)."""
+
+    id: str
+
+
 class ReadyInfo(msgspec.Struct, gc=False):
     session_id: str
     resume_gateway_url: str | None = None
+    guilds: list[GuildRef] = []
 
 
 class HelloInfo(msgspec.Struct, gc=False):
@@ -50,9 +65,11 @@ class HelloInfo(msgspec.Struct, gc=False):
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 _ready_decoder = msgspec.json.Decoder(ReadyInfo)
 _hello_decoder = msgspec.json.Decoder(HelloInfo)
+_guild_decoder = msgspec.json.Decoder(GuildRef)
 _bool_decoder = msgspec.json.Decoder(bool | None)
 
 decode_envelope = _envelope_decoder.decode
 decode_ready = _ready_decoder.decode
 decode_hello = _hello_decoder.decode
+decode_guild = _guild_decoder.decode
 decode_bool = _bool_decoder.decode

@@ -161,3 +161,7 @@ class ShardStats:
     commands_sent: int
     commands_waiting: int
     confirmed_events: int
+    #: Guilds READY listed that have not arrived yet (GUILD_CREATE); 0 without the GUILDS intent.
+    guilds_pending: int = 0
+    #: False in standby: dispatches are read and counted, and nothing is published.
+    publishing: bool = True

@@ -25,6 +25,8 @@ __all__ = [
     "SessionBudget",
     "bucket_of",
     "identify_payload",
+    "pacer_key",
+    "shard_of_key",
 ]
 
 #: Seconds between two identifies of one bucket (Discord's rule).
@@ -40,6 +42,23 @@ MAX_PAYLOAD_BYTES = 4096
 def bucket_of(shard_id: int, max_concurrency: int) -> int:
     """The identify rate-limit key of a shard."""
     return shard_id % max(1, max_concurrency)
+
+
+_SHARD_BITS = 32
+_SHARD_MASK = (1 << _SHARD_BITS) - 1
+
+
+def pacer_key(shard_id: int, generation: int = 0) -> int:
+    """What :class:`IdentifyPacer` knows a shard by: during a reshard two generations run
+    shards with the same ids (and Discord's buckets, ``shard_id % max_concurrency``, span both).
+    Generation 0's keys are the shard ids themselves; lower keys are served first, so an older
+    generation's shard that must identify again goes before the new generation's."""
+    return generation << _SHARD_BITS | shard_id
+
+
+def shard_of_key(key: int) -> tuple[int, int]:
+    """``(shard_id, generation)`` of a :func:`pacer_key`."""
+    return key & _SHARD_MASK, key >> _SHARD_BITS
 
 
 def identify_payload(
@@ -127,7 +146,7 @@ class IdentifyPacer:
         self.holding = 0  # permits handed out and not back yet
 
     def _bucket(self, shard_id: int) -> _Bucket:
-        return self._buckets[bucket_of(shard_id, self.max_concurrency)]
+        return self._buckets[bucket_of(shard_id & _SHARD_MASK, self.max_concurrency)]
 
     def request(self, shard_id: int) -> None:
         """``shard_id`` wants to identify (it waits for :meth:`grants` to name it)."""

@@ -37,7 +37,14 @@ from .closecodes import (
     describe_close,
 )
 from .commands import CommandQueue, CommandRejected
-from .envelope import Opcode, decode_bool, decode_envelope, decode_hello, decode_ready
+from .envelope import (
+    Opcode,
+    decode_bool,
+    decode_envelope,
+    decode_guild,
+    decode_hello,
+    decode_ready,
+)
 from .events import (
     CloseRequest,
     CommandsDropped,
@@ -69,6 +76,10 @@ __all__ = [
 _encode = msgspec.json.encode
 #: What a malformed message from the gateway can raise while we decode it.
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+#: Intent bit 0: without it Discord sends no GUILD_CREATE.
+GUILDS_INTENT = 1
+#: What ends the wait for a guild READY listed.
+_GUILD_EVENTS = frozenset({"GUILD_CREATE", "GUILD_DELETE"})
 
 
 class ShardProtocol:
@@ -85,7 +96,10 @@ class ShardProtocol:
             raise ValueError(f"shard id {config.shard_id} is outside 0..{config.shard_count - 1}")
         self.config = config
         self._rand = rand
-        self._filter = config.events
+        # Standby publishes nothing: an empty filter, so nothing waits for the broker either.
+        self._filter = frozenset() if config.standby else config.events
+        self.publishing = not config.standby
+        self._guilds: set[str] = set()  # listed by READY, not arrived yet
         self._identify_payload = config.identify_payload()
         self.phase = Phase.DISCONNECTED
         # Session state (survives reconnects of the same session).
@@ -156,7 +170,15 @@ class ShardProtocol:
             commands_sent=self._commands_sent,
             commands_waiting=len(self._commands),
             confirmed_events=self._confirmed_events,
+            guilds_pending=len(self._guilds),
+            publishing=self.publishing,
         )
+
+    def start_publishing(self) -> None:
+        """Leave standby: every dispatch read from now on is published (a reshard's switch).
+        What was read before is gone for good: the old generation published it."""
+        self._filter = self.config.events
+        self.publishing = True
 
     # ------------------------------------------------------------------ helpers
 
@@ -275,8 +297,10 @@ class ShardProtocol:
             t = env.t
             if t in ("READY", "RESUMED"):
                 self._on_session_event(t, env.d, now)
-            if t is None:
+            elif t is None:
                 return
+            elif self._guilds and t in _GUILD_EVENTS:
+                self._guild_arrived(env.d)
             events = self._filter
             if events is None or t in events:
                 if s is not None:
@@ -341,9 +365,12 @@ class ShardProtocol:
             self.resume_url = self._trusted_url(info.resume_gateway_url)
             self._use_resume_url = True
             self._pending.clear()
+            # Without the GUILDS intent Discord sends no GUILD_CREATE: nothing to wait for.
+            guilds = self.config.intents & GUILDS_INTENT
+            self._guilds = {g.id for g in info.guilds} if guilds else set()
             self._notice(NoticeKind.READY, f"session {info.session_id[:8]}…")
             gap, self._gap = self._gap, None
-            if gap is not None:
+            if gap is not None and self.publishing:  # in standby, the old generation publishes
                 self._out.append(Gap(gap[0], gap[1], gap[2], gap[3], info.session_id, now))
         else:
             self._notice(NoticeKind.RESUMED, f"seq {self.seq}")
@@ -352,6 +379,12 @@ class ShardProtocol:
         self._failures = 0
         self._poisoned_after = None  # the replay got through: what failed before was transient
         self._flush_commands(now)
+
+    def _guild_arrived(self, d: msgspec.Raw) -> None:
+        try:
+            self._guilds.discard(decode_guild(d).id)
+        except _DECODE_ERRORS:
+            return  # a malformed one is the consumer's business: it is published as it came
 
     def _on_hello(self, d: msgspec.Raw, now: float) -> None:
         if self.phase is not Phase.WAITING_HELLO:

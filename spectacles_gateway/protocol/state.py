@@ -69,6 +69,9 @@ class ShardConfig:
     #: Commands waiting for the send limit, per shard: at most this many, this old (seconds).
     command_queue_limit: int = 1000
     command_max_age: float = 120.0
+    #: Start in standby: connect, identify and read, publish nothing until
+    #: :meth:`~.shard.ShardProtocol.start_publishing` (the new generation of a reshard).
+    standby: bool = False
 
     def identify_payload(self) -> bytes:
         """The IDENTIFY this shard sends (raises ValueError when it is over 4096 bytes)."""

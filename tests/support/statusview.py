@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from spectacles_gateway import metrics
 from spectacles_gateway.control import FleetView, MemberView, ShardStatus
@@ -47,6 +48,11 @@ class FakeView:
     stopping: str | None = None
     started: float = field(default_factory=time.monotonic)
     fleet: FleetSide | None = None
+    reshard: Any = None
+    generation: int = 0
+
+    def current_slots(self) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.generation == self.generation]
 
     @classmethod
     def of(cls, shards: int, workers: int = 4, state: str = "ready") -> FakeView:

@@ -24,6 +24,7 @@ from .protocol.shard import Session
 __all__ = [
     "MAX_FRAME",
     "Assign",
+    "Cover",
     "Deliver",
     "Drain",
     "FleetStart",
@@ -148,6 +149,14 @@ class Publish(_Message, tag="publish"):
     """Reshard: leave standby, publish every shard's events from now on (the switch)."""
 
 
+class Cover(_Message, tag="cover"):
+    """Reshard, in standby: publish the events of these shards of the running generation
+    (``shard_count`` shards): they are gone for good (4011)."""
+
+    shard_count: int
+    shards: list[int]
+
+
 class Publishing(_Message, tag="publishing"):
     """Worker: every shard of ours publishes now (the answer to :class:`Publish`)."""
 
@@ -256,6 +265,7 @@ Message = (
     | Publish
     | Publishing
     | Retire
+    | Cover
 )
 
 _encoder = msgspec.msgpack.Encoder()

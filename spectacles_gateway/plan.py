@@ -44,8 +44,12 @@ class WorkerPlan(msgspec.Struct, frozen=True, kw_only=True):
     command_max_age: float = 120.0
     #: Which side of a reshard this is (published with every event); 0 before any reshard.
     generation: int = 0
-    #: A reshard's new generation, before the switch: run the shards, publish nothing.
+    #: A reshard's new generation, before the switch: run the shards, publish nothing ...
     standby: bool = False
+    #: ... but the events of these shards of the running generation (of ``cover_count``
+    #: shards), which Discord refused for good (4011): nobody else publishes them.
+    cover: frozenset[int] = frozenset()
+    cover_count: int = 0
 
     def __repr__(self) -> str:  # the token stays out of every repr
         return (

@@ -72,6 +72,8 @@ class ShardSet:
             max_message_size=self.plan.max_message_size,
         )
         runner.lease_until = until
+        if self.plan.cover:
+            runner.core.cover(self.plan.cover_count, self.plan.cover)
         self.runners[shard_id] = runner
         self.epochs[shard_id] = epoch
         metrics.shards_alive.labels(str(shard_id)).set(0)

@@ -363,15 +363,28 @@ class Worker:
             len(self.runners),
         )
 
+    def cover(self, shard_count: int, shards: frozenset[int]) -> None:
+        """In standby: publish what these shards of the running generation no longer can."""
+        self.plan = msgspec.structs.replace(self.plan, cover=shards, cover_count=shard_count)
+        self.shards.plan = self.plan
+        for runner in self.runners.values():
+            runner.core.cover(shard_count, shards)
+        if shards:
+            log.info(
+                "standby: publishing the guilds of shards %s of %d meanwhile (refused for good)",
+                sorted(shards),
+                shard_count,
+            )
+
     def retire(self, reason: str = "reshard") -> None:
         """This generation is over: consumers are told where each shard's events stopped
         (``GATEWAY_GAP``; the new generation carries them on), every shard closes with 1000
         and its stored session is forgotten, then the worker exits."""
         now = asyncio.get_running_loop().time()
         for shard_id, runner in self.runners.items():
-            stats = runner.stats()
-            if stats.session_id is not None and stats.publishing:
-                self.publish_gap(shard_id, Gap(reason, stats.session_id, stats.seq, now, "", now))
+            gap = runner.core.take_gap(reason, now)
+            if gap is not None:
+                self.publish_gap(shard_id, gap)
         log.info(
             "generation %d retired (%s): closing %d shards with 1000",
             self.plan.generation,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import control, metrics
 from .control import (
     Assign,
+    Cover,
     Deliver,
     FrameError,
     FrameReader,
@@ -134,6 +135,8 @@ class ControlLink(asyncio.Protocol):
             self.send(Publishing(self.worker.plan.generation))
         elif isinstance(message, Retire):
             self._spawn(self._retire(message))
+        elif isinstance(message, Cover):
+            self.worker.cover(message.shard_count, frozenset(message.shards))
 
     async def _retire(self, message: Retire) -> None:
         assert self.worker is not None

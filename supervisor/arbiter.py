@@ -31,6 +31,7 @@ import msgspec
 
 from spectacles_gateway import metrics
 from spectacles_gateway.control import (
+    Cover,
     FrameError,
     Grant,
     Identified,
@@ -452,6 +453,10 @@ class Supervisor(Lifecycle):
 
     def kill(self, slot: WorkerSlot) -> None:
         self._kill(slot, signal.SIGKILL)
+
+    def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None:
+        if slot.channel is not None:
+            slot.channel.send(Cover(shard_count, sorted(shards)))
 
     def request_reshard(self, count: int | None) -> tuple[int, str]:
         """``POST /reshard``: (HTTP status, answer)."""

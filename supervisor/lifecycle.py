@@ -123,7 +123,7 @@ class Lifecycle:
             log.error("worker %d (pid %s) of the new generation %s", slot.index, pid, text)
             slot.retiring = True
             self.slots.remove(slot)
-            self.reshard.crashed(slot)
+            self.reshard.crashed(slot, text)
             return
         if reason == "fatal":
             slot.fatal = True

@@ -151,6 +151,8 @@ class Host(Protocol):
 
     def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None: ...
 
+    def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None: ...
+
     def kill(self, slot: WorkerSlot) -> None: ...
 
 
@@ -174,6 +176,7 @@ class _Run:
     guilds_moved: float = 0.0
     old: list[WorkerSlot] = field(default_factory=list)  # retired or retiring
     retire_deadline: float = 0.0
+    covered: frozenset[int] = frozenset()  # running shards refused for good, covered by us
     identifies: int = 0  # IDENTIFYs the new generation sent
 
 
@@ -276,8 +279,8 @@ class Reshard:
 
     def sharding_required(self, shard: int) -> None:
         """A shard of the running generation was closed with 4011."""
-        if self.busy:
-            return
+        if self.active or self._request is not None:
+            return  # the reshard under way (or about to be) replaces that shard
         if self.options.policy != "recommended":
             if shard not in self._told:
                 self._told.add(shard)
@@ -447,10 +450,30 @@ class Reshard:
         run.deadline = now + pacing + self.options.timeout
         run.guilds_moved = now
         self.state = State.STARTING
+        self._cover()
+
+    def _cover(self) -> None:
+        """The running generation's shards Discord refused for good (4011) publish nothing:
+        the new generation publishes their guilds' events while it stands by."""
+        run = self.run
+        assert run is not None
+        host = self.host
+        gone = frozenset(
+            shard
+            for slot in host.slots
+            if slot.generation == host.generation
+            for shard, info in slot.status.items()
+            if info.fatal is not None
+        )
+        if gone != run.covered:
+            run.covered = gone
+            for slot in run.slots:
+                host.cover(slot, host.shard_count, gone)
 
     def _starting(self, now: float) -> None:
         run = self.run
         assert run is not None
+        self._cover()
         for slot in run.slots:
             refused = [s for s, st in slot.status.items() if st.fatal is not None]
             if refused:
@@ -578,10 +601,17 @@ class Reshard:
         self.next_check = self.not_before
         self.state = State.ROLLING_BACK
 
-    def crashed(self, slot: WorkerSlot) -> None:
-        """A worker of the new generation died before the switch."""
-        if self.state in (State.STARTING, State.SWITCHING, State.OVERLAP):
-            self._roll_back(time.monotonic(), f"new worker {slot.index} died")
+    def crashed(self, slot: WorkerSlot, how: str) -> None:
+        """A worker of the new generation died before the switch (``how``: its exit)."""
+        if self.state not in (State.STARTING, State.SWITCHING, State.OVERLAP):
+            return
+        refused = sorted(
+            {f"shard {s}: {info.fatal}" for s, info in slot.status.items() if info.fatal}
+        )
+        why = f"new worker {slot.index} {how}"
+        if refused:
+            why += f" (Discord refused {', '.join(refused[:4])})"
+        self._roll_back(time.monotonic(), why)
 
     def _give_up(self, now: float, why: str) -> None:
         log.error("reshard: %s; not resharding", why)

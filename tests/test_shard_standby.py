@@ -121,3 +121,57 @@ def test_standby_tells_no_gap_the_old_generation_published_it() -> None:
     core.receive(ready_with([], session="sess-3"), 30.0)
     (gap,) = take(core, Gap)
     assert (gap.old_session, gap.new_session) == ("sess-2", "sess-3")
+
+
+def test_a_retiring_shard_tells_where_its_session_ends() -> None:
+    core = make(events=None, intents=1)
+    up(core, [])
+    core.receive(dispatch(7), 1.0)
+    gap = core.take_gap("reshard", 5.0)
+    assert gap == Gap("reshard", "sess-1", 7, 5.0, "", 5.0)
+
+
+def test_a_session_given_up_and_never_replaced_is_the_retiring_gap() -> None:
+    core = make(events=None, intents=1)
+    up(core, [])
+    core.receive(dispatch(3), 1.0)
+    core.receive(j({"op": 9, "d": False}), 2.0)  # then 4011 on identify: no READY ever comes
+    core.connection_closed(2.0, None)
+    core.connection_opened(3.0, identify_permitted=True)
+    core.receive(hello(), 3.0)
+    core.connection_closed(3.1, 4011)
+    gap = core.take_gap("reshard", 9.0)
+    assert gap == Gap("invalid_session", "sess-1", 3, 2.0, "", 9.0)
+    assert core.take_gap("reshard", 9.5) is None  # told once; no session since
+
+
+def test_a_standby_shard_retires_without_a_gap() -> None:
+    core = make(standby=True, events=None, intents=1)
+    up(core, [])
+    assert core.take_gap("reshard", 5.0) is None
+
+
+def message_in(s: int, guild: int, t: str = "MESSAGE_CREATE") -> bytes:
+    return dispatch(s, t, {"id": str(1000 + s), "guild_id": str(guild)})
+
+
+def test_standby_publishes_the_guilds_of_running_shards_that_are_gone() -> None:
+    core = make(standby=True, events=frozenset({"MESSAGE_CREATE", "GUILD_CREATE"}))
+    up(core, [])
+    core.cover(4, frozenset({1}))  # shard 1 of 4 was refused with 4011
+    on_1 = (77 << 22) | 5  # (id >> 22) % 4 == 1
+    on_2 = (78 << 22) | 5
+    core.receive(message_in(2, on_1), 1.0)
+    core.receive(message_in(3, on_2), 1.0)
+    core.receive(dispatch(4, "GUILD_CREATE", {"id": str(on_1)}), 1.0)
+    core.receive(message_in(5, on_1, "TYPING_START"), 1.0)  # not an event the config publishes
+    core.receive(dispatch(6, "MESSAGE_CREATE", {"id": "1"}), 1.0)  # a DM: shard 0's
+    assert [d.seq for d in take(core, Dispatch)] == [2, 4]
+    assert core.confirmed_seq == 1  # what was published waits for the broker
+    core.cover(4, frozenset({0}))
+    core.receive(dispatch(7, "MESSAGE_CREATE", {"id": "1"}), 1.0)
+    core.receive(dispatch(8, "MESSAGE_CREATE", [1, 2]), 1.0)  # not an object: shard 0's too
+    assert [d.seq for d in take(core, Dispatch)] == [7, 8]
+    core.start_publishing()  # after the switch, everything as configured
+    core.receive(message_in(9, on_2), 1.0)
+    assert [d.seq for d in take(core, Dispatch)] == [9]

@@ -13,6 +13,7 @@ __all__ = [
     "ReadyInfo",
     "decode_envelope",
     "decode_guild",
+    "decode_guild_of",
     "decode_ready",
 ]
 
@@ -52,6 +53,13 @@ class GuildRef(msgspec.Struct, gc=False):
     id: str
 
 
+class GuildOf(msgspec.Struct, gc=False):
+    """Which guild an event is about: ``guild_id``, or ``id`` for the GUILD_* events."""
+
+    guild_id: str | None = None
+    id: str | None = None
+
+
 class ReadyInfo(msgspec.Struct, gc=False):
     session_id: str
     resume_gateway_url: str | None = None
@@ -66,10 +74,12 @@ _envelope_decoder = msgspec.json.Decoder(Envelope)
 _ready_decoder = msgspec.json.Decoder(ReadyInfo)
 _hello_decoder = msgspec.json.Decoder(HelloInfo)
 _guild_decoder = msgspec.json.Decoder(GuildRef)
+_guild_of_decoder = msgspec.json.Decoder(GuildOf)
 _bool_decoder = msgspec.json.Decoder(bool | None)
 
 decode_envelope = _envelope_decoder.decode
 decode_ready = _ready_decoder.decode
 decode_hello = _hello_decoder.decode
 decode_guild = _guild_decoder.decode
+decode_guild_of = _guild_of_decoder.decode
 decode_bool = _bool_decoder.decode

@@ -42,6 +42,7 @@ from .envelope import (
     decode_bool,
     decode_envelope,
     decode_guild,
+    decode_guild_of,
     decode_hello,
     decode_ready,
 )
@@ -100,6 +101,9 @@ class ShardProtocol:
         self._filter = frozenset() if config.standby else config.events
         self.publishing = not config.standby
         self._guilds: set[str] = set()  # listed by READY, not arrived yet
+        # Standby: the running generation's shard count and those of its shards that are gone
+        # for good (4011); events of their guilds are published by us meanwhile.
+        self._cover: tuple[int, frozenset[int]] | None = None
         self._identify_payload = config.identify_payload()
         self.phase = Phase.DISCONNECTED
         # Session state (survives reconnects of the same session).
@@ -174,11 +178,50 @@ class ShardProtocol:
             publishing=self.publishing,
         )
 
+    def take_gap(self, reason: str, now: float) -> Gap | None:
+        """This shard stops for good (its generation retires): where its events end, for
+        consumers. A session given up earlier and never replaced is that gap (its own reason);
+        else the current session ends here with ``reason``. None in standby or with no session
+        (nothing was published, or nothing was lost)."""
+        if not self.publishing:
+            return None
+        pending, self._gap = self._gap, None
+        if pending is not None:
+            return Gap(pending[0], pending[1], pending[2], pending[3], "", now)
+        if self.session_id is None:
+            return None
+        return Gap(reason, self.session_id, self.seq, now, "", now)
+
+    def cover(self, shard_count: int, shards: frozenset[int]) -> None:
+        """In standby, publish the events that shards ``shards`` of the running generation
+        (``shard_count`` shards) would have published: they are gone for good (4011), so
+        nobody else will. A guild's shard is ``(guild_id >> 22) % shard_count``; events of no
+        guild (direct messages) go to shard 0."""
+        self._cover = (shard_count, shards) if shards and shard_count > 0 else None
+
+    def _covered(self, t: str, d: msgspec.Raw) -> bool:
+        if self.publishing:
+            return False
+        events = self.config.events
+        if events is not None and t not in events:
+            return False
+        assert self._cover is not None
+        count, shards = self._cover
+        try:
+            ref = decode_guild_of(d)
+        except _DECODE_ERRORS:
+            return 0 in shards
+        guild = ref.guild_id or (ref.id if t in _GUILD_EVENTS or t == "GUILD_UPDATE" else None)
+        if guild is None or not (guild.isascii() and guild.isdigit()):
+            return 0 in shards
+        return (int(guild) >> 22) % count in shards
+
     def start_publishing(self) -> None:
         """Leave standby: every dispatch read from now on is published (a reshard's switch).
         What was read before is gone for good: the old generation published it."""
         self._filter = self.config.events
         self.publishing = True
+        self._cover = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -302,7 +345,7 @@ class ShardProtocol:
             elif self._guilds and t in _GUILD_EVENTS:
                 self._guild_arrived(env.d)
             events = self._filter
-            if events is None or t in events:
+            if events is None or t in events or (self._cover and self._covered(t, env.d)):
                 if s is not None:
                     self._pending.append(s)
                 self._out.append(Dispatch(t, s, bytes(env.d), self.session_id or ""))

@@ -36,6 +36,8 @@ __all__ = [
     "Identified",
     "IdentifyRequest",
     "Leases",
+    "LockReshard",
+    "Locked",
     "Lose",
     "MemberView",
     "Message",
@@ -45,10 +47,14 @@ __all__ = [
     "Relayed",
     "Release",
     "Released",
+    "ReshardAsk",
     "Retire",
     "ShardStatus",
     "Start",
     "Status",
+    "Superseded",
+    "Switch",
+    "UnlockReshard",
     "encode",
 ]
 
@@ -185,6 +191,7 @@ class Released(_Message, tag="released"):
     shard: int
     session: Session | None
     reason: str = "release"
+    generation: int = 0
 
 
 class FleetStart(_Message, tag="fleet-start"):
@@ -197,6 +204,7 @@ class FleetStart(_Message, tag="fleet-start"):
     session_total: int  # Discord's session start budget as this member last saw it
     session_remaining: int
     session_reset_after: float  # seconds
+    generation: int = 0  # the generation of shards the member starts with
 
 
 class Own(_Message, tag="own"):
@@ -209,6 +217,7 @@ class Own(_Message, tag="own"):
     until: float
     how: str = "claim"
     expired_at: float | None = None
+    generation: int = 0
 
 
 class Lose(_Message, tag="lose"):
@@ -216,6 +225,7 @@ class Lose(_Message, tag="lose"):
 
     shard: int
     reason: str
+    generation: int = 0
 
 
 class HandOff(_Message, tag="hand-off"):
@@ -223,6 +233,45 @@ class HandOff(_Message, tag="hand-off"):
 
     shard: int
     reason: str
+    generation: int = 0
+
+
+class LockReshard(_Message, tag="lock-reshard"):
+    """Supervisor: take the fleet's reshard lock (one reshard at a time in the fleet)."""
+
+
+class UnlockReshard(_Message, tag="unlock-reshard"):
+    """Supervisor: our reshard is over (rolled back or given up): let the lock go."""
+
+
+class Locked(_Message, tag="locked"):
+    """Agent: the answer to :class:`LockReshard`; ``holder``: who has it when not us."""
+
+    ok: bool
+    holder: str = ""
+
+
+class Switch(_Message, tag="switch"):
+    """Supervisor: our new generation publishes: own its leases, make it the fleet's (the
+    generation pointer), let the old leases and the reshard lock go."""
+
+    generation: int
+    shard_count: int
+
+
+class Superseded(_Message, tag="superseded"):
+    """Agent: the fleet runs ``generation`` of ``shard_count`` shards now (another member's
+    reshard switched): retire ours, run shards of the new one as they come."""
+
+    generation: int
+    shard_count: int
+
+
+class ReshardAsk(_Message, tag="reshard-ask"):
+    """Agent: an operator asked the fleet to reshard (``to``: None for Discord's count), and
+    this member took the request."""
+
+    to: int | None = None
 
 
 class Drain(_Message, tag="drain"):
@@ -266,6 +315,12 @@ Message = (
     | Publishing
     | Retire
     | Cover
+    | LockReshard
+    | UnlockReshard
+    | Locked
+    | Switch
+    | Superseded
+    | ReshardAsk
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -289,7 +289,7 @@ class RedisStore:
             prefix=prefix,
             session_ttl=settings.shard_store.session_ttl,
             url=settings.redis.url,
-            fleet=FleetKeys(prefix, fleet) if fleet else None,
+            fleet=FleetKeys(prefix, fleet, generation) if fleet else None,
             generation=generation,
         )
 

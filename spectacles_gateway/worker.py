@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 #: The control event that tells consumers about events Discord will never send again.
 GAP_EVENT = "GATEWAY_GAP"
+#: Seconds a retiring shard that is reconnecting gets to resume (and publish the replay).
+RETIRE_WAIT = 10.0
 
 
 class Worker:
@@ -376,11 +379,19 @@ class Worker:
                 shard_count,
             )
 
-    def retire(self, reason: str = "reshard") -> None:
+    async def retire(self, reason: str = "reshard", *, wait: float = RETIRE_WAIT) -> None:
         """This generation is over: consumers are told where each shard's events stopped
         (``GATEWAY_GAP``; the new generation carries them on), every shard closes with 1000
-        and its stored session is forgotten, then the worker exits."""
-        now = asyncio.get_running_loop().time()
+        and its stored session is forgotten, then the worker exits.
+
+        A publishing shard in the middle of a reconnect is given up to ``wait`` seconds to
+        resume first: the replay holds events the new generation did not publish."""
+        loop = asyncio.get_running_loop()
+        for _ in range(math.ceil(wait / 0.05)):  # polls the shards' phases, bounded
+            if not self._reconnecting():
+                break
+            await asyncio.sleep(0.05)
+        now = loop.time()
         for shard_id, runner in self.runners.items():
             gap = runner.core.take_gap(reason, now)
             if gap is not None:
@@ -393,6 +404,17 @@ class Worker:
         )
         self.keep_sessions = False
         self.request_stop()
+
+    def _reconnecting(self) -> bool:
+        """A publishing shard is between connections (it will resume and replay)."""
+        for shard, task in self.shards.tasks.items():
+            runner = self.runners.get(shard)
+            if runner is None or task.done():
+                continue
+            stats = runner.stats()
+            if stats.publishing and not stats.ready and stats.fatal_code is None:
+                return True
+        return False
 
     def runners_alive(self) -> bool:
         return any(s not in self.sharding_required for s in self.runners)

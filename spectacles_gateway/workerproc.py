@@ -145,7 +145,7 @@ class ControlLink(asyncio.Protocol):
             from .generation import Pointer
 
             await point_to(Pointer(*message.successor))
-        self.worker.retire(message.reason)
+        await self.worker.retire(message.reason)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -247,7 +247,9 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         dynamic=start.fleet,
         sharding_required_is_fatal=settings.reshard.policy == "off",
     )
-    worker.on_released = lambda shard, session, reason: link.send(Released(shard, session, reason))
+    worker.on_released = lambda shard, session, reason: link.send(
+        Released(shard, session, reason, worker.plan.generation)
+    )
     link.attach(worker)
 
     worker.after_round = lambda: link.send(status(worker))

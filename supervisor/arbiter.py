@@ -137,6 +137,12 @@ class Supervisor(Lifecycle):
         self.reshard: Reshard | None = None
         if options.reshard is not None:
             self.reshard = Reshard(self, options.reshard)
+        if self.fleet is not None:
+            self.fleet.generation = self.generation
+            self.fleet.on_superseded = self.superseded
+            if self.reshard is not None:
+                self.fleet.on_ask = self.request_reshard
+                self.fleet.on_locked = self.reshard.locked
         super().__init__()
 
     # ------------------------------------------------------------------ set-up
@@ -238,8 +244,11 @@ class Supervisor(Lifecycle):
             _nothing,  # the reaper notices the death
         )
         fleet = self.fleet is not None
+        # A fleet's workers get their shards as the fleet leases them; a reshard's new
+        # generation starts with all of its own (the fleet leases them at the switch).
+        fixed = not fleet or slot.standby
         sessions = self._sessions_for(slot)
-        plan = self.options.plan.for_worker(slot.index, () if fleet else slot.shards)
+        plan = self.options.plan.for_worker(slot.index, slot.shards if fixed else ())
         if slot.generation or slot.standby or plan.shard_count != slot.shard_count:
             plan = msgspec.structs.replace(
                 plan,
@@ -251,7 +260,7 @@ class Supervisor(Lifecycle):
             Start(
                 plan=plan,
                 argv=self.options.argv,
-                sessions={} if fleet else {s: sessions.get(s) for s in slot.shards},
+                sessions={s: sessions.get(s) for s in slot.shards} if fixed else {},
                 confirm_on_relay=stdio,
                 fleet=fleet,
             )
@@ -436,6 +445,8 @@ class Supervisor(Lifecycle):
         self.options.shard_count = shard_count
         metrics.total_shards.set(shard_count)
         metrics.generation.set(generation)
+        if self.fleet is not None:
+            self.fleet.adopt_generation(generation, shard_count)
         self._ready_notified = self._ready_notified and all(s.all_ready() for s in slots)
 
     def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None:
@@ -457,6 +468,61 @@ class Supervisor(Lifecycle):
     def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None:
         if slot.channel is not None:
             slot.channel.send(Cover(shard_count, sorted(shards)))
+
+    def lock_reshard(self) -> bool:
+        return self.fleet is not None and self.fleet.lock_reshard()
+
+    def unlock_reshard(self) -> None:
+        if self.fleet is not None:
+            self.fleet.unlock_reshard()
+
+    def switch_fleet(self, generation: int, shard_count: int) -> None:
+        if self.fleet is not None:
+            self.fleet.switch(generation, shard_count)
+
+    def running_unsettled(self) -> str:
+        down = [
+            shard
+            for slot in self.current_slots()
+            if not slot.fatal
+            for shard in slot.shards
+            if (info := slot.status.get(shard)) is None or not (info.ready or info.fatal)
+        ]
+        if down:
+            return f"running shards {describe_ids(down)} are reconnecting"
+        if self.fleet is not None and not self.fleet.fully_owned():
+            return "the fleet does not own every running shard"
+        return ""
+
+    def superseded(self, generation: int, shard_count: int) -> None:
+        """Fleet: another member's reshard switched the fleet to ``generation``: our shards of
+        the old one retire, and fresh workers take shards of the new one as the fleet leases
+        them (as many workers as before)."""
+        if generation <= self.generation or self.stopping is not None:
+            return
+        if self.reshard is not None:
+            self.reshard.superseded()
+        old = self.current_slots()
+        log.info(
+            "fleet: generation %d of %d shards is the fleet's now: retiring our %d workers of "
+            "generation %d",
+            generation,
+            shard_count,
+            len(old),
+            self.generation,
+        )
+        fresh = []
+        for _ in range(max(1, len(old))):
+            fresh.append(
+                WorkerSlot(self._next_index, (), generation=generation, shard_count=shard_count)
+            )
+            self._next_index += 1
+        self.slots.extend(fresh)
+        self.commit_generation(generation, shard_count, fresh, {})
+        for slot in fresh:
+            self.spawn(slot)
+        for slot in old:
+            self.retire(slot, None)
 
     def request_reshard(self, count: int | None) -> tuple[int, str]:
         """``POST /reshard``: (HTTP status, answer)."""

@@ -100,7 +100,7 @@ def reshard_options(
     settings = loaded.settings
     reshard = settings.reshard
     unavailable = None
-    if explicit_ids and not settings.fleet.name:
+    if explicit_ids:
         unavailable = "this supervisor runs shard ids chosen by hand (shards.ids, --shards)"
 
     def check() -> object:
@@ -114,6 +114,7 @@ def reshard_options(
         overlap=reshard.overlap,
         check=check,  # type: ignore[arg-type]
         unavailable=unavailable,
+        fleet=bool(settings.fleet.name),
     )
 
 
@@ -135,7 +136,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
     count = settings.shards.count or bot.shards
     explicit = bool(loaded.cli.shards or settings.shards.ids)
     generation = 0
-    if settings.reshard.policy != "off" and not explicit and not settings.fleet.name:
+    if settings.reshard.policy != "off" and not explicit:
         stored = stored_generation(settings, argv)
         if stored is not None:
             generation, stored_count = stored
@@ -226,7 +227,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         budget=SessionBudget(bot.total, bot.remaining, time.monotonic() + bot.reset_after),
         notifier=_notifier(),
         fleet=fleet,
-        reshard=None if fleet else reshard_options(loaded, api_base, token, explicit),
+        reshard=reshard_options(loaded, api_base, token, explicit),
         generation=generation,
     )
 

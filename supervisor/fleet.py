@@ -28,12 +28,18 @@ from spectacles_gateway.control import (
     FrameError,
     HandOff,
     Leases,
+    Locked,
+    LockReshard,
     Lose,
     Message,
     Own,
     Release,
     Released,
+    ReshardAsk,
     Status,
+    Superseded,
+    Switch,
+    UnlockReshard,
 )
 from spectacles_gateway.protocol.backoff import backoff_delay
 
@@ -91,6 +97,12 @@ class FleetSide:
     started: float = 0.0
     draining: bool = False
     failover_from: dict[int, float] = field(default_factory=dict)
+    generation: int = 0
+    #: Reshard callbacks (set by the supervisor): the fleet moved to (generation, shard count);
+    #: an operator's request (to); the answer to our lock request (ok, holder).
+    on_superseded: Any = None
+    on_ask: Any = None
+    on_locked: Any = None
 
     # ------------------------------------------------------------------ the agent process
 
@@ -120,6 +132,7 @@ class FleetSide:
                 session_total=o.session_total,
                 session_remaining=o.session_remaining,
                 session_reset_after=o.session_reset_after,
+                generation=self.generation,
             )
         )
         if self.draining:
@@ -156,13 +169,40 @@ class FleetSide:
         if self.channel is not None:
             self.channel.send(Drain())
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
+
+    # ------------------------------------------------------------------ reshard
+
+    def lock_reshard(self) -> bool:
+        """Ask for the fleet's reshard lock (the answer comes to ``on_locked``)."""
+        if self.channel is None:
+            return False
+        self.channel.send(LockReshard())
+        return True
+
+    def unlock_reshard(self) -> None:
+        self._tell_agent(UnlockReshard())
+
+    def adopt_generation(self, generation: int, shard_count: int) -> None:
+        """From now on the member runs ``generation``: the old leases are gone with it."""
+        self.generation = generation
+        self.shard_count = shard_count
+        self.leases.clear()
+        self.handing_off.clear()
+        self.failover_from.clear()
+        self.view = None
+
+    def switch(self, generation: int, shard_count: int) -> None:
+        """Our reshard's switch: the agent leases every new shard and points the fleet at it."""
+        self._tell_agent(Switch(generation, shard_count))
 
     # ------------------------------------------------------------------ its orders
 
     def _on_message(self, message: Message | FrameError) -> None:
+        if isinstance(message, Own | Lose | HandOff) and message.generation != self.generation:
+            return  # about a generation we left (it crossed a switch): its leases went with it
         if isinstance(message, Own):
             self._own(message)
         elif isinstance(message, Leases):
@@ -171,6 +211,15 @@ class FleetSide:
             self._lose(message.shard)
         elif isinstance(message, HandOff):
             self._hand_off(message.shard)
+        elif isinstance(message, Superseded):
+            if self.on_superseded is not None:
+                self.on_superseded(message.generation, message.shard_count)
+        elif isinstance(message, ReshardAsk):
+            if self.on_ask is not None:
+                self.on_ask(message.to)
+        elif isinstance(message, Locked):
+            if self.on_locked is not None:
+                self.on_locked(message.ok, message.holder)
         elif isinstance(message, FleetView):
             self.view = message
             metrics.leases_held.set(len(self.leases))
@@ -182,8 +231,10 @@ class FleetSide:
             metrics.input_dropped.labels("control", "unexpected").inc()
 
     def _place(self) -> WorkerSlot:
-        """The worker with the fewest shards (among those that are not refused for good)."""
-        usable = [s for s in self.slots if not s.fatal] or self.slots
+        """The worker with the fewest shards (among those that are not refused for good, of
+        the running generation)."""
+        ours = [s for s in self.slots if s.generation == self.generation and not s.retiring]
+        usable = [s for s in ours if not s.fatal] or ours or self.slots
         return min(usable, key=lambda s: (len(s.shards), s.index))
 
     def _own(self, own: Own) -> None:
@@ -191,6 +242,12 @@ class FleetSide:
         if lease is not None:  # the agent restarted and kept it, or a renewal raced
             lease.epoch, lease.until = own.epoch, own.until
             self._send(lease.slot, Leases({own.shard: own.until}))
+            return
+        running = self.owner.get(own.shard)
+        if running is not None and running.generation == self.generation:
+            # Our reshard's switch: the shard runs already; it is leased from now on.
+            self.leases[own.shard] = _Lease(own.epoch, own.until, running)
+            self._send(running, Assign(own.shard, own.epoch, own.until))
             return
         slot = self._place()
         self.leases[own.shard] = _Lease(own.epoch, own.until, slot)
@@ -222,21 +279,25 @@ class FleetSide:
     def _hand_off(self, shard: int) -> None:
         lease = self.leases.get(shard)
         if lease is None:
-            self._tell_agent(Released(shard, None, "unknown"))
+            self._tell_agent(Released(shard, None, "unknown", self.generation))
             return
         self.handing_off.add(shard)
         if lease.slot.channel is None:  # its worker is down: nothing runs, nothing to save
-            self.released(lease.slot, Released(shard, None, "release"))
+            self.released(lease.slot, Released(shard, None, "release", self.generation))
         else:
             self._send(lease.slot, Release(shard, save=True))
 
     def released(self, slot: WorkerSlot, message: Released) -> None:
         """A worker let a shard go: after a handoff, the agent lets its lease go."""
+        if message.generation != self.generation:
+            return  # a shard of a generation we left: its lease went with it
         lease = self.leases.pop(message.shard, None)
         self.handing_off.discard(message.shard)
         if lease is not None:
             self._forget(message.shard, lease.slot)
-        self._tell_agent(Released(message.shard, message.session, message.reason))
+        self._tell_agent(
+            Released(message.shard, message.session, message.reason, message.generation)
+        )
 
     def _forget(self, shard: int, slot: WorkerSlot) -> None:
         slot.remove_shard(shard)

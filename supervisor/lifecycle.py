@@ -94,6 +94,7 @@ class Lifecycle:
         self._next_extend = 0.0
         self._last_round = time.monotonic()
         self.ready_since: float | None = None
+        self._agent_stopped = False
 
     # ------------------------------------------------------------------ deaths
 
@@ -248,9 +249,14 @@ class Lifecycle:
         if self.stopping is not None:
             if self.fleet is not None and self.fleet.draining and self.fleet.proc is not None:
                 if now > self.stop_deadline - 1.0:  # handing off took too long: stop anyway
-                    log.warning("fleet: handing off took too long; stopping the workers")
-                    self.fleet.stop()
-                    self._signal_workers(signal.SIGTERM)
+                    if not self._agent_stopped:
+                        log.warning("fleet: handing off took too long; stopping the workers")
+                        self._agent_stopped = True
+                        self.fleet.stop()
+                        self._signal_workers(signal.SIGTERM)
+                    else:
+                        log.warning("fleet: the agent did not stop: killing it")
+                        self.fleet.stop(signal.SIGKILL)
                     self.stop_deadline = now + 3.0
                 return
             if now > self.stop_deadline:

@@ -60,6 +60,8 @@ GUILD_QUIET = 10.0
 RETRY_AFTER = 60.0
 #: How long retired workers have to close before they are killed.
 RETIRE_TIMEOUT = 30.0
+#: How long the fleet's reshard lock may take to come.
+LOCK_TIMEOUT = 10.0
 
 
 def round_up(count: int, max_concurrency: int) -> int:
@@ -115,10 +117,13 @@ class ReshardOptions:
     check: Callable[[], GatewayBot] | None = None
     #: Why no reshard can run here (shard ids chosen by hand): None when one can.
     unavailable: str | None = None
+    #: Fleet mode: one reshard at a time in the fleet (a lock in Redis, taken by the agent).
+    fleet: bool = False
 
 
 class State(enum.Enum):
     IDLE = "idle"
+    LOCKING = "locking"
     WAITING_BUDGET = "waiting_for_budget"
     STARTING = "starting"
     SWITCHING = "switching"
@@ -152,6 +157,18 @@ class Host(Protocol):
     def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None: ...
 
     def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None: ...
+
+    def lock_reshard(self) -> bool:
+        """Fleet: ask for the reshard lock (False: cannot ask now)."""
+        ...
+
+    def unlock_reshard(self) -> None: ...
+
+    def running_unsettled(self) -> str:
+        """Why the running generation is not ready to be taken over ("": it is)."""
+        ...
+
+    def switch_fleet(self, generation: int, shard_count: int) -> None: ...
 
     def kill(self, slot: WorkerSlot) -> None: ...
 
@@ -301,7 +318,11 @@ class Reshard:
             return
         self._collect_check(now)
         state = self.state
-        if state is State.IDLE:
+        if state is State.LOCKING:
+            run = self.run
+            if run is not None and now > run.deadline:
+                self._give_up(now, "the fleet's reshard lock did not come", record=False)
+        elif state is State.IDLE:
             due = now >= self.next_check and now >= self.not_before and not self._checking
             if due and (self.options.policy != "off" or self._request is not None):
                 self._start_check(now)
@@ -392,7 +413,7 @@ class Reshard:
 
     def _begin(self, now: float, target: int, reason: str) -> None:
         host = self.host
-        self.run = _Run(
+        run = self.run = _Run(
             target=target,
             reason=reason,
             generation=host.generation + 1,
@@ -407,8 +428,42 @@ class Reshard:
             reason.replace("_", " "),
             host.generation + 1,
         )
+        if self.options.fleet:
+            self.state = State.LOCKING
+            run.deadline = now + LOCK_TIMEOUT
+            if not host.lock_reshard():
+                self._give_up(now, "the fleet agent is not running", record=False)
+            return
         self.state = State.WAITING_BUDGET
         self._wait_budget(now)
+
+    def locked(self, ok: bool, holder: str) -> None:
+        """Fleet: the answer to our lock request."""
+        if self.state is not State.LOCKING:
+            if ok:
+                self.host.unlock_reshard()  # late: we gave up meanwhile
+            return
+        now = time.monotonic()
+        if not ok:
+            log.info("reshard: member %s runs one already; not here", holder or "?")
+            self._give_up(
+                now, f"member {holder or '?'} holds the fleet's reshard lock", record=False
+            )
+            return
+        log.info("reshard: this member holds the fleet's reshard lock")
+        self.state = State.WAITING_BUDGET
+        self._wait_budget(now)
+
+    def superseded(self) -> None:
+        """Fleet: another member's reshard switched the fleet to a newer generation; ours (if
+        any) is moot: its new workers retire."""
+        if self.run is None:
+            return
+        now = time.monotonic()
+        if self.state in (State.LOCKING, State.WAITING_BUDGET):
+            self._give_up(now, "another member's reshard switched the fleet", record=False)
+        elif self.state in (State.STARTING, State.SWITCHING, State.OVERLAP):
+            self._roll_back(now, "another member's reshard switched the fleet")
 
     def _wait_budget(self, now: float) -> None:
         run = self.run
@@ -485,14 +540,7 @@ class Reshard:
         if pending != run.guilds_pending:
             run.guilds_pending = pending
             run.guilds_moved = now
-        old = [s for s in self.host.slots if s.generation == self.host.generation]
-        old_down = [
-            shard
-            for slot in old
-            if not slot.fatal
-            for shard in slot.shards
-            if (st := slot.status.get(shard)) is None or not (st.ready or st.fatal is not None)
-        ]
+        unsettled = self.host.running_unsettled()
         waiting = ""
         if new_ready < run.target:
             waiting = f"{new_ready}/{run.target} new shards ready"
@@ -500,8 +548,8 @@ class Reshard:
             waiting = f"{pending} guilds not received yet"
         elif not all(s.broker for s in run.slots):
             waiting = "the new workers' brokers are not connected yet"
-        elif old_down:
-            waiting = f"running shards {old_down[:8]} are reconnecting"
+        elif unsettled:
+            waiting = unsettled
         run.waiting = waiting
         if waiting:
             if now > run.deadline:
@@ -545,8 +593,11 @@ class Reshard:
             return
         host = self.host
         old = [s for s in host.slots if s.generation == host.generation]
-        successor = (run.generation, run.target)
+        # In a fleet the agent points the fleet at the new generation, once it leases it.
+        successor = None if self.options.fleet else (run.generation, run.target)
         host.commit_generation(run.generation, run.target, run.slots, run.sessions)
+        if self.options.fleet:
+            host.switch_fleet(run.generation, run.target)
         run.old = old
         for slot in old:
             host.retire(slot, successor)
@@ -600,6 +651,7 @@ class Reshard:
         self.not_before = now + max(RETRY_AFTER, self.options.check_interval)
         self.next_check = self.not_before
         self.state = State.ROLLING_BACK
+        self.host.unlock_reshard()
 
     def crashed(self, slot: WorkerSlot, how: str) -> None:
         """A worker of the new generation died before the switch (``how``: its exit)."""
@@ -613,15 +665,20 @@ class Reshard:
             why += f" (Discord refused {', '.join(refused[:4])})"
         self._roll_back(time.monotonic(), why)
 
-    def _give_up(self, now: float, why: str) -> None:
-        log.error("reshard: %s; not resharding", why)
-        self._record(now, "impossible", why)
+    def _give_up(self, now: float, why: str, *, record: bool = True) -> None:
+        if record:
+            log.error("reshard: %s; not resharding", why)
+            self._record(now, "impossible", why)
         self.state = State.IDLE
         self.run = None
         metrics.reshard_state.set(0)
-        self.not_before = now + max(RETRY_AFTER, self.options.check_interval)
+        # Impossible now: not for a while. Someone else's turn: look again at the next check.
+        wait = max(RETRY_AFTER, self.options.check_interval) if record else 0.0
+        self.not_before = now + wait
+        self.host.unlock_reshard()
 
     def _finish(self, now: float, outcome: str, detail: str, *, identifies: int) -> None:
+        self.host.unlock_reshard()
         log.info("reshard done: %s, %d identifies", detail, identifies)
         self._record(now, outcome, detail, identifies=identifies)
         self.state = State.IDLE

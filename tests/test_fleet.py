@@ -141,11 +141,12 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def fleet(shards: int = 12, rate: float = 30) -> AsyncIterator[Fleet]:
+async def fleet(shards: int = 12, rate: float = 30, **config: Any) -> AsyncIterator[Fleet]:
     prefix = f"fleet-{uuid.uuid4().hex[:10]}:"
     r = redis.Redis.from_url(f"redis://{REDIS_URL}")
+    config.setdefault("max_concurrency", shards)
     try:
-        async with simulator(shard_count=shards, max_concurrency=shards, rate=rate) as sim:
+        async with simulator(shard_count=shards, rate=rate, **config) as sim:
             group = Fleet(sim, prefix)
             try:
                 yield group

@@ -348,7 +348,7 @@ async def test_a_budget_too_small_waits_and_says_so_then_goes_on() -> None:
         )
         section = reshard_state(port)
         assert "55 starts left" in section["waiting"] and "reserve of 50" in section["waiting"]
-        assert "waiting for Discord's session budget" in gw.log()
+        await wait_until(lambda: "waiting for Discord's session budget" in gw.log(), 5, "a log")
         # Nothing breaks meanwhile: the running shards go on publishing, nobody identifies.
         before = len(ids(gw))
         await asyncio.sleep(3)

@@ -16,10 +16,22 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .. import control, metrics
-from ..control import Drain, FleetStart, FrameError, FrameReader, Message, Released, Status
+from ..control import (
+    Drain,
+    FleetStart,
+    FrameError,
+    FrameReader,
+    LockReshard,
+    Message,
+    Released,
+    Status,
+    Switch,
+    UnlockReshard,
+)
 from .agent import Agent, AgentConfig
 from .keys import FleetKeys
 
@@ -50,11 +62,25 @@ class _Link(asyncio.Protocol):
         if isinstance(message, FrameError) or agent is None:
             metrics.input_dropped.labels("control", "bad_frame").inc()
         elif isinstance(message, Released):
-            task = asyncio.get_running_loop().create_task(agent.released(message.shard))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._spawn(agent.released(message.shard, message.generation))
         elif isinstance(message, Drain):
             agent.drain()
+        elif isinstance(message, LockReshard):
+            self._spawn(agent.lock_reshard())
+        elif isinstance(message, UnlockReshard):
+            self._spawn(agent.unlock_reshard())
+        elif isinstance(message, Switch):
+            self._spawn(agent.switch(message.generation, message.shard_count))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fleet: an operation failed", exc_info=task.exception())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -78,6 +104,7 @@ async def _run(start: FleetStart, sock: socket.socket) -> int:
         lease=settings.fleet.lease,
         shard_count=start.shard_count,
         allowed=frozenset(start.allowed) if start.allowed is not None else None,
+        generation=start.generation,
     )
     agent = Agent(
         client, FleetKeys(settings.shard_store.prefix, settings.fleet.name), config, link.send

@@ -26,11 +26,15 @@ from ..control import (
     FleetView,
     HandOff,
     Leases,
+    Locked,
     Lose,
     MemberView,
     Message,
     Own,
+    ReshardAsk,
+    Superseded,
 )
+from ..generation import Pointer, format_pointer, parse_pointer
 from ..redis_store import REDIS_ERRORS, Outage
 from .keys import FleetKeys
 from .leases import LeaseBook, Owner
@@ -46,6 +50,45 @@ LOCAL_SHARE = 0.8
 #: Seconds between two handoffs of one member (rebalancing moves shards one at a time).
 HANDOFF_GAP = 1.0
 VIEW_EVERY = 2.0
+#: The reshard lock lasts this many leases without renewal (its holder renews it every round).
+LOCK_LEASES = 3
+#: After a switch, the first handoff waits this long: the other members start fresh workers
+#: for the new generation as they notice it, and a shard handed to a worker still starting
+#: would wait for it.
+SWITCH_SETTLE = 3.0
+
+# KEYS: the lock. ARGV: our value, ttl (ms). 1 when it is (still) ours, now for ttl again.
+_LOCK = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if held then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the lock. ARGV: our value. Deletes it if it is ours.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# KEYS: the generation pointer. ARGV: the new generation, the new value. Forward only.
+_POINT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local generation = tonumber(string.match(current, '^(%d+) '))
+  if generation and generation >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -55,6 +98,7 @@ class AgentConfig:
     lease: float
     shard_count: int
     allowed: frozenset[int] | None  # None: any shard
+    generation: int = 0
 
 
 @dataclass
@@ -74,11 +118,19 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
-        self.keys = keys
+        self.generation = config.generation
+        self.shard_count = config.shard_count
+        self.keys = keys.of_generation(config.generation)
         self.config = config
         self.send = send
         self.clock = clock
-        self.book = LeaseBook(client, keys, config.member, config.lease)
+        self.book = LeaseBook(client, self.keys, config.member, config.lease)
+        self.lock_held = False
+        self._lock_value = f"{config.member} {id(self):x}"
+        self._lock = client.register_script(_LOCK)
+        self._unlock = client.register_script(_UNLOCK)
+        self._point = client.register_script(_POINT)
+        self._serial = asyncio.Lock()  # a round and a switch never interleave
         self.owned: dict[int, _Held] = {}
         self.handing_off: dict[int, float] = {}
         self.draining = False
@@ -94,15 +146,15 @@ class Agent:
         return max(0.2, self.config.lease / 4)
 
     def shards(self) -> range:
-        return range(self.config.shard_count)
+        return range(self.shard_count)
 
     # ------------------------------------------------------------------ from the supervisor
 
-    async def released(self, shard: int) -> None:
+    async def released(self, shard: int, generation: int | None = None) -> None:
         """The supervisor's worker let ``shard`` go (after a HandOff, or on its own)."""
         held = self.owned.get(shard)
-        if held is None:
-            return
+        if held is None or (generation is not None and generation != self.generation):
+            return  # a shard of a generation we left: its lease went with it
         try:  # it stays in owned until its lease is gone: a draining agent waits for that
             await self.book.release(shard, held.epoch)
         except REDIS_ERRORS as exc:  # its lease runs out by itself
@@ -128,7 +180,8 @@ class Agent:
             while not (self.draining and not self.owned):
                 started = self.clock()
                 try:
-                    await self.round()
+                    async with self._serial:
+                        await self.round()
                     self.outage.succeeded(self.clock())
                 except REDIS_ERRORS as exc:
                     self.outage.failed(self.clock(), exc, "; leases are not renewed meanwhile")
@@ -145,11 +198,12 @@ class Agent:
             listener.cancel()
 
     async def _listen(self) -> None:
-        """Another member let a shard go: claim it now rather than next round."""
+        """Another member let a shard go (claim it now rather than next round), an operator
+        asked for a reshard, or a reshard switched: look now."""
         while True:
             try:
                 pubsub = self.client.pubsub()
-                await pubsub.subscribe(self.keys.free)
+                await pubsub.subscribe(self.keys.free, self.keys.reshard_ask)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self.wake()
@@ -161,6 +215,8 @@ class Agent:
 
     async def round(self) -> None:
         now = self.clock()
+        if await self._generation_moved():
+            return
         await self._renew(now)
         members = await self._members()
         owners = await self.book.owners(self.shards())
@@ -179,6 +235,129 @@ class Agent:
         if now >= self._next_view:
             self._next_view = now + VIEW_EVERY
             self._view(members, owners, goal)
+
+    async def _generation_moved(self) -> bool:
+        """Read the generation pointer (and an operator's reshard request, taking it so only
+        one member acts on it); True when the fleet moved on to a newer generation than ours:
+        ours is over, the supervisor retires it, and we own shards of the new one from now."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.pointer)
+            pipe.getdel(self.keys.reshard_ask)
+            if self.lock_held:
+                await self._lock(
+                    keys=[self.keys.reshard_lock],
+                    args=[self._lock_value, self._lock_ms],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        if self.lock_held and not int(replies[2]):
+            log.error("fleet: the reshard lock was lost (not renewed in time)")
+            self.lock_held = False
+        ask = replies[1]
+        if ask is not None and not self.draining:
+            try:
+                to = json.loads(ask).get("to")
+                to = int(to) if to is not None else None
+            except (ValueError, TypeError, AttributeError):
+                log.warning("fleet: ignored a reshard request that is not one: %r", ask[:80])
+            else:
+                log.info("fleet: an operator asked for a reshard: this member takes it")
+                self.send(ReshardAsk(to))
+        pointer = parse_pointer(replies[0])
+        if pointer is None or pointer.generation <= self.generation:
+            return False
+        self._move_to(pointer)
+        return True
+
+    def _move_to(self, pointer: Pointer) -> None:
+        log.warning(
+            "fleet: the fleet runs generation %d (%d shards) now, not %d: retiring ours",
+            pointer.generation,
+            pointer.shard_count,
+            self.generation,
+        )
+        self.send(Superseded(pointer.generation, pointer.shard_count))
+        self._switch_keys(pointer)
+        metrics.leases_held.set(0)
+
+    def _switch_keys(self, pointer: Pointer) -> None:
+        """Our leases of the old generation die with it (nobody may claim those any more)."""
+        self.generation = pointer.generation
+        self.shard_count = pointer.shard_count
+        self.keys = self.keys.of_generation(pointer.generation)
+        self.book = LeaseBook(self.client, self.keys, self.config.member, self.config.lease)
+        self.owned.clear()
+        self.handing_off.clear()
+        self._expiry.clear()
+
+    # ------------------------------------------------------------------ reshard
+
+    @property
+    def _lock_ms(self) -> int:
+        return max(1000, round(self.config.lease * LOCK_LEASES * 1000))
+
+    async def lock_reshard(self) -> None:
+        """Take the fleet's reshard lock for our supervisor (answer: :class:`Locked`)."""
+        try:
+            ok = bool(
+                int(
+                    await self._lock(
+                        keys=[self.keys.reshard_lock], args=[self._lock_value, self._lock_ms]
+                    )
+                )
+            )
+            holder = "" if ok else (await self.client.get(self.keys.reshard_lock) or b"")
+        except REDIS_ERRORS as exc:
+            log.warning("fleet: could not take the reshard lock (%s)", exc)
+            self.send(Locked(False, "redis unreachable"))
+            return
+        self.lock_held = ok
+        who = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
+        self.send(Locked(ok, who.rpartition(" ")[0]))
+
+    async def unlock_reshard(self) -> None:
+        if not self.lock_held:
+            return
+        self.lock_held = False
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._unlock(keys=[self.keys.reshard_lock], args=[self._lock_value])
+
+    async def switch(self, generation: int, shard_count: int) -> None:
+        """Our supervisor's new generation publishes: take every lease of it, then point the
+        fleet at it (the others retire their shards of the old one and take ours as we hand
+        them off), then let the old leases and the lock go."""
+        async with self._serial:
+            await self._switch(generation, shard_count)
+
+    async def _switch(self, generation: int, shard_count: int) -> None:
+        old = dict(self.owned)
+        old_book = self.book
+        pointer = Pointer(generation, shard_count)
+        self._switch_keys(pointer)
+        now = self.clock()
+        until = now + self.config.lease * LOCAL_SHARE
+        for shard in self.shards():
+            epoch = await self.book.claim(shard)
+            if epoch <= 0:
+                log.error("fleet: shard %d of generation %d is not free", shard, generation)
+                continue
+            self.owned[shard] = _Held(epoch, until)
+            metrics.lease_acquisitions.labels("switch").inc()
+            self.send(Own(shard, epoch, until, how="switch", generation=generation))
+        metrics.leases_held.set(len(self.owned))
+        moved = int(
+            await self._point(keys=[self.keys.pointer], args=[generation, format_pointer(pointer)])
+        )
+        if not moved:
+            log.error("fleet: the generation pointer was already at %d or beyond", generation)
+        else:
+            log.info("fleet: generation %d (%d shards) is the fleet's", generation, shard_count)
+        await self.client.publish(self.keys.free, "switch")  # the others look now
+        self._last_handoff = self.clock() + SWITCH_SETTLE - HANDOFF_GAP
+        for shard, held in old.items():
+            with contextlib.suppress(*REDIS_ERRORS):
+                await old_book.release(shard, held.epoch)
+        await self.unlock_reshard()
 
     async def _renew(self, now: float) -> None:
         owned = {shard: held.epoch for shard, held in self.owned.items()}
@@ -213,7 +392,7 @@ class Agent:
         metrics.lease_losses.labels(reason).inc()
         metrics.leases_held.set(len(self.owned))
         log.warning("fleet: lost shard %d (%s)", shard, reason)
-        self.send(Lose(shard, reason))
+        self.send(Lose(shard, reason, self.generation))
 
     async def _members(self) -> dict[str, dict[str, int]]:
         """Refresh us in the membership hash; the live members (seen within a lease)."""
@@ -257,14 +436,14 @@ class Agent:
                 continue
             until = now + min(owner.ttl, self.config.lease * LOCAL_SHARE)
             self.owned[shard] = _Held(owner.epoch, until)
-            self.send(Own(shard, owner.epoch, until, how="keep"))
+            self.send(Own(shard, owner.epoch, until, how="keep", generation=self.generation))
 
     def _targets(self, members: dict[str, dict[str, int]]) -> dict[str, int]:
         allowed = {m: int(i["allowed"]) for m, i in members.items() if "allowed" in i}
         capacities = {m: int(i.get("capacity", 0)) for m, i in members.items()}
         if not self.draining:
             capacities.setdefault(self.config.member, self.config.capacity)
-        return targets(self.config.shard_count, capacities, allowed=allowed)
+        return targets(self.shard_count, capacities, allowed=allowed)
 
     async def _claim(
         self, owners: dict[int, Owner | None], goal: dict[str, int], now: float
@@ -274,6 +453,8 @@ class Agent:
         mine = goal.get(self.config.member, 0)
         for shard in to_claim(self.config.member, mine, len(self.owned), free):
             epoch = await self.book.claim(shard)
+            if epoch < 0:
+                return  # the fleet moved on: the next round retires our generation
             if not epoch:
                 continue  # someone was quicker
             claimed_at = self.clock()
@@ -286,7 +467,9 @@ class Agent:
                 metrics.failovers.labels("lease_expired").inc()
             metrics.leases_held.set(len(self.owned))
             log.info("fleet: shard %d is ours (epoch %d, %s)", shard, epoch, how)
-            self.send(Own(shard, epoch, until, how=how, expired_at=expired_at))
+            self.send(
+                Own(shard, epoch, until, how=how, expired_at=expired_at, generation=self.generation)
+            )
 
     def _rebalance(self, owners: dict[int, Owner | None], goal: dict[str, int], now: float) -> None:
         if self.handing_off or now - self._last_handoff < HANDOFF_GAP:
@@ -305,7 +488,7 @@ class Agent:
         self._last_handoff = now
         metrics.handoffs.labels(reason).inc()
         log.info("fleet: handing shard %d off (%s)", shard, reason)
-        self.send(HandOff(shard, reason))
+        self.send(HandOff(shard, reason, self.generation))
 
     def _view(
         self,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..generation import pointer_key
+
 __all__ = ["FleetKeys"]
 
 
@@ -38,6 +40,12 @@ class FleetKeys:
 
     def of_generation(self, generation: int) -> FleetKeys:
         return FleetKeys(self.prefix, self.name, generation)
+
+    @property
+    def pointer(self) -> str:
+        """The generation pointer (:mod:`spectacles_gateway.generation`): shared with the
+        shard store, outside the fleet's own keys."""
+        return pointer_key(self.prefix)
 
     @property
     def reshard_lock(self) -> str:

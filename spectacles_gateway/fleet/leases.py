@@ -17,8 +17,17 @@ from .keys import FleetKeys
 
 __all__ = ["LeaseBook", "Owner"]
 
-# KEYS: lease, epoch. ARGV: member, ttl (ms). Returns the new epoch, or 0 when taken.
+# KEYS: lease, epoch, generation pointer. ARGV: member, ttl (ms), our generation. Returns the
+# new epoch, 0 when taken, -1 when the fleet moved on to a newer generation (a reshard
+# switched): nobody may take a shard of a generation that is over.
 _CLAIM = """
+local pointer = redis.call('GET', KEYS[3])
+if pointer then
+  local generation = tonumber(string.match(pointer, '^(%d+) '))
+  if generation and generation > tonumber(ARGV[3]) then
+    return -1
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
@@ -66,10 +75,12 @@ class LeaseBook:
         return f"{self.member} {epoch}"
 
     async def claim(self, shard: int) -> int:
-        """Take ``shard`` if it is free: its new epoch, or 0."""
+        """Take ``shard`` if it is free: its new epoch, 0 when it is taken, -1 when the fleet
+        runs a newer generation than ours."""
         keys = self.keys
-        args: list[Any] = [self.member, self.lease_ms]
-        return int(await self._claim(keys=[keys.lease(shard), keys.epoch(shard)], args=args))
+        args: list[Any] = [self.member, self.lease_ms, keys.generation]
+        key_list = [keys.lease(shard), keys.epoch(shard), keys.pointer]
+        return int(await self._claim(keys=key_list, args=args))
 
     async def renew(self, owned: dict[int, int]) -> dict[int, bool]:
         """Renew every lease of ``owned`` (shard -> epoch) in one round trip: which are still

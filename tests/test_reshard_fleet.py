@@ -8,6 +8,7 @@ back and is run again by the survivor; nothing the simulator emitted is lost eit
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from typing import Any
@@ -16,9 +17,9 @@ import pytest
 
 from spectacles_gateway.simulator import Simulator
 
-from .gwproc import status
+from .gwproc import BIN, status
 from .gwtest import ready_count, wait_until
-from .test_fleet import Fleet, Member, fleet, owned_once
+from .test_fleet import REDIS_URL, Fleet, Member, fleet, owned_once
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +147,39 @@ async def test_a_member_killed_in_the_middle_of_a_reshard_loses_nothing(victim: 
     assert codes[survivor.name] == 0, group.logs()
     assert last["outcome"] == "done" and last["to"] == 8
     print(f"{victim} killed mid-reshard: the survivor finished; nothing lost")
+
+
+async def test_an_operator_asks_the_fleet_through_redis() -> None:
+    async with fleet(shards=4, rate=0, **BOT) as group:
+        for name in ("a", "b"):
+            await group.start(name, RESHARD_POLICY="manual", **EXTRA)
+        sim = group.sim
+        await wait_until(lambda: owned_once(group, 4, 2), 40, "4 shards owned", group.logs)
+        await wait_until(lambda: ready_count(sim.ledger) == 4, 40, "4 shards ready", group.logs)
+        sim.set_recommended_shards(6)  # a growing bot: Discord takes any count that fits
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "FLEET_NAME": "test",
+            "SHARD_STORE_TYPE": "redis",
+            "SHARD_STORE_PREFIX": group.prefix,
+            "REDIS_URL": REDIS_URL,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "spectacles-supervise"),
+            "reshard",
+            "--to",
+            "5",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "asked fleet test to reshard to 5 shards" in out.decode()
+        await wait_until(lambda: settled_at(group, 6), 90, "6 shards, 3 each", group.logs)
+        await everything_out(group)
+        assert await group.stop() == {"a": 0, "b": 0}
+    # 5 rounded up to a multiple of max_concurrency 2; one member took the request.
+    assert len([r for r in sim.ledger.identifies if r.num_shards == 6]) == 6
+    logs = "".join(m.log() for m in group.members.values())
+    assert logs.count("an operator asked for a reshard") == 1

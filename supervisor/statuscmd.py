@@ -148,6 +148,26 @@ def _fleet(fleet: dict[str, Any] | None, shard_count: int) -> list[str]:
     return lines
 
 
+def _reshard(reshard: dict[str, Any] | None) -> list[str]:
+    """One line while a reshard runs (or after one), none otherwise."""
+    if not reshard:
+        return []
+    state = reshard.get("state", "idle")
+    if state != "idle":
+        line = (
+            f"reshard: {state}, {reshard.get('from')} -> {reshard.get('to')} shards "
+            f"(generation {reshard.get('new_generation')}, {reshard.get('reason')}), "
+            f"{reshard.get('new_shards_ready', 0)} new shards ready"
+        )
+        if reshard.get("waiting"):
+            line += f"; {reshard['waiting']}"
+        return [line]
+    last = reshard.get("last")
+    if last:
+        return [f"last reshard: {last.get('outcome')}: {last.get('detail')}"]
+    return []
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return ["  " + "  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
@@ -176,6 +196,7 @@ def render(data: dict[str, Any], url: str) -> str:
     states = data.get("states") or {}
     lines.append("states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
     lines += _fleet(data.get("fleet"), int(data.get("shard_count") or 0))
+    lines += _reshard(data.get("reshard"))
     workers = data.get("workers") or []
     if workers:
         rows = [["worker", "pid", "shards", "broker", "restarts"]]

@@ -228,3 +228,15 @@ def test_the_configmap_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     printed = result.stdout
     assert "amqp" in printed and "redis" in printed
     assert "CHANGE-ME" not in printed, "the URL's password is masked"
+
+
+def test_the_replicas_form_a_fleet_named_by_their_pods() -> None:
+    import tomllib
+
+    toml = tomllib.loads(one("ConfigMap")["data"]["gateway.toml"])
+    assert toml["fleet"]["name"] and toml["shard_store"]["type"] == "redis"
+    assert toml["shards"]["count"] == 0 and "ids" not in toml["shards"]  # the fleet shares all
+    (container,) = one("Deployment")["spec"]["template"]["spec"]["containers"]
+    member = next(e for e in container["env"] if e["name"] == "FLEET_MEMBER")
+    assert member["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert one("Deployment")["spec"]["replicas"] > 1

@@ -207,3 +207,24 @@ def test_a_fleet_member_shows_the_members_and_the_shards_nobody_owns() -> None:
     ]
     assert lines[start + 4] == "  shards without an owner: 10-11"
     assert "not ready" in lines[0]  # the fleet does not own every shard
+
+
+def test_a_reshard_in_progress_and_the_last_one_are_one_line() -> None:
+    from supervisor.statuscmd import _reshard
+
+    running = {
+        "state": "starting",
+        "from": 4,
+        "to": 8,
+        "new_generation": 1,
+        "reason": "recommended",
+        "new_shards_ready": 3,
+        "waiting": "3/8 new shards ready",
+    }
+    assert _reshard(running) == [
+        "reshard: starting, 4 -> 8 shards (generation 1, recommended), 3 new shards ready; "
+        "3/8 new shards ready"
+    ]
+    done = {"state": "idle", "last": {"outcome": "done", "detail": "4 -> 8 shards in 24.5 s"}}
+    assert _reshard(done) == ["last reshard: done: 4 -> 8 shards in 24.5 s"]
+    assert _reshard({"state": "idle"}) == [] and _reshard(None) == []

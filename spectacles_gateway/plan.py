@@ -44,6 +44,9 @@ class WorkerPlan(msgspec.Struct, frozen=True, kw_only=True):
     command_max_age: float = 120.0
     #: Which side of a reshard this is (published with every event); 0 before any reshard.
     generation: int = 0
+    #: Discord's daily session start budget as last seen: (total, remaining, reset time in Unix
+    #: ms). Seeds the budget the Redis identify gate keeps for every host (None: unknown).
+    session_budget: tuple[int, int, int] | None = None
     #: A reshard's new generation, before the switch: run the shards, publish nothing ...
     standby: bool = False
     #: ... but the events of these shards of the running generation (of ``cover_count``

@@ -16,6 +16,14 @@ one shard of that bucket:
 Resumes never come here. While Redis is unreachable identifies wait (one warning per outage):
 identifying without the gate could break Discord's limits across hosts.
 
+**The daily session start budget** is kept in the same Redis for every process and host
+(``<prefix>identify:budget``: ``total``, ``remaining``, ``reset_at`` in Unix ms by Redis' clock):
+taking a bucket's key spends one start in the same script, a permit given back without an
+IDENTIFY refunds it, and with nothing left the script refuses until the reset, so the hosts of
+a fleet together never start more sessions than Discord allows. Each process seeds it with
+Discord's last answer it knows (:attr:`~.plan.WorkerPlan.session_budget`): a newer window
+replaces an older one, and within a window the lower ``remaining`` wins.
+
 The gate can wrap an in-process gate (``local``): that one is taken first and keeps what only a
 process knows (the daily session start budget, FIFO order among the process's own shards,
 the window of its own identifies even if Redis loses the key).
@@ -50,19 +58,54 @@ LEASE = 15.0
 #: Longest sleep between two tries of a waiter.
 POLL_MAX = 0.5
 
-# SET NX PX; when taken, return the key's PTTL instead (-1: no TTL, -2: just expired). A key
-# that already holds our token is ours (the reply to an earlier try was lost on the way).
+# KEYS: the bucket's key, the budget hash. ARGV: token, lease (ms), then the seed: total,
+# remaining, reset_at (Unix ms; 0: no seed). SET NX PX and spend one start; {1, 0} when taken.
+# When the key is taken: {0, its PTTL} (-1: no TTL, -2: just expired). With no start left:
+# {2, ms until the reset}. A key that already holds our token is ours (the reply to an earlier
+# try was lost on the way): nothing is spent twice.
 _ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, 0}
-end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, 0}
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local total = tonumber(ARGV[3])
+local seed_left = tonumber(ARGV[4])
+local seed_reset = tonumber(ARGV[5])
+local reset = tonumber(redis.call('HGET', KEYS[2], 'reset_at') or '0')
+if seed_reset > 0 then
+  if reset <= now or seed_reset > reset + 60000 then
+    if seed_reset > now then
+      redis.call('HSET', KEYS[2], 'total', total, 'remaining', seed_left, 'reset_at', seed_reset)
+    else
+      redis.call('HSET', KEYS[2], 'total', total, 'remaining', total, 'reset_at', now + 86400000)
+    end
+  elseif seed_reset > reset - 60000 then
+    local left = tonumber(redis.call('HGET', KEYS[2], 'remaining') or seed_left)
+    if seed_left < left then
+      redis.call('HSET', KEYS[2], 'remaining', seed_left)
+    end
+  end
+elseif reset > 0 and reset <= now then
+  local full = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
+  redis.call('HSET', KEYS[2], 'remaining', full, 'reset_at', now + 86400000)
+end
+local left = redis.call('HGET', KEYS[2], 'remaining')
+if left and tonumber(left) <= 0 then
+  return {2, tonumber(redis.call('HGET', KEYS[2], 'reset_at')) - now}
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if left then
+    redis.call('HINCRBY', KEYS[2], 'remaining', -1)
+  end
+  return {1, 0}
+end
 return {0, redis.call('PTTL', KEYS[1])}
 """
-# If the key is ours: ARGV[2] > 0 -> PEXPIRE to it, else DEL. Returns 1 if it was ours.
+# KEYS: the bucket's key, the budget hash. If the key is ours: ARGV[2] > 0 -> PEXPIRE to it
+# (an IDENTIFY was sent), else DEL and, when ARGV[3] is 1, give the start back (none was sent).
+# Returns 1 if it was ours.
 _SETTLE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
@@ -72,6 +115,9 @@ if ms > 0 then
   redis.call('PEXPIRE', KEYS[1], ms)
 else
   redis.call('DEL', KEYS[1])
+  if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[2], 'remaining') == 1 then
+    redis.call('HINCRBY', KEYS[2], 'remaining', 1)
+  end
 end
 return 1
 """
@@ -86,6 +132,7 @@ class RedisPermit:
     inner: object = None  # the local gate's permit
     renewer: asyncio.Task[None] | None = field(default=None, repr=False)
     released: bool = False
+    sent: bool = False  # an IDENTIFY went out under it (the start is spent for good)
 
 
 class RedisIdentifyGate:
@@ -103,6 +150,7 @@ class RedisIdentifyGate:
         lease: float = LEASE,
         local: IdentifyGateLike | None = None,
         op_timeout: float = 3.0,
+        budget: tuple[int, int, int] | None = None,
     ) -> None:
         self.client = client
         self.max_concurrency = max(1, max_concurrency)
@@ -118,6 +166,9 @@ class RedisIdentifyGate:
         self._settle = client.register_script(_SETTLE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rand = random.Random()
+        #: Discord's last answer we know: (total, remaining, reset_at in Unix ms).
+        self.budget = budget
+        self._told_spent = False
 
     @classmethod
     def from_settings(
@@ -129,10 +180,15 @@ class RedisIdentifyGate:
             prefix=settings.shard_store.prefix,
             url=settings.redis.url,
             local=local,
+            budget=plan.session_budget,
         )
 
     def key(self, bucket: int) -> str:
         return f"{self.prefix}identify:{bucket}"
+
+    @property
+    def budget_key(self) -> str:
+        return f"{self.prefix}identify:budget"
 
     # ------------------------------------------------------------------ IdentifyGateLike
 
@@ -169,6 +225,7 @@ class RedisIdentifyGate:
             self.local.release(permit.inner, sent_at)
         loop = asyncio.get_running_loop()
         until = None if sent_at is None else sent_at + self.window
+        permit.sent = sent_at is not None
         task = loop.create_task(self._finish(permit, until), name="identify-release")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -186,10 +243,13 @@ class RedisIdentifyGate:
     async def _take(self, permit: RedisPermit) -> None:
         loop = asyncio.get_running_loop()
         lease_ms = str(math.ceil(self.lease * 1000))
+        keys = [permit.key, self.budget_key]
+        total, left, reset_at = self.budget if self.budget is not None else (0, 0, 0)
+        args: list[str | int] = [permit.token, lease_ms, total, left, reset_at]
         while True:
             try:
                 async with asyncio.timeout(self.op_timeout):
-                    reply = await self._acquire(keys=[permit.key], args=[permit.token, lease_ms])
+                    reply = await self._acquire(keys=keys, args=args)
             except REDIS_ERRORS as exc:
                 delay = self.outage.failed(
                     loop.time(), exc, "; identifies wait until it is back (resumes go on)"
@@ -198,8 +258,19 @@ class RedisIdentifyGate:
                 continue
             self.outage.succeeded(loop.time())
             taken, pttl = int(reply[0]), int(reply[1])
-            if taken:
+            if taken == 1:
+                self._told_spent = False
                 return
+            if taken == 2:  # the fleet's daily budget is spent: wait for Discord's reset
+                if not self._told_spent:
+                    self._told_spent = True
+                    log.warning(
+                        "identify gate: Discord's daily session start budget is spent (shared "
+                        "in Redis by every host): identifies wait %.0f s for its reset",
+                        pttl / 1000,
+                    )
+                await asyncio.sleep(min(5.0, max(0.05, pttl / 1000)))
+                continue
             if pttl == -2:  # expired between SET and PTTL
                 continue
             wait = POLL_MAX if pttl < 0 else min(POLL_MAX, pttl / 1000)
@@ -214,7 +285,9 @@ class RedisIdentifyGate:
                 return
             try:
                 async with asyncio.timeout(self.op_timeout):
-                    ours = await self._settle(keys=[permit.key], args=[permit.token, lease_ms])
+                    ours = await self._settle(
+                        keys=[permit.key, self.budget_key], args=[permit.token, lease_ms, "0"]
+                    )
             except REDIS_ERRORS as exc:
                 log.debug("shard %d: could not renew the identify lease: %s", permit.shard_id, exc)
                 continue
@@ -239,7 +312,10 @@ class RedisIdentifyGate:
                 ms = 0 if until is None else math.ceil((until - loop.time()) * 1000)
                 try:
                     async with asyncio.timeout(self.op_timeout):
-                        await self._settle(keys=[permit.key], args=[permit.token, str(max(0, ms))])
+                        await self._settle(
+                            keys=[permit.key, self.budget_key],
+                            args=[permit.token, str(max(0, ms)), "0" if permit.sent else "1"],
+                        )
                     return
                 except REDIS_ERRORS as exc:
                     delay = self.outage.failed(loop.time(), exc)

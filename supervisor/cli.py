@@ -191,6 +191,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         command_queue_limit=settings.commands.queue_limit,
         command_max_age=settings.commands.max_age,
         generation=generation,
+        session_budget=(bot.total, bot.remaining, round((time.time() + bot.reset_after) * 1000)),
     )
     plan.shard_config(ids[0]).identify_payload()  # over 4096 bytes: refused now, not by Discord
     log.info(

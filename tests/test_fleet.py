@@ -313,3 +313,23 @@ async def test_a_member_joins_then_one_leaves_by_handoff_without_identifying() -
         assert set(codes.values()) == {0}, group.logs()
         assert sim.ledger.identify_count() == 12  # joins and leaves cost no identify
         print(f"TERM: handed off and resumed after {sorted(round(d, 2) for d in delays)} s")
+
+
+@pytest.mark.slow
+async def test_the_members_share_one_session_start_budget() -> None:
+    # Discord says 6 session starts are left today; each member reads that at start. Together
+    # they must not start more than 6: the budget is kept in Redis for the whole fleet.
+    async with fleet() as group:
+        group.sim.set_session_start_limit(remaining=6, total=1000, reset_after_ms=3_600_000)
+        for name in ("a", "b"):
+            await group.start(name)
+        sim = group.sim
+        await wait_until(lambda: owned_once(group, 12, 2), 40, "each shard owned", group.logs)
+        await wait_until(lambda: ready_count(sim.ledger) == 6, 40, "6 shards ready", group.logs)
+        await wait_until(
+            lambda: "session start budget is spent" in group.logs(), 20, "said", group.logs
+        )
+        await asyncio.sleep(3)  # nobody identifies beyond the budget meanwhile
+        outcomes = [r.outcome for r in sim.ledger.identifies]
+        await group.stop()
+    assert outcomes == ["ready"] * 6, outcomes  # none refused by Discord for want of budget

@@ -209,3 +209,75 @@ async def test_the_local_gate_is_taken_first_and_keeps_the_budget() -> None:
             # It waited for the budget's reset, not only for the window.
             assert loop.time() >= reset_at
             gate.release(permit, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Discord's daily session start budget, one for every host
+
+
+async def test_two_hosts_together_spend_no_more_than_the_budget() -> None:
+    import time
+
+    loop = asyncio.get_running_loop()
+    reset_at = round((time.time() + 3600) * 1000)
+    with cleanup(unique_prefix()) as prefix:
+        # Each host saw Discord say 3 starts are left: together they may start 3 sessions.
+        async with (
+            open_gate(prefix, 4, window=0.0, budget=(1000, 3, reset_at)) as a,
+            open_gate(prefix, 4, window=0.0, budget=(1000, 3, reset_at)) as b,
+            raw_client() as r,
+        ):
+            first = await a.acquire(0)
+            second = await b.acquire(1)
+            a.release(first, loop.time())
+            b.release(second, loop.time())
+            third = await a.acquire(2)
+            a.release(third, None)  # given back without an IDENTIFY: the start is refunded
+
+            async def refunded() -> bool:
+                return await _left(r, prefix) == 1
+
+            await wait_until(refunded, 5, "the refund")
+            third = await b.acquire(2)
+            b.release(third, loop.time())
+            blocked = asyncio.create_task(a.acquire(3))
+            tries = Replies(a.client, "EVALSHA")
+            await wait_until(lambda: len(tries) >= 1, 5, "host A turned away")
+            assert not blocked.done()
+            budget = await r.hgetall(f"{prefix}identify:budget")
+            assert int(budget[b"remaining"]) == 0 and int(budget[b"total"]) == 1000
+            assert abs(int(budget[b"reset_at"]) - reset_at) < 10
+            blocked.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await blocked
+
+
+async def _left(r: Any, prefix: str) -> int:
+    return int(await r.hget(f"{prefix}identify:budget", "remaining") or -1)
+
+
+async def test_a_new_window_from_discord_replaces_a_spent_one() -> None:
+    import time
+
+    now_ms = round(time.time() * 1000)
+    with cleanup(unique_prefix()) as prefix:
+        async with raw_client() as r:
+            await r.hset(
+                f"{prefix}identify:budget",
+                mapping={"total": 1000, "remaining": 0, "reset_at": now_ms + 3_600_000},
+            )
+            # A host with an answer of the same window that still says 5: the lower one stays.
+            async with open_gate(prefix, budget=(1000, 5, now_ms + 3_600_000)) as gate:
+                blocked = asyncio.create_task(gate.acquire(0))
+                tries = Replies(gate.client, "EVALSHA")
+                await wait_until(lambda: len(tries) >= 1, 5, "turned away")
+                assert not blocked.done()
+                blocked.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await blocked
+            # Discord reset the budget since: a host with the new answer starts at once.
+            later = (1000, 999, now_ms + 2 * 86_400_000)
+            async with open_gate(prefix, budget=later) as gate:
+                permit = await asyncio.wait_for(gate.acquire(0), t(5))
+                gate.release(permit, asyncio.get_running_loop().time())
+            assert await _left(r, prefix) == 998

@@ -333,3 +333,46 @@ async def test_the_members_share_one_session_start_budget() -> None:
         outcomes = [r.outcome for r in sim.ledger.identifies]
         await group.stop()
     assert outcomes == ["ready"] * 6, outcomes  # none refused by Discord for want of budget
+
+
+@pytest.mark.slow
+async def test_commands_for_a_shard_reach_whichever_member_runs_it() -> None:
+    from .support.brokers import AMQP_URL, delete_group, publish, unique_group
+
+    queue_group = unique_group()
+    amqp = {"BROKER_TYPE": "amqp", "BROKER_GROUP": queue_group, "AMQP_URL": AMQP_URL}
+    try:
+        async with fleet(shards=4, rate=5) as group:
+            for name in ("a", "b"):
+                await group.start(name, **amqp)
+            sim = group.sim
+            await wait_until(lambda: owned_once(group, 4, 2), 40, "owned", group.logs)
+            await wait_until(lambda: ready_count(sim.ledger) == 4, 40, "ready", group.logs)
+
+            def presence(mark: str) -> bytes:
+                return json.dumps(
+                    {"op": 3, "d": {"since": None, "activities": [], "status": mark, "afk": False}}
+                ).encode()
+
+            def got(mark: str) -> set[int]:
+                return {
+                    c.shard_id
+                    for c in sim.ledger.commands
+                    if c.op == 3 and isinstance(c.d, dict) and c.d.get("status") == mark
+                }
+
+            # A bare packet on <group>:<shard> reaches that shard, whichever member runs it.
+            for shard in range(4):
+                publish("", f"{queue_group}:{shard}", presence("idle"))
+            await wait_until(lambda: got("idle") == {0, 1, 2, 3}, 20, "4 shards got it")
+            # A leaves: its shards move to b by handoff, and so do their command queues.
+            a = group.members["a"]
+            a.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(a.process.wait(), 30) == 0
+            await wait_until(lambda: len(group.members["b"].owned()) == 4, 20, "b owns 4")
+            for shard in range(4):
+                publish("", f"{queue_group}:{shard}", presence("dnd"))
+            await wait_until(lambda: got("dnd") == {0, 1, 2, 3}, 20, "4 shards got it again")
+            await group.stop()
+    finally:
+        delete_group(queue_group, shards=4)

@@ -148,6 +148,14 @@ class AmqpBroker(Broker):
             generation=plan.generation,
         )
 
+    def track(self, shard_id: int, *, running: bool) -> None:
+        """Fleet: consume ``<group>:<shard>`` while this worker runs the shard."""
+        if running:
+            (queue,) = self.intake.queues((shard_id,))[1:]
+            self.link.add_queue(queue)
+        else:
+            self.link.remove_queue(f"{self.group}:{shard_id}")
+
     @property
     def blocked(self) -> bool:
         """RabbitMQ blocked publishing (a resource alarm): events wait in the buffer."""

@@ -145,7 +145,7 @@ class AmqpLink:
     ) -> None:
         self.url = url
         self.group = group
-        self.queues = tuple(queues)
+        self.queues = list(queues)
         self.handler = handler
         self.prefetch = prefetch
         self.reconnect_base = reconnect_base
@@ -165,6 +165,8 @@ class AmqpLink:
         self._first_ready: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._consuming: set[str] = set()  # command queues consumed on this connection
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, wait: float) -> bool:
         """Start connecting (and reconnecting); True once set up within ``wait`` seconds."""
@@ -211,6 +213,67 @@ class AmqpLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.ready = False
+
+    # ------------------------------------------------------------------ command queues
+
+    async def _consume(self, sub: Any, queue: CommandQueue) -> None:
+        """Consume ``queue`` on the command channel, tagged with its name (to cancel it)."""
+        if queue.name in self._consuming:
+            return
+        self._consuming.add(queue.name)
+        try:
+            await call(
+                self._waiters,
+                sub.basic_consume,
+                queue.name,
+                queue.on_message,
+                auto_ack=False,
+                consumer_tag=queue.name,
+            )
+        except BaseException:
+            self._consuming.discard(queue.name)
+            raise
+
+    def add_queue(self, queue: CommandQueue) -> None:
+        """Consume one more command queue, now and after every reconnect (fleet: a shard came)."""
+        if any(q.name == queue.name for q in self.queues):
+            return
+        self.queues.append(queue)
+        if self.ready and self._sub is not None:
+            sub = self._sub
+
+            async def setup() -> None:
+                try:
+                    await call(self._waiters, sub.queue_declare, queue.name, durable=True)
+                    await call(
+                        self._waiters,
+                        sub.queue_bind,
+                        queue.name,
+                        self.group,
+                        routing_key=queue.routing_key,
+                    )
+                    if queue in self.queues and self._sub is sub:
+                        await self._consume(sub, queue)
+                except ChannelGone:
+                    return  # the connection went: its set-up consumes the queue again
+
+            self._spawn(setup())
+
+    def remove_queue(self, name: str) -> None:
+        """Stop consuming ``name`` (fleet: the shard went elsewhere); what was delivered and
+        not acked goes back to the queue when the channel closes."""
+        self.queues = [q for q in self.queues if q.name != name]
+        if name in self._consuming:
+            self._consuming.discard(name)
+            sub = self._sub
+            if sub is not None and sub.is_open:
+                with contextlib.suppress(Exception):
+                    sub.basic_cancel(consumer_tag=name)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ side channel
 
@@ -353,13 +416,13 @@ class AmqpLink:
         sub.add_on_close_callback(self._on_channel_closed)
         sub.add_on_cancel_callback(self._on_cancelled)
         await call(waiters, sub.basic_qos, prefetch_count=self.prefetch)
-        for queue in self.queues:
+        for queue in list(self.queues):
             await call(waiters, sub.queue_declare, queue.name, durable=True)
             await call(
                 waiters, sub.queue_bind, queue.name, self.group, routing_key=queue.routing_key
             )
-        for queue in self.queues:
-            await call(waiters, sub.basic_consume, queue.name, queue.on_message, auto_ack=False)
+        for queue in list(self.queues):
+            await self._consume(sub, queue)
         conn.route_confirms(pub.channel_number, handler.on_confirm)
         self.ready = True
         handler.link_up(conn, pub.channel_number, _frame_max(conn))
@@ -370,6 +433,7 @@ class AmqpLink:
     def _lost(self, reason: object) -> None:
         was_ready = self.ready
         self.ready = False
+        self._consuming.clear()
         self.blocked = False
         self.conn = None
         self._pub = self._sub = self._side = None

@@ -132,6 +132,16 @@ class RedisStreamsBroker(Broker):
         )
         self.published = 0
 
+    def track(self, shard_id: int, *, running: bool) -> None:
+        """Fleet: read ``<prefix>SEND:<shard>`` while this worker runs the shard (its consumer
+        group is created at the next read; entries left pending by the previous owner are
+        claimed after ``message_timeout``)."""
+        stream = self.shard_stream(shard_id)
+        if running:
+            self.command_streams[stream] = shard_id
+        else:
+            self.command_streams.pop(stream, None)
+
     @classmethod
     def from_settings(cls, settings: Settings, plan: WorkerPlan) -> RedisStreamsBroker:
         return cls(

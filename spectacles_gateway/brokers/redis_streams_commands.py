@@ -81,6 +81,8 @@ class CommandReader:
         self.consumer = consumer
         #: Streams read for commands -> the shard they are for (None: any, the SEND stream).
         self.streams = streams
+        #: Every shard stream ever read, with its shard (entries may arrive after a release).
+        self._shards_seen: dict[str, int] = {k: v for k, v in streams.items() if v is not None}
         self.message_timeout = message_timeout
         self.op_timeout = op_timeout
         self.outage = outage
@@ -194,7 +196,7 @@ class CommandReader:
         await asyncio.sleep(max(0.05, self.outage.retry_at - loop.time()))
 
     async def _create_groups(self) -> None:
-        for stream in self.streams:
+        for stream in list(self.streams):
             try:
                 await self.reader.xgroup_create(stream, self.group, id="0", mkstream=True)
             except ResponseError as exc:
@@ -203,6 +205,9 @@ class CommandReader:
 
     async def _read(self, start: str) -> None:
         loop = asyncio.get_running_loop()
+        for name, shard in self.streams.items():
+            if shard is not None:
+                self._shards_seen[name] = shard
         streams: dict[Any, Any] = dict.fromkeys(self.streams, start)
         reply: Any = await self.reader.xreadgroup(
             self.group,
@@ -223,7 +228,7 @@ class CommandReader:
     async def _claim(self) -> None:
         """Take over entries that other consumers left pending for ``message_timeout``."""
         min_idle = max(1, round(self.message_timeout * 1000))
-        for stream in self.streams:
+        for stream in list(self.streams):
             start: Any = "0-0"
             for _ in range(100):  # bounded: at most 100 x READ_COUNT entries per round
                 reply = await self.reader.xautoclaim(
@@ -291,7 +296,9 @@ class CommandReader:
         elif len(body) > MAX_COMMAND_BODY:
             reason, detail = "too_large", f"holds a body of {len(body)} bytes"
         else:
-            self.deliver(body, ack, self.streams.get(stream))
+            # A shard's stream stays a shard's stream after it was let go (fleet: read before).
+            shard = self.streams.get(stream, self._shards_seen.get(stream))
+            self.deliver(body, ack, shard)
             return
         log.warning("redis broker: entry %s of %s %s; dropped", entry_id, stream, detail)
         metrics.input_dropped.labels(SOURCE, reason).inc()
@@ -363,7 +370,7 @@ class CommandReader:
     async def forget_consumer(self) -> None:
         """Leave the group tidy (as Spectacles' consumers do): remove our consumer from each
         stream's group where it holds nothing pending."""
-        for stream in self.streams:
+        for stream in list(self.streams):
             pending = await self.client.xpending_range(
                 stream, self.group, min="-", max="+", count=1, consumername=self.consumer
             )

@@ -6,8 +6,9 @@ message, so a streaming decompressor turns each websocket message into exactly o
 messages and is complete when the buffered bytes end with ``00 00 ff ff``.
 
 Every context stops at ``max_size`` bytes of output (a few KiB of zstd can expand to gigabytes):
-decompression is asked for at most ``max_size + 1`` bytes, so no message ever costs more than
-that, and a message over it raises :class:`MessageTooLarge`. The zstd window is capped as well
+output is asked for in pieces of :data:`CHUNK` bytes and counted, so a message over the limit
+raises :class:`MessageTooLarge` having cost at most ``max_size`` plus one piece, and a message
+within it at most twice its size (the pieces and the joined message). The zstd window is capped as well
 (Discord's is 256 KiB), so a hostile frame header cannot make a connection reserve 128 MiB.
 
 zstd comes from the standard library's ``compression.zstd`` (Python 3.14) or its backport: unlike
@@ -36,6 +37,8 @@ __all__ = [
 _ZLIB_SUFFIX = b"\x00\x00\xff\xff"
 #: log2 of the largest zstd window accepted: 4 MiB (Discord's stream uses 256 KiB).
 ZSTD_WINDOW_LOG_MAX = 22
+#: Decompressed output is asked for in pieces of this size at most.
+CHUNK = 1 << 20
 
 
 class DecompressError(Exception):
@@ -61,13 +64,27 @@ class ZstdStream:
         self._max = max_size
 
     def feed(self, data: bytes) -> bytes | None:
+        obj = self._obj
         try:
-            out: bytes = self._obj.decompress(data, self._max + 1)
+            out: bytes = obj.decompress(data, CHUNK)
+            if obj.needs_input:  # all of it (nearly every message is well under CHUNK)
+                return out
+            # A large message, in pieces: one big request would make the decompressor grow
+            # its output buffer to twice the limit before the size could be checked.
+            parts = [out]
+            total = len(out)
+            limit = self._max
+            while not obj.needs_input:
+                piece = obj.decompress(b"", CHUNK)
+                if not piece:
+                    break
+                total += len(piece)
+                if total > limit:
+                    raise MessageTooLarge(f"a gateway message is over {limit} bytes decompressed")
+                parts.append(piece)
         except zstd.ZstdError as exc:
             raise DecompressError(f"zstd: {exc}") from exc
-        if len(out) > self._max:
-            raise MessageTooLarge(f"a gateway message is over {self._max} bytes decompressed")
-        return out
+        return b"".join(parts)
 
 
 class ZlibStream:
@@ -90,13 +107,23 @@ class ZlibStream:
                 return None
             chunk = bytes(buffer)
             buffer.clear()
+        obj = self._obj
+        limit = self._max
         try:
-            out = self._obj.decompress(chunk, self._max + 1)
+            out = obj.decompress(chunk, CHUNK)
+            if not obj.unconsumed_tail:
+                return out
+            parts = [out]  # a large message, in pieces (see ZstdStream.feed)
+            total = len(out)
+            while obj.unconsumed_tail:
+                piece = obj.decompress(obj.unconsumed_tail, CHUNK)
+                total += len(piece)
+                if total > limit:
+                    raise MessageTooLarge(f"a gateway message is over {limit} bytes decompressed")
+                parts.append(piece)
         except zlib.error as exc:
             raise DecompressError(f"zlib: {exc}") from exc
-        if len(out) > self._max:
-            raise MessageTooLarge(f"a gateway message is over {self._max} bytes decompressed")
-        return out
+        return b"".join(parts)
 
 
 class Identity:

@@ -8,8 +8,9 @@ messages and is complete when the buffered bytes end with ``00 00 ff ff``.
 Every context stops at ``max_size`` bytes of output (a few KiB of zstd can expand to gigabytes):
 output is asked for in pieces of :data:`CHUNK` bytes and counted, so a message over the limit
 raises :class:`MessageTooLarge` having cost at most ``max_size`` plus one piece, and a message
-within it at most twice its size (the pieces and the joined message). The zstd window is capped as well
-(Discord's is 256 KiB), so a hostile frame header cannot make a connection reserve 128 MiB.
+within it at most twice its size (the pieces and the joined message). The zstd window is capped
+as well (Discord's is 256 KiB), so a hostile frame header cannot make a connection reserve
+128 MiB.
 
 zstd comes from the standard library's ``compression.zstd`` (Python 3.14) or its backport: unlike
 ``zstandard``'s stream objects, it can stop at a given output length.

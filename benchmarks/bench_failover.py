@@ -31,7 +31,7 @@ async def one_run(how: str, lease: float) -> tuple[list[float], int, int]:
     test_fleet.LEASE = lease
     async with fleet() as group:
         for name in ("a", "b", "c"):
-            await group.start(name, FLEET_LEASE=f"{lease}s")
+            await group.start(name)  # with the lease set above
         sim = group.sim
         await wait_until(lambda: owned_once(group, 12, 3), 60, "each shard owned once")
         await wait_until(lambda: len(group.ids()) > 300, 30, "events flowing")

@@ -19,7 +19,28 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Pointer", "format_pointer", "parse_pointer", "pointer_key", "session_prefix"]
+__all__ = [
+    "POINT_SCRIPT",
+    "Pointer",
+    "format_pointer",
+    "parse_pointer",
+    "pointer_key",
+    "session_prefix",
+]
+
+#: The Lua that moves the pointer (KEYS: the pointer; ARGV: the new generation, the new value):
+#: only ever forward, so a late writer of an older switch changes nothing. 1 when written.
+POINT_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local generation = tonumber(string.match(current, '^(%d+) '))
+  if generation and generation >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 class Pointer(NamedTuple):

@@ -39,7 +39,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from .fleet.keys import FleetKeys
-from .generation import Pointer, format_pointer, parse_pointer, pointer_key, session_prefix
+from .generation import (
+    POINT_SCRIPT,
+    Pointer,
+    format_pointer,
+    parse_pointer,
+    pointer_key,
+    session_prefix,
+)
 from .protocol.backoff import backoff_delay
 from .protocol.shard import Session
 from .redact import redact_url
@@ -209,21 +216,6 @@ return 1
 """
 
 
-# KEYS: the generation pointer. ARGV: the new pointer's generation, then its value. Only ever
-# moves forward: a late writer of an older switch changes nothing. Returns 1 when written.
-_POINT = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local generation = tonumber(string.match(current, '^(%d+) '))
-  if generation and generation >= tonumber(ARGV[1]) then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
-
-
 async def read_pointer(settings: Settings) -> Pointer | None:
     """The current generation as the Redis store records it (None: none recorded yet)."""
     client = redis_client(settings, max_connections=1, name="spectacles-generation")
@@ -276,7 +268,7 @@ class RedisStore:
         self._gave_up = False
         self._closing = False
         self._write_script = client.register_script(_WRITE)
-        self._point_script = client.register_script(_POINT)
+        self._point_script = client.register_script(POINT_SCRIPT)
         #: Writes the store refused because a newer epoch owns the shard (fleet mode).
         self.fenced = 0
 

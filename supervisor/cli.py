@@ -72,14 +72,10 @@ def stored_generation(settings: Settings, argv: list[str]) -> tuple[int, int] | 
     import json
     import subprocess
 
+    from .children import run_module
+
     try:
-        done = subprocess.run(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "spectacles_gateway.generation", *argv],
-            capture_output=True,
-            timeout=15,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        done = run_module("spectacles_gateway.generation", argv, timeout=15)
         answer = json.loads(done.stdout or b"{}") if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError):
         answer = None

@@ -10,7 +10,6 @@ recommendation. Exit 0 when the request was taken, 1 when it was refused or nobo
 from __future__ import annotations
 
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from typing import TextIO
@@ -19,6 +18,7 @@ from spectacles_gateway.config import ReshardCommand, Settings
 from spectacles_gateway.exitcodes import EX_CONFIG
 from spectacles_gateway.redact import redact_url
 
+from .children import run_module
 from .statuscmd import TIMEOUT, StatusError, _request, default_url
 
 __all__ = ["run_reshard"]
@@ -44,13 +44,11 @@ def ask_supervisor(url: str, to: int | None, *, timeout: float = TIMEOUT) -> tup
 
 def ask_fleet(argv: list[str], out: TextIO, err: TextIO) -> int:
     """Through Redis, from a child process (the Redis client stays out of this package)."""
-    done = subprocess.run(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "spectacles_gateway.fleet.request", *argv],
-        capture_output=True,
-        timeout=30,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        done = run_module("spectacles_gateway.fleet.request", argv, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"{PROG}: the request could not be made ({exc})", file=err)
+        return 1
     text = done.stdout.decode(errors="replace").strip()
     if done.returncode == 0:
         print(f"{PROG}: {text}", file=out)

@@ -79,14 +79,19 @@ async def everything_out(group: Fleet) -> None:
     )
 
 
+async def two_members(group: Fleet, **extra: str) -> None:
+    """Members a and b share 4 shards, all READY, events flowing."""
+    for name in ("a", "b"):
+        await group.start(name, **{**EXTRA, **extra})
+    await wait_until(lambda: owned_once(group, 4, 2), 40, "4 shards owned", group.logs)
+    await wait_until(lambda: ready_count(group.sim.ledger) == 4, 40, "4 ready", group.logs)
+    await wait_until(lambda: len(group.ids()) > 300, 20, "events flowing")
+
+
 async def test_two_members_reshard_from_four_to_eight() -> None:
     async with fleet(shards=4, rate=0, **BOT) as group:
-        for name in ("a", "b"):
-            await group.start(name, **EXTRA)
+        await two_members(group)
         sim = group.sim
-        await wait_until(lambda: owned_once(group, 4, 2), 40, "4 shards owned", group.logs)
-        await wait_until(lambda: ready_count(sim.ledger) == 4, 40, "4 shards ready", group.logs)
-        await wait_until(lambda: len(group.ids()) > 300, 20, "events flowing")
         old = {s: sim.session_ids(s)[-1] for s in range(4)}
         sim.set_recommended_shards(8)
         asked = time.monotonic()
@@ -119,12 +124,8 @@ async def test_two_members_reshard_from_four_to_eight() -> None:
 @pytest.mark.parametrize("victim", ["leader", "other"])
 async def test_a_member_killed_in_the_middle_of_a_reshard_loses_nothing(victim: str) -> None:
     async with fleet(shards=4, rate=0, **BOT) as group:
-        for name in ("a", "b"):
-            await group.start(name, **EXTRA)
+        await two_members(group)
         sim = group.sim
-        await wait_until(lambda: owned_once(group, 4, 2), 40, "4 shards owned", group.logs)
-        await wait_until(lambda: ready_count(sim.ledger) == 4, 40, "4 shards ready", group.logs)
-        await wait_until(lambda: len(group.ids()) > 300, 20, "events flowing")
         sim.set_recommended_shards(8)
         await wait_until(
             lambda: any(reshard_of(m).get("state") == "starting" for m in group.members.values()),
@@ -151,11 +152,8 @@ async def test_a_member_killed_in_the_middle_of_a_reshard_loses_nothing(victim: 
 
 async def test_an_operator_asks_the_fleet_through_redis() -> None:
     async with fleet(shards=4, rate=0, **BOT) as group:
-        for name in ("a", "b"):
-            await group.start(name, RESHARD_POLICY="manual", **EXTRA)
+        await two_members(group, RESHARD_POLICY="manual")
         sim = group.sim
-        await wait_until(lambda: owned_once(group, 4, 2), 40, "4 shards owned", group.logs)
-        await wait_until(lambda: ready_count(sim.ledger) == 4, 40, "4 shards ready", group.logs)
         sim.set_recommended_shards(6)  # a growing bot: Discord takes any count that fits
         env = {
             "PATH": "/usr/bin:/bin",

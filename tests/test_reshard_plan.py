@@ -315,10 +315,10 @@ def _own_address() -> str | None:
 def test_posts_are_answered_on_loopback_only() -> None:
     import http.client
     import selectors
-    import threading
-    import time
 
     from supervisor.httpd import HttpServer, Response, _loopback
+
+    from .support.statusview import running
 
     assert _loopback(("127.0.0.1", 5)) and _loopback(("127.8.0.2", 5)) and _loopback(("::1", 5))
     assert not _loopback(("192.0.2.2", 5)) and not _loopback(("fd00::2", 5, 0, 0))
@@ -330,16 +330,6 @@ def test_posts_are_answered_on_loopback_only() -> None:
 
     selector = selectors.DefaultSelector()
     server = HttpServer(selector, "0.0.0.0", 0, lambda p, q: Response(200, b"ok\n"), post=post)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            for key, mask in selector.select(0.05):
-                key.data(mask)
-            server.expire(time.monotonic())
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
 
     def ask(host: str, method: str) -> int:
         conn = http.client.HTTPConnection(host, server.port, timeout=5)
@@ -348,7 +338,7 @@ def test_posts_are_answered_on_loopback_only() -> None:
         conn.close()
         return code
 
-    try:
+    with running(selector, server):
         assert ask("127.0.0.1", "POST") == 202
         assert ask("127.0.0.1", "PUT") == 405
         assert ask("127.0.0.1", "GET") == 200
@@ -357,7 +347,3 @@ def test_posts_are_answered_on_loopback_only() -> None:
             assert ask(other, "POST") == 403
             assert ask(other, "GET") == 200  # reading stays open to the network
         assert asked == ["/reshard?to=8"]
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()

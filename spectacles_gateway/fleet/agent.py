@@ -34,7 +34,7 @@ from ..control import (
     ReshardAsk,
     Superseded,
 )
-from ..generation import Pointer, format_pointer, parse_pointer
+from ..generation import POINT_SCRIPT, Pointer, format_pointer, parse_pointer
 from ..redis_store import REDIS_ERRORS, Outage
 from .keys import FleetKeys
 from .leases import LeaseBook, Owner
@@ -77,18 +77,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# KEYS: the generation pointer. ARGV: the new generation, the new value. Forward only.
-_POINT = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local generation = tonumber(string.match(current, '^(%d+) '))
-  if generation and generation >= tonumber(ARGV[1]) then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -129,7 +117,7 @@ class Agent:
         self._lock_value = f"{config.member} {id(self):x}"
         self._lock = client.register_script(_LOCK)
         self._unlock = client.register_script(_UNLOCK)
-        self._point = client.register_script(_POINT)
+        self._point = client.register_script(POINT_SCRIPT)
         self._serial = asyncio.Lock()  # a round and a switch never interleave
         self.owned: dict[int, _Held] = {}
         self.handing_off: dict[int, float] = {}

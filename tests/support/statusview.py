@@ -94,8 +94,15 @@ def serve(view: FakeView) -> Iterator[Served]:
             served.before(view)
         return routes(path, query)
 
-    server = HttpServer(selector, "127.0.0.1", 0, handler)
-    served = Served(view, server.port)
+    with running(selector, HttpServer(selector, "127.0.0.1", 0, handler)) as server:
+        served = Served(view, server.port)
+        yield served
+
+
+@contextmanager
+def running(selector: selectors.BaseSelector, server: HttpServer) -> Iterator[HttpServer]:
+    """``server`` answering from a thread of its own (the supervisor's loop, in small) until
+    the block ends."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -107,7 +114,7 @@ def serve(view: FakeView) -> Iterator[Served]:
     thread = threading.Thread(target=loop, name="status-server", daemon=True)
     thread.start()
     try:
-        yield served
+        yield server
     finally:
         stop.set()
         thread.join(5)
@@ -136,4 +143,13 @@ def fleet_member(
     return view
 
 
-__all__ = ["FakeView", "FleetView", "MemberView", "Served", "fleet_member", "serve", "shard_status"]
+__all__ = [
+    "FakeView",
+    "FleetView",
+    "MemberView",
+    "Served",
+    "fleet_member",
+    "running",
+    "serve",
+    "shard_status",
+]

@@ -112,6 +112,26 @@ class FakeHost:
     def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None:
         self.sent.append(("cover", slot.index, sorted(shards)))
 
+    def lock_reshard(self) -> bool:
+        self.sent.append(("lock", 0, None))
+        return True
+
+    def unlock_reshard(self) -> None:
+        self.sent.append(("unlock", 0, None))
+
+    def switch_fleet(self, generation: int, shard_count: int) -> None:
+        self.sent.append(("switch", generation, shard_count))
+
+    def running_unsettled(self) -> str:
+        down = [
+            shard
+            for slot in self.slots
+            if slot.generation == self.generation and not slot.fatal
+            for shard in slot.shards
+            if (info := slot.status.get(shard)) is None or not (info.ready or info.fatal)
+        ]
+        return f"running shards {down} are reconnecting" if down else ""
+
     def kinds(self) -> list[str]:
         return [k for k, _, _ in self.sent]
 
@@ -347,3 +367,43 @@ def test_posts_are_answered_on_loopback_only() -> None:
             assert ask(other, "POST") == 403
             assert ask(other, "GET") == 200  # reading stays open to the network
         assert asked == ["/reshard?to=8"]
+
+
+def fleet_reshard(**kw: Any) -> tuple[Reshard, FakeHost]:
+    reshard, host = make(**kw)
+    reshard.options = ReshardOptions(**{**reshard.options.__dict__, "fleet": True})
+    return reshard, host
+
+
+def test_in_a_fleet_only_the_holder_of_the_lock_reshards() -> None:
+    reshard, host = fleet_reshard()
+    check_now(reshard, 60.0)
+    assert reshard.state is State.LOCKING and host.kinds() == ["lock"]
+    reshard.locked(False, "member-b")
+    assert reshard.state is State.IDLE and "spawn" not in host.kinds()
+    check_now(reshard, 121.0)  # someone else's turn: look again at the next check
+    assert reshard.state is State.LOCKING
+    reshard.locked(True, "")
+    assert reshard.state is State.STARTING and ("spawn", 1, 8) in host.sent
+    for slot in host.slots:
+        if slot.generation == 1:
+            ready(slot)
+    reshard.tick(122.0)
+    for slot in [s for s in host.slots if s.generation == 1]:
+        reshard.publishing(slot)
+    reshard.tick(reshard.next_deadline() or 0.0)
+    # The agent leases the new shards and moves the pointer: the workers do not.
+    assert ("switch", 1, 8) in host.sent
+    assert {s for k, _, s in host.sent if k == "retire"} == {None}
+
+
+def test_a_lock_that_never_answers_and_a_switch_elsewhere() -> None:
+    reshard, host = fleet_reshard()
+    check_now(reshard, 60.0)
+    reshard.tick(60.0 + 11.0)
+    assert reshard.state is State.IDLE and "unlock" in host.kinds()
+    check_now(reshard, 121.0)
+    reshard.locked(True, "")
+    assert reshard.state is State.STARTING
+    reshard.superseded()  # another member's reshard switched the fleet first
+    assert reshard.state is State.ROLLING_BACK

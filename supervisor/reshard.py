@@ -198,12 +198,15 @@ class _Run:
 
 
 class Reshard:
-    def __init__(self, host: Host, options: ReshardOptions, *, now: float | None = None) -> None:
+    def __init__(
+        self, host: Host, options: ReshardOptions, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.host = host
         self.options = options
+        self.clock = clock  # for answers that arrive between ticks (tests pass a fake one)
         self.state = State.IDLE
         self.run: _Run | None = None
-        now = time.monotonic() if now is None else now
+        now = clock()
         self.next_check = now + options.check_interval
         self.not_before = 0.0
         self.last: dict[str, Any] | None = None  # the last reshard's outcome, for /status
@@ -443,7 +446,7 @@ class Reshard:
             if ok:
                 self.host.unlock_reshard()  # late: we gave up meanwhile
             return
-        now = time.monotonic()
+        now = self.clock()
         if not ok:
             log.info("reshard: member %s runs one already; not here", holder or "?")
             self._give_up(
@@ -459,7 +462,7 @@ class Reshard:
         any) is moot: its new workers retire."""
         if self.run is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         if self.state in (State.LOCKING, State.WAITING_BUDGET):
             self._give_up(now, "another member's reshard switched the fleet", record=False)
         elif self.state in (State.STARTING, State.SWITCHING, State.OVERLAP):
@@ -584,7 +587,7 @@ class Reshard:
             return
         run.published.add(slot.index)
         if self.state is State.SWITCHING and len(run.published) == len(run.slots):
-            self.tick(time.monotonic())
+            self.tick(self.clock())
 
     def _overlap(self, now: float) -> None:
         run = self.run
@@ -663,7 +666,7 @@ class Reshard:
         why = f"new worker {slot.index} {how}"
         if refused:
             why += f" (Discord refused {', '.join(refused[:4])})"
-        self._roll_back(time.monotonic(), why)
+        self._roll_back(self.clock(), why)
 
     def _give_up(self, now: float, why: str, *, record: bool = True) -> None:
         if record:

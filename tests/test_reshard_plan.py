@@ -171,7 +171,18 @@ def make(
         overlap=1.0,
         check=lambda: bot,
     )
-    return Reshard(fake, options, now=0.0), fake
+    # A fake clock: answers that arrive between ticks (the fleet's lock, a crash) read the
+    # time of the last tick, as they would read the monotonic clock just after it.
+    now = [0.0]
+    reshard = Reshard(fake, options, clock=lambda: now[0])
+    tick = reshard.tick
+
+    def ticked(at: float) -> None:
+        now[0] = at
+        tick(at)
+
+    reshard.tick = ticked  # type: ignore[method-assign]
+    return reshard, fake
 
 
 def check_now(reshard: Reshard, now: float) -> None:

@@ -11,7 +11,6 @@ more per event than the reads and writes it does.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -22,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,16 +29,13 @@ import msgspec
 
 from spectacles_gateway import metrics
 from spectacles_gateway.control import (
-    Cover,
     FrameError,
     Grant,
     Identified,
     IdentifyRequest,
     Message,
-    Publish,
     Publishing,
     Released,
-    Retire,
     Start,
     Status,
 )
@@ -58,9 +53,10 @@ from spectacles_gateway.telemetry import Aggregator
 
 from .channel import ControlChannel
 from .fleet import FleetOptions, FleetSide
+from .generations import Generations
 from .httpd import HttpServer
 from .lifecycle import Lifecycle, describe_exit
-from .plan import describe_ids, group_shards
+from .plan import describe_ids
 from .relay import StdinRouter, StdioRelay, pollable, read_available
 from .reshard import Reshard, ReshardOptions
 from .slots import WorkerSlot
@@ -95,7 +91,7 @@ class SupervisorOptions:
     rand: Callable[[], float] = random.random
 
 
-class Supervisor(Lifecycle):
+class Supervisor(Lifecycle, Generations):
     def __init__(self, options: SupervisorOptions) -> None:
         self.options = options
         self.selector = selectors.DefaultSelector()
@@ -110,8 +106,6 @@ class Supervisor(Lifecycle):
         self.sessions: dict[int, Session | None] = {}
         self.pacer = IdentifyPacer(options.max_concurrency, budget=options.budget)
         self.aggregator = Aggregator(metrics.REGISTRY.families)
-        self._signals: deque[int] = deque()
-        self._wake_r, self._wake_w = os.pipe()
         self.stopping: str | None = None  # None, "graceful" or "fast"
         self.stop_deadline = 0.0
         self.exit_code = 0
@@ -146,22 +140,6 @@ class Supervisor(Lifecycle):
         super().__init__()
 
     # ------------------------------------------------------------------ set-up
-
-    def _install_signals(self) -> None:
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, self._record_signal)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
-
-    def _record_signal(self, signum: int, frame: object) -> None:
-        self._signals.append(signum)
-
-    def _drain_wakeup(self, mask: int) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self._wake_r, 4096):
-                pass
 
     def _setup_stdio(self) -> None:
         fmt = self.options.stdio
@@ -367,172 +345,6 @@ class Supervisor(Lifecycle):
         self.aggregator.retire(slot.index)
         metrics.workers.dec()
 
-    # ------------------------------------------------------------------ generations
-
-    def _owner_of(self, generation: int, shard: int) -> WorkerSlot | None:
-        if generation == self.generation:
-            return self.owner.get(shard)
-        if self.reshard is not None and self.reshard.generation == generation:
-            return self.reshard.owner_of(shard)
-        return None
-
-    def _sessions_for(self, slot: WorkerSlot) -> dict[int, Session | None]:
-        if slot.generation == self.generation or self.reshard is None:
-            return self.sessions
-        if self.reshard.generation == slot.generation:
-            return self.reshard.sessions()
-        return {}  # a generation on its way out: nothing of it is kept
-
-    def current_slots(self) -> list[WorkerSlot]:
-        """The workers of the running generation (not those a reshard adds or retires)."""
-        generation = self.generation
-        return [s for s in self.slots if s.generation == generation]
-
-    @property
-    def max_concurrency(self) -> int:
-        return int(self.options.max_concurrency)
-
-    @property
-    def budget(self) -> SessionBudget | None:
-        budget: SessionBudget | None = self.options.budget
-        return budget
-
-    def spawn_generation(self, generation: int, shard_count: int) -> list[WorkerSlot]:
-        """Start the workers of a reshard's new generation, in standby: as many workers as
-        now, each with a share of every identify window (as at start-up)."""
-        workers = max(1, len(self.current_slots()))
-        groups = group_shards(range(shard_count), workers, self.options.max_concurrency)
-        slots = []
-        for group in groups:
-            slot = WorkerSlot(
-                self._next_index,
-                group,
-                generation=generation,
-                shard_count=shard_count,
-                standby=True,
-            )
-            self._next_index += 1
-            slots.append(slot)
-        self.slots.extend(slots)
-        for slot in slots:
-            self.spawn(slot)
-        return slots
-
-    def publish(self, slot: WorkerSlot) -> None:
-        if slot.channel is not None:
-            slot.channel.send(Publish())
-
-    def commit_generation(
-        self,
-        generation: int,
-        shard_count: int,
-        slots: list[WorkerSlot],
-        sessions: dict[int, Session | None],
-    ) -> None:
-        """The switch is done: ``generation`` is the running one from now on. The maps are
-        changed in place: the relay, the stdin router and the fleet side hold them."""
-        self.generation = generation
-        self.shard_count = shard_count
-        self.owner.clear()
-        self.owner.update({shard: slot for slot in slots for shard in slot.shards})
-        self.sessions.clear()
-        self.sessions.update(sessions)
-        if self.stdin is not None:
-            self.stdin.shard_count = shard_count
-        self.options.plan = msgspec.structs.replace(
-            self.options.plan, shard_count=shard_count, generation=generation
-        )
-        self.options.shard_count = shard_count
-        metrics.total_shards.set(shard_count)
-        metrics.generation.set(generation)
-        if self.fleet is not None:
-            self.fleet.adopt_generation(generation, shard_count)
-        self._ready_notified = self._ready_notified and all(s.all_ready() for s in slots)
-
-    def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None:
-        slot.retiring = True
-        slot.restart_at = None
-        for shard in slot.shards:
-            self.pacer.cancel(pacer_key(shard, slot.generation))
-        self._gate_dirty = True
-        if slot.proc is None:  # dead already (refused, or waiting for a restart): just gone
-            if slot in self.slots:
-                self.slots.remove(slot)
-            self.aggregator.retire(slot.index)
-        elif slot.channel is not None:
-            slot.channel.send(Retire("reshard", successor))
-
-    def kill(self, slot: WorkerSlot) -> None:
-        self._kill(slot, signal.SIGKILL)
-
-    def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None:
-        if slot.channel is not None:
-            slot.channel.send(Cover(shard_count, sorted(shards)))
-
-    def lock_reshard(self) -> bool:
-        return self.fleet is not None and self.fleet.lock_reshard()
-
-    def unlock_reshard(self) -> None:
-        if self.fleet is not None:
-            self.fleet.unlock_reshard()
-
-    def switch_fleet(self, generation: int, shard_count: int) -> None:
-        if self.fleet is not None:
-            self.fleet.switch(generation, shard_count)
-
-    def running_unsettled(self) -> str:
-        down = [
-            shard
-            for slot in self.current_slots()
-            if not slot.fatal
-            for shard in slot.shards
-            if (info := slot.status.get(shard)) is None or not (info.ready or info.fatal)
-        ]
-        if down:
-            return f"running shards {describe_ids(down)} are reconnecting"
-        if self.fleet is not None and not self.fleet.fully_owned():
-            return "the fleet does not own every running shard"
-        return ""
-
-    def superseded(self, generation: int, shard_count: int) -> None:
-        """Fleet: another member's reshard switched the fleet to ``generation``: our shards of
-        the old one retire, and fresh workers take shards of the new one as the fleet leases
-        them (as many workers as before)."""
-        if generation <= self.generation or self.stopping is not None:
-            return
-        if self.reshard is not None:
-            self.reshard.superseded()
-        old = self.current_slots()
-        log.info(
-            "fleet: generation %d of %d shards is the fleet's now: retiring our %d workers of "
-            "generation %d",
-            generation,
-            shard_count,
-            len(old),
-            self.generation,
-        )
-        fresh = []
-        for _ in range(max(1, len(old))):
-            fresh.append(
-                WorkerSlot(self._next_index, (), generation=generation, shard_count=shard_count)
-            )
-            self._next_index += 1
-        self.slots.extend(fresh)
-        self.commit_generation(generation, shard_count, fresh, {})
-        for slot in fresh:
-            self.spawn(slot)
-        for slot in old:
-            self.retire(slot, None)
-
-    def request_reshard(self, count: int | None) -> tuple[int, str]:
-        """``POST /reshard``: (HTTP status, answer)."""
-        if self.reshard is None:
-            return 409, "resharding is not available here"
-        if count is not None and count < 1:
-            return 400, "the shard count must be at least 1"
-        answer = self.reshard.request("operator", count)
-        return (202 if answer == "accepted" else 409), answer
-
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
@@ -617,18 +429,6 @@ class Supervisor(Lifecycle):
             at = min(at, ack)
         return max(0.0, at - now)
 
-    def _handle_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.popleft()
-            if sig == signal.SIGCHLD:
-                self._reap()
-            elif sig == signal.SIGTERM:
-                self._begin_stop("fast" if self.stopping else "graceful")
-            elif sig == signal.SIGINT:
-                self._begin_stop("fast")
-            elif sig == signal.SIGHUP:
-                self._begin_rolling_restart()
-
     def _shutdown_io(self) -> None:
         if self.fleet is not None:
             self.fleet.stop()
@@ -636,10 +436,7 @@ class Supervisor(Lifecycle):
             self.relay.close()
         if self.http is not None:
             self.http.close()
-        signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_signals()
 
 
 def _nothing() -> None:

@@ -1,5 +1,5 @@
-"""The workers' lives: death and restart with backoff, stalls, stopping, rolling restarts, and
-the periodic round that also reports readiness, progress and the systemd watchdog.
+"""Signals and the workers' lives: death and restart with backoff, stalls, stopping, rolling
+restarts, and the periodic round that also reports readiness, progress and the systemd watchdog.
 
 A mixin of :class:`~.arbiter.Supervisor`: the state it reads is declared here, the I/O it needs
 (spawning, releasing a dead worker's resources) is the arbiter's.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import selectors
 import signal
 import time
 from collections import deque
@@ -61,6 +62,7 @@ def describe_exit(status: int, *, killed_by_us: bool) -> tuple[str, str]:
 class Lifecycle:
     # What the arbiter provides.
     options: Any
+    selector: selectors.BaseSelector
     slots: list[WorkerSlot]
     pacer: IdentifyPacer
     stopping: str | None
@@ -73,16 +75,16 @@ class Lifecycle:
     reshard: Reshard | None
     generation: int
 
-    def current_slots(self) -> list[WorkerSlot]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the other parts of the Supervisor (only declared: never shadowed)
 
-    def spawn(self, slot: WorkerSlot) -> None:
-        raise NotImplementedError
-
-    def _release_worker(self, slot: WorkerSlot) -> None:
-        raise NotImplementedError
+        def current_slots(self) -> list[WorkerSlot]: ...
+        def spawn(self, slot: WorkerSlot) -> None: ...
+        def _release_worker(self, slot: WorkerSlot) -> None: ...
+        def _reap(self) -> None: ...
 
     def __init__(self) -> None:
+        self._signals: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe()
         self._rolling: deque[WorkerSlot] = deque()
         self._rolling_current: WorkerSlot | None = None
         self._rolling_since = 0.0
@@ -95,6 +97,44 @@ class Lifecycle:
         self._last_round = time.monotonic()
         self.ready_since: float | None = None
         self._agent_stopped = False
+
+    # ------------------------------------------------------------------ signals
+    # Handlers only record the signal (and wake the select loop through the wake-up pipe);
+    # the loop acts on it in _handle_signals.
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._record_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _drain_wakeup(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.popleft()
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig == signal.SIGTERM:
+                self._begin_stop("fast" if self.stopping else "graceful")
+            elif sig == signal.SIGINT:
+                self._begin_stop("fast")
+            elif sig == signal.SIGHUP:
+                self._begin_rolling_restart()
+
+    def _close_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # ------------------------------------------------------------------ deaths
 

@@ -17,27 +17,39 @@ The old generation never stops while the new one comes up:
 5. A reshard that cannot finish (a new worker dies, a new shard is refused, the time runs out)
    retires the new generation instead: the old one carried on all along.
 
-The decisions are pure functions (:func:`choose_target`, :func:`budget_wait`); :class:`Reshard`
+The decisions are pure functions (:mod:`.reshardpolicy`); :class:`Reshard`
 is the state machine, driven by the supervisor's loop (``tick``) and its workers' reports, and
 does its I/O through the :class:`Host` the supervisor is.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from spectacles_gateway import metrics
 from spectacles_gateway.discovery import GatewayBot
-from spectacles_gateway.protocol.identify import IDENTIFY_MARGIN, IDENTIFY_WINDOW, SessionBudget
+from spectacles_gateway.protocol.identify import IDENTIFY_MARGIN, IDENTIFY_WINDOW
 from spectacles_gateway.protocol.shard import Session
 
+from .reshardpolicy import (
+    GUILD_QUIET,
+    LOCK_TIMEOUT,
+    RETIRE_TIMEOUT,
+    RETRY_AFTER,
+    SWITCH_TIMEOUT,
+    Host,
+    ReshardOptions,
+    ReshardRun,
+    State,
+    budget_wait,
+    choose_target,
+    round_up,
+)
 from .slots import WorkerSlot
 
 __all__ = [
@@ -52,150 +64,6 @@ __all__ = [
 
 log = logging.getLogger("spectacles_gateway.supervisor")
 
-#: Seconds the new workers have to confirm they publish after the switch was sent.
-SWITCH_TIMEOUT = 30.0
-#: Guilds that stop arriving for this long are taken as unavailable: the switch goes on.
-GUILD_QUIET = 10.0
-#: After a reshard that did not finish, the next attempt waits at least this long.
-RETRY_AFTER = 60.0
-#: How long retired workers have to close before they are killed.
-RETIRE_TIMEOUT = 30.0
-#: How long the fleet's reshard lock may take to come.
-LOCK_TIMEOUT = 10.0
-
-
-def round_up(count: int, max_concurrency: int) -> int:
-    """Large bots must run a multiple of ``max_concurrency`` shards."""
-    if max_concurrency <= 1:
-        return count
-    return math.ceil(count / max_concurrency) * max_concurrency
-
-
-def choose_target(
-    *, reason: str, running: int, recommended: int | None, requested: int | None, mc: int
-) -> int | None:
-    """The shard count to reshard to, or None (nothing to do).
-
-    ``requested`` (an operator's ``--to``) wins; else Discord's recommendation when it is above
-    the running count; after a 4011 with no higher recommendation, twice the running count (the
-    shard that was refused holds too many guilds at this count, whatever the recommendation
-    says).
-    """
-    if requested is not None:
-        target = requested
-    elif recommended is not None and recommended > running:
-        target = recommended
-    elif reason == "sharding_required":
-        target = running * 2
-    else:
-        return None
-    target = round_up(max(1, target), mc)
-    return None if target == running else target
-
-
-def budget_wait(budget: SessionBudget, needed: int, reserve: int, now: float) -> float | None:
-    """None: the budget pays for ``needed`` session starts and keeps ``reserve``; else the
-    seconds until it resets (``math.inf``: even a full budget would not)."""
-    left = budget.total if now >= budget.reset_at else budget.remaining
-    if left - needed >= reserve:
-        return None
-    if budget.total - needed < reserve:
-        return math.inf
-    return max(0.0, budget.reset_at - now)
-
-
-@dataclass(frozen=True)
-class ReshardOptions:
-    policy: str  # "off", "recommended", "manual"
-    check_interval: float
-    budget_reserve: int
-    #: Seconds the new generation may take beyond pacing its identifies.
-    timeout: float = 300.0
-    #: Seconds both generations publish after the switch before the old one is retired.
-    overlap: float = 1.0
-    #: Asks Discord's ``/gateway/bot`` (blocking: it runs in a thread).
-    check: Callable[[], GatewayBot] | None = None
-    #: Why no reshard can run here (shard ids chosen by hand): None when one can.
-    unavailable: str | None = None
-    #: Fleet mode: one reshard at a time in the fleet (a lock in Redis, taken by the agent).
-    fleet: bool = False
-
-
-class State(enum.Enum):
-    IDLE = "idle"
-    LOCKING = "locking"
-    WAITING_BUDGET = "waiting_for_budget"
-    STARTING = "starting"
-    SWITCHING = "switching"
-    OVERLAP = "overlap"
-    RETIRING = "retiring"
-    ROLLING_BACK = "rolling_back"
-
-
-class Host(Protocol):
-    """What the supervisor does for a reshard."""
-
-    slots: list[WorkerSlot]
-    generation: int
-    shard_count: int
-    stopping: str | None
-
-    @property
-    def max_concurrency(self) -> int: ...
-
-    @property
-    def budget(self) -> SessionBudget | None: ...
-
-    def spawn_generation(self, generation: int, shard_count: int) -> list[WorkerSlot]: ...
-
-    def publish(self, slot: WorkerSlot) -> None: ...
-
-    def commit_generation(
-        self, generation: int, shard_count: int, slots: list[WorkerSlot], sessions: Any
-    ) -> None: ...
-
-    def retire(self, slot: WorkerSlot, successor: tuple[int, int] | None) -> None: ...
-
-    def cover(self, slot: WorkerSlot, shard_count: int, shards: frozenset[int]) -> None: ...
-
-    def lock_reshard(self) -> bool:
-        """Fleet: ask for the reshard lock (False: cannot ask now)."""
-        ...
-
-    def unlock_reshard(self) -> None: ...
-
-    def running_unsettled(self) -> str:
-        """Why the running generation is not ready to be taken over ("": it is)."""
-        ...
-
-    def switch_fleet(self, generation: int, shard_count: int) -> None: ...
-
-    def kill(self, slot: WorkerSlot) -> None: ...
-
-
-@dataclass
-class _Run:
-    """One reshard in progress."""
-
-    target: int
-    reason: str
-    generation: int
-    started: float
-    source: int  # the shard count it started from
-    slots: list[WorkerSlot] = field(default_factory=list)
-    owner: dict[int, WorkerSlot] = field(default_factory=dict)
-    sessions: dict[int, Session | None] = field(default_factory=dict)
-    deadline: float = 0.0
-    waiting: str = ""  # why it waits, for logs and /status
-    published: set[int] = field(default_factory=set)  # slot indexes that said they publish
-    overlap_until: float = 0.0
-    guilds_pending: int = -1
-    guilds_moved: float = 0.0
-    old: list[WorkerSlot] = field(default_factory=list)  # retired or retiring
-    retire_deadline: float = 0.0
-    covered: frozenset[int] = frozenset()  # running shards refused for good, covered by us
-    identifies: int = 0  # IDENTIFYs the new generation sent
-
 
 class Reshard:
     def __init__(
@@ -205,7 +73,7 @@ class Reshard:
         self.options = options
         self.clock = clock  # for answers that arrive between ticks (tests pass a fake one)
         self.state = State.IDLE
-        self.run: _Run | None = None
+        self.run: ReshardRun | None = None
         now = clock()
         self.next_check = now + options.check_interval
         self.not_before = 0.0
@@ -416,7 +284,7 @@ class Reshard:
 
     def _begin(self, now: float, target: int, reason: str) -> None:
         host = self.host
-        run = self.run = _Run(
+        run = self.run = ReshardRun(
             target=target,
             reason=reason,
             generation=host.generation + 1,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 
+from .envelope import DECODE_ERRORS, decode_envelope
+from .identify import MAX_PAYLOAD_BYTES
 from .limiter import SendLimiter
 
-__all__ = ["CommandQueue", "CommandRejected"]
+__all__ = ["CommandQueue", "CommandRejected", "command_op"]
 
 
 class CommandRejected(ValueError):
@@ -16,6 +18,21 @@ class CommandRejected(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+def command_op(payload: bytes) -> int:
+    """The opcode of a command payload (``{"op": .., "d": ..}`` JSON) that can be sent.
+
+    Raises :class:`CommandRejected` for one that never can: too large, or not a payload."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise CommandRejected(
+            "too_large",
+            f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
+        )
+    try:
+        return decode_envelope(payload).op
+    except DECODE_ERRORS as exc:
+        raise CommandRejected("not_json", f"not a gateway payload: {exc}") from None
 
 
 class CommandQueue:
@@ -67,6 +84,18 @@ class CommandQueue:
     def expiry(self) -> float | None:
         """When the oldest command expires (None: the queue is empty)."""
         return self.items[0][3] + self.max_age if self.items else None
+
+    def next_deadline(self, limiter: SendLimiter, *, sending: bool) -> float | None:
+        """When something is due: the oldest command expires, or (``sending``: the connection
+        is READY and commands wait for the limit) a send slot frees."""
+        if not self.items:
+            return None
+        deadline = self.items[0][3] + self.max_age
+        if sending:
+            free = limiter.earliest_free()
+            if free is not None and free < deadline:
+                deadline = free
+        return deadline
 
     def clear(self) -> tuple[object, ...]:
         """Give every command up; their tickets."""

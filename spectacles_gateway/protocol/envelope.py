@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 import msgspec
 
 __all__ = [
+    "DECODE_ERRORS",
     "Envelope",
     "GuildRef",
     "Opcode",
@@ -15,7 +17,11 @@ __all__ = [
     "decode_guild",
     "decode_guild_of",
     "decode_ready",
+    "hello_interval",
 ]
+
+#: What a malformed message from the gateway can raise while we decode it.
+DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
 
 
 class Opcode(enum.IntEnum):
@@ -83,3 +89,23 @@ decode_hello = _hello_decoder.decode
 decode_guild = _guild_decoder.decode
 decode_guild_of = _guild_of_decoder.decode
 decode_bool = _bool_decoder.decode
+
+
+def hello_interval(d: msgspec.Raw, allowed: tuple[float, float]) -> tuple[float | None, str]:
+    """HELLO's heartbeat interval in seconds, kept within ``allowed`` (low, high), and what was
+    wrong with it: (None, why) when there is none to use, (interval, why) when it was clamped,
+    (interval, "") when it was fine."""
+    try:
+        interval = float(decode_hello(d).heartbeat_interval) / 1000.0
+    except DECODE_ERRORS as exc:
+        return None, f"HELLO without a heartbeat interval: {exc}"
+    if not interval > 0:  # also NaN
+        return None, f"HELLO with heartbeat interval {interval}"
+    low, high = allowed
+    if low <= interval <= high:
+        return interval, ""
+    clamped = min(max(interval, low), high)
+    return clamped, (
+        f"HELLO's heartbeat interval {interval:g} s is outside {low:g}..{high:g} s; "
+        f"using {clamped:g} s"
+    )

@@ -38,29 +38,28 @@ from .closecodes import (
 )
 from .commands import CommandQueue, CommandRejected
 from .envelope import (
+    DECODE_ERRORS,
     Opcode,
     decode_bool,
     decode_envelope,
-    decode_guild,
-    decode_guild_of,
-    decode_hello,
     decode_ready,
+    hello_interval,
 )
 from .events import (
     CloseRequest,
     CommandsDropped,
-    CommandsSent,
     Dispatch,
     Event,
     Gap,
     IdentifySent,
     Notice,
     NoticeKind,
-    SendData,
     ShardStats,
 )
 from .identify import MAX_PAYLOAD_BYTES
 from .limiter import SendLimiter
+from .sending import Sending
+from .standby import GUILD_EVENTS, Cover, guild_arrived, waited
 from .state import ConnectPlan, Delay, Phase, Session, ShardConfig
 from .urls import build_gateway_url, tls_kept
 
@@ -75,15 +74,9 @@ __all__ = [
 ]
 
 _encode = msgspec.json.encode
-#: What a malformed message from the gateway can raise while we decode it.
-_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
-#: Intent bit 0: without it Discord sends no GUILD_CREATE.
-GUILDS_INTENT = 1
-#: What ends the wait for a guild READY listed.
-_GUILD_EVENTS = frozenset({"GUILD_CREATE", "GUILD_DELETE"})
 
 
-class ShardProtocol:
+class ShardProtocol(Sending):
     """The rules of one shard: heartbeats, identify/resume, seq, close codes, send limit."""
 
     def __init__(
@@ -101,9 +94,8 @@ class ShardProtocol:
         self._filter = frozenset() if config.standby else config.events
         self.publishing = not config.standby
         self._guilds: set[str] = set()  # listed by READY, not arrived yet
-        # Standby: the running generation's shard count and those of its shards that are gone
-        # for good (4011); events of their guilds are published by us meanwhile.
-        self._cover: tuple[int, frozenset[int]] | None = None
+        # Standby: the guilds of running shards gone for good (4011), published by us meanwhile.
+        self._cover: Cover | None = None
         self._identify_payload = config.identify_payload()
         self.phase = Phase.DISCONNECTED
         # Session state (survives reconnects of the same session).
@@ -197,24 +189,13 @@ class ShardProtocol:
         (``shard_count`` shards) would have published: they are gone for good (4011), so
         nobody else will. A guild's shard is ``(guild_id >> 22) % shard_count``; events of no
         guild (direct messages) go to shard 0."""
-        self._cover = (shard_count, shards) if shards and shard_count > 0 else None
+        self._cover = Cover(shard_count, shards) if shards and shard_count > 0 else None
 
     def _covered(self, t: str, d: msgspec.Raw) -> bool:
-        if self.publishing:
-            return False
         events = self.config.events
-        if events is not None and t not in events:
+        if self.publishing or (events is not None and t not in events):
             return False
-        assert self._cover is not None
-        count, shards = self._cover
-        try:
-            ref = decode_guild_of(d)
-        except _DECODE_ERRORS:
-            return 0 in shards
-        guild = ref.guild_id or (ref.id if t in _GUILD_EVENTS or t == "GUILD_UPDATE" else None)
-        if guild is None or not (guild.isascii() and guild.isdigit()):
-            return 0 in shards
-        return (int(guild) >> 22) % count in shards
+        return self._cover is not None and self._cover.covers(t, d)
 
     def start_publishing(self) -> None:
         """Leave standby: every dispatch read from now on is published (a reshard's switch).
@@ -326,7 +307,7 @@ class ShardProtocol:
             return  # after we asked to close, nothing counts: it will be replayed
         try:
             env = decode_envelope(data)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             self.message_failed(f"malformed JSON from the gateway: {type(exc).__name__}: {exc}")
             return
         op = env.op
@@ -342,8 +323,8 @@ class ShardProtocol:
                 self._on_session_event(t, env.d, now)
             elif t is None:
                 return
-            elif self._guilds and t in _GUILD_EVENTS:
-                self._guild_arrived(env.d)
+            elif self._guilds and t in GUILD_EVENTS:
+                guild_arrived(self._guilds, env.d)
             events = self._filter
             if events is None or t in events or (self._cover and self._covered(t, env.d)):
                 if s is not None:
@@ -398,7 +379,7 @@ class ShardProtocol:
         if t == "READY":
             try:
                 info = decode_ready(d)
-            except _DECODE_ERRORS as exc:
+            except DECODE_ERRORS as exc:
                 self._request_close(
                     RESUMABLE_CLOSE, "bad READY", CloseAction.IDENTIFY, Delay.BACKOFF
                 )
@@ -408,9 +389,7 @@ class ShardProtocol:
             self.resume_url = self._trusted_url(info.resume_gateway_url)
             self._use_resume_url = True
             self._pending.clear()
-            # Without the GUILDS intent Discord sends no GUILD_CREATE: nothing to wait for.
-            guilds = self.config.intents & GUILDS_INTENT
-            self._guilds = {g.id for g in info.guilds} if guilds else set()
+            self._guilds = waited(info, self.config.intents)
             self._notice(NoticeKind.READY, f"session {info.session_id[:8]}…")
             gap, self._gap = self._gap, None
             if gap is not None and self.publishing:  # in standby, the old generation publishes
@@ -423,35 +402,17 @@ class ShardProtocol:
         self._poisoned_after = None  # the replay got through: what failed before was transient
         self._flush_commands(now)
 
-    def _guild_arrived(self, d: msgspec.Raw) -> None:
-        try:
-            self._guilds.discard(decode_guild(d).id)
-        except _DECODE_ERRORS:
-            return  # a malformed one is the consumer's business: it is published as it came
-
     def _on_hello(self, d: msgspec.Raw, now: float) -> None:
         if self.phase is not Phase.WAITING_HELLO:
             self._notice(NoticeKind.UNEXPECTED_HELLO, f"HELLO in phase {self.phase.value}; ignored")
             return
-        try:
-            interval = float(decode_hello(d).heartbeat_interval) / 1000.0
-        except _DECODE_ERRORS as exc:
+        interval, problem = hello_interval(d, self.config.heartbeat_range)
+        if interval is None:
             self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, Delay.BACKOFF)
-            self._notice(NoticeKind.DECODE_ERROR, f"HELLO without a heartbeat interval: {exc}")
+            self._notice(NoticeKind.DECODE_ERROR, problem)
             return
-        if not interval > 0:  # also NaN
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", CloseAction.RESUME, Delay.BACKOFF)
-            self._notice(NoticeKind.DECODE_ERROR, f"HELLO with heartbeat interval {interval}")
-            return
-        low, high = self.config.heartbeat_range
-        if not low <= interval <= high:
-            clamped = min(max(interval, low), high)
-            self._notice(
-                NoticeKind.HELLO_CLAMPED,
-                f"HELLO's heartbeat interval {interval:g} s is outside {low:g}..{high:g} s; "
-                f"using {clamped:g} s",
-            )
-            interval = clamped
+        if problem:
+            self._notice(NoticeKind.HELLO_CLAMPED, problem)
         self._hello_deadline = None
         self._heartbeat_interval = interval
         # Keep a window's heartbeats, identify/resume and one heartbeat request in the budget.
@@ -478,7 +439,7 @@ class ShardProtocol:
     def _on_invalid_session(self, d: msgspec.Raw, now: float) -> None:
         try:
             resumable = bool(decode_bool(d))
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             resumable = False
         if resumable and self.session_id is not None:
             self._notice(NoticeKind.INVALID_SESSION, "op 9 (resumable): reconnecting to resume")
@@ -490,75 +451,6 @@ class ShardProtocol:
                 RESUMABLE_CLOSE, "invalid session", CloseAction.IDENTIFY, Delay.INVALID_SESSION
             )
 
-    # ------------------------------------------------------------------ sending
-
-    def _send_priority(self, payload: bytes, now: float, op: int) -> bool:
-        if self._limiter.try_acquire(now, priority=True):
-            self._out.append(SendData(payload))
-            sent = self._packets_sent
-            sent[op] = sent.get(op, 0) + 1
-            return True
-        return False
-
-    def _send_heartbeat(self, now: float) -> None:
-        seq = self.seq
-        payload = b'{"op":1,"d":null}' if seq is None else b'{"op":1,"d":%d}' % seq
-        if self._send_priority(payload, now, Opcode.HEARTBEAT):
-            self._acked = False
-            self._heartbeat_sent_at = now
-            if self._heartbeat_interval:
-                self._heartbeat_at = heartbeat_time(
-                    now, now + self._heartbeat_interval, self._heartbeat_interval
-                )
-        else:  # cannot happen while commands keep to their share; retry when a slot frees
-            self._heartbeat_at = self._limiter.next_free(now, priority=True)
-
-    def queue_command(self, payload: bytes, now: float, ticket: object = None) -> None:
-        """Queue a command payload (``{"op": .., "d": ..}`` JSON) to send when the limit allows.
-
-        Raises :class:`CommandRejected` for a payload that can never be sent, or when the queue
-        is full. ``ticket`` comes back in a :class:`CommandsSent` (or :class:`CommandsDropped`)
-        event once the payload was handed to the websocket (or given up).
-        """
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise CommandRejected(
-                "too_large",
-                f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
-            )
-        try:
-            op = decode_envelope(payload).op
-        except _DECODE_ERRORS as exc:
-            raise CommandRejected("not_json", f"not a gateway payload: {exc}") from None
-        self._commands.push(payload, ticket, op, now, self.config.shard_id)
-        self._flush_commands(now)
-
-    def _flush_commands(self, now: float) -> None:
-        commands = self._commands
-        if not commands.items:
-            return
-        expired = commands.expire(now)
-        if expired is not None:
-            self._notice(
-                NoticeKind.COMMANDS_EXPIRED,
-                f"commands older than {commands.max_age:g} s were dropped unsent",
-            )
-            if expired:
-                self._out.append(CommandsDropped(expired, "expired"))
-        if self.phase is not Phase.READY:
-            return
-        sent = self._packets_sent
-        tickets: list[object] = []
-        out = self._out
-        for payload, ticket, op in commands.take(now, self._limiter):
-            out.append(SendData(payload))
-            sent[op] = sent.get(op, 0) + 1
-            self._commands_sent += 1
-            if ticket is not None:
-                tickets.append(ticket)
-        if tickets:
-            out.append(CommandsSent(tuple(tickets)))
-        self._commands_waiting = bool(commands.items)
-
     # ------------------------------------------------------------------ time
 
     def next_deadline(self) -> float | None:
@@ -567,15 +459,11 @@ class ShardProtocol:
         hello = self._hello_deadline
         if hello is not None and (deadline is None or hello < deadline):
             deadline = hello
-        commands = self._commands
-        if commands.items:
-            expiry = commands.expiry()
-            if expiry is not None and (deadline is None or expiry < deadline):
-                deadline = expiry
-            if self._commands_waiting and self.phase is Phase.READY:
-                free = self._limiter.earliest_free()
-                if free is not None and (deadline is None or free < deadline):
-                    deadline = free
+        if self._commands.items:
+            sending = self._commands_waiting and self.phase is Phase.READY
+            due = self._commands.next_deadline(self._limiter, sending=sending)
+            if due is not None and (deadline is None or due < deadline):
+                deadline = due
         return deadline
 
     def tick(self, now: float) -> None:

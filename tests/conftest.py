@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 
 from .support.redis import PrivateRedis, private_redis_server
+from .support.share import machine_share
 from .support.simulators import SimulatorPool
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    """Hold the machine's lock (shared, or exclusive for a test marked ``alone``) for the whole
+    test, its fixtures' set-up and tear-down included (see tests/support/share.py)."""
+    with machine_share(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 @pytest.fixture

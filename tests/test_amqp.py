@@ -335,6 +335,7 @@ async def test_json_format_sends_the_raw_json_of_d() -> None:
         delete_group(group, [queue])
 
 
+@pytest.mark.alone  # restarts the RabbitMQ every test uses
 async def test_rabbitmq_restart_mid_stream_loses_nothing_and_duplicates_share_ids() -> None:
     group = unique_group()
     queue = declare_event_queue(group)
@@ -414,6 +415,7 @@ async def test_a_dropped_connection_republishes_the_unconfirmed_with_the_same_id
         delete_group(group, [queue])
 
 
+@pytest.mark.alone  # raises the memory alarm of the RabbitMQ every test uses
 async def test_blocked_rabbitmq_pauses_the_shards_in_a_bounded_buffer_then_resumes() -> None:
     group = unique_group()
     queue = declare_event_queue(group)

@@ -51,6 +51,9 @@ from .dockerengine import (
 from .gwproc import SECRET, free_port
 from .gwtest import simulator, t
 
+# A Docker engine, image builds and a compose stack: most of the machine, and its network.
+pytestmark = pytest.mark.alone
+
 COMPOSE = ROOT / "docker" / "docker-compose.yml"
 TOKEN_PATH = "/run/secrets/discord_token"
 FIGURES: dict[str, str] = {}

@@ -203,6 +203,7 @@ async def wait_stats(urls: dict[str, str], predicate: Any, timeout: float) -> di
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.alone  # 2,500 sockets and most of the machine
 @pytest.mark.parametrize(("max_concurrency", "window"), [(16, 0.05), (512, 2.0)])
 async def test_2500_shards_on_one_simulator(
     clis: list[Cli], max_concurrency: int, window: float

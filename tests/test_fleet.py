@@ -253,12 +253,16 @@ async def test_a_paused_member_is_taken_over_and_publishes_nothing_after_it_wake
         # back under new leases: what it must never do is use the leases it lost.
         regained: dict[int, float] = {}
         watched_until = woke + t(3 * LEASE)
+        looked = woke  # the lease was not the sleeper's when we last looked, at this time
         while time.monotonic() < watched_until:
             now = time.monotonic()
             for s in taken:  # a new lease of its own, straight from Redis
                 value = r.get(f"{group.prefix}fleet:test:lease:{s}")
                 if value is not None and value.startswith(b"c "):
-                    regained.setdefault(s, now)
+                    # Taken since we last looked (not when we noticed: its events may have
+                    # been read meanwhile).
+                    regained.setdefault(s, looked)
+            looked = now
             for s, k in keys.items():
                 session, seq = r.mget(k)
                 if s not in regained:

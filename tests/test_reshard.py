@@ -32,7 +32,7 @@ from spectacles_gateway.simulator import Simulator
 from spectacles_gateway.simulator.faults import InvalidSession
 
 from .gwproc import BIN, Gateway, free_port, gateway, gateway_env, metric, scrape, status
-from .gwtest import ready_count, simulator, wait_until
+from .gwtest import ready_count, simulator, t, wait_until
 from .support.brokers import AMQP_URL, declare_event_queue, delete_group, unique_group
 from .test_relay import REDIS_URL
 
@@ -213,7 +213,7 @@ async def test_four_shards_reshard_themselves_to_eight_when_discord_recommends_i
     assert emitted and not sim.ledger.missing_guild_events(consumer.ids())
     # No guild's stream stopped for more than a second, the switch included.
     worst = stalls(sim, consumer)
-    assert len(worst) == 48 and max(worst.values()) < 1.0, sorted(worst.values())[-5:]
+    assert len(worst) == 48 and max(worst.values()) < t(1.0), sorted(worst.values())[-5:]
     # Eight identifies for the new generation, by Discord's pacing; none again for the old.
     new = identifies_of(sim, 8)
     assert sorted(r.shard_id for r in new) == list(range(8))

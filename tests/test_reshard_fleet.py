@@ -18,7 +18,7 @@ import pytest
 from spectacles_gateway.simulator import Simulator
 
 from .gwproc import BIN, status
-from .gwtest import ready_count, wait_until
+from .gwtest import ready_count, t, wait_until
 from .test_fleet import REDIS_URL, Fleet, Member, fleet, owned_once
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,7 @@ async def test_two_members_reshard_from_four_to_eight() -> None:
         last = [c for c in sim.ledger.connections_for(shard) if c.session_id == session][-1]
         assert last.client_close_code == 1000, (shard, last)
     worst = stalls(sim, group)
-    assert max(worst.values()) < 2.0, sorted(worst.values())[-5:]
+    assert max(worst.values()) < t(2.0), sorted(worst.values())[-5:]
     generations = {r.get("generation") for m in group.members.values() for _, r in m.records}
     assert generations == {0, 1}
     print(

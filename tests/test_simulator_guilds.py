@@ -121,9 +121,9 @@ async def test_guild_events_reach_every_owner_of_both_generations(sim_pool: Simu
     assert sim.ledger.missing_guild_events((old | new) - {lost}) == [lost]
     times = [at for at, _ in sim.ledger.guild_events.emissions(sim.guild_ids[1])]
     assert times == sorted(times) and len(times) > 10
-    assert max(b - a for a, b in itertools.pairwise(times)) < 0.2  # 25/s, jitter
+    assert max(b - a for a, b in itertools.pairwise(times)) < t(0.2)  # 25/s, jitter
     gaps = sim.ledger.guild_gaps(old | new)
-    assert set(gaps) == set(sim.guild_ids) and max(gaps.values()) < 0.5
+    assert set(gaps) == set(sim.guild_ids) and max(gaps.values()) < t(0.5)
     # Losing one guild's events for a while shows as a gap in that guild's stream.
     lost_guild = sim.guild_ids[0]
     cut = {uid for uid, guild, at, _, _ in rows

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
@@ -54,7 +56,18 @@ from .redact import redact_url
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["REDIS_ERRORS", "Outage", "RedisStore", "read_pointer", "redis_client"]
+__all__ = [
+    "REDIS_ERRORS",
+    "REPLICA_WAIT_MS",
+    "NotReplicated",
+    "Outage",
+    "RedisStore",
+    "check_replicated",
+    "master_changes",
+    "read_pointer",
+    "redis_client",
+    "waits_for_replica",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +101,7 @@ def redis_client(
         "client_name": name,
     }
     if redis.sentinels:
-        # Sentinel: the client asks the sentinels where the master is, and asks again after a
-        # failover (a connection error); a short outage for the caller to ride through.
-        from redis.asyncio.sentinel import Sentinel
-
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(redis.sentinels),
-            sentinel_kwargs={"socket_timeout": CONNECT_TIMEOUT},
-            username=redis.username,
-            password=redis.password,
-            db=redis.db,
-            **common,
-        )
-        client: Redis = sentinel.master_for(
-            redis.sentinel_master, max_connections=max_connections or redis.pool_size
-        )
-        return client
+        return _sentinel_client(settings, common, max_connections or redis.pool_size)
     dsn = redis.dsn
     options: dict[str, Any] = {}
     if not dsn.startswith("unix:"):
@@ -116,6 +114,168 @@ def redis_client(
         **options,
     )
     return Redis.from_pool(pool)
+
+
+#: Seconds between two checks of a Sentinel client that the master it writes to is still the
+#: one the Sentinels name (:class:`_FollowingPool`).
+MASTER_CHECK_INTERVAL = 0.5
+
+
+class _FollowingPool(SentinelConnectionPool):
+    """A Sentinel pool that follows the master between connections too.
+
+    redis-py asks the Sentinels where the master is only when it opens a connection. After a
+    ``SENTINEL FAILOVER`` the old master keeps answering (and accepting writes that the new
+    master never sees) until the Sentinels turn it into a replica, seconds later; a pooled
+    connection would go on writing there. So at most every :data:`MASTER_CHECK_INTERVAL`
+    seconds, when a connection is taken, a background task asks the Sentinels; when they name
+    another master, idle connections are closed and busy ones reconnect once released, and
+    :attr:`master_changes` grows (the shard store then writes its sessions again, to the new
+    master, in case the old one took writes it never passed on).
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        #: How many times the master changed under this pool (the first one found is 0).
+        self.master_changes = 0
+        self._checked_at = 0.0
+        self._check: asyncio.Task[None] | None = None
+
+    async def get_master_address(self) -> tuple[str, int]:
+        before = self.master_address
+        address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
+        if before is not None and address != before:
+            self._moved(before, address)
+        return address
+
+    def _moved(self, before: tuple[str, int], address: tuple[str, int]) -> None:
+        self.master_changes += 1
+        log.warning(
+            "Redis Sentinel: master %r moved from %s:%s to %s:%s",
+            self.service_name,
+            *before,
+            *address,
+        )
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._checked_at >= MASTER_CHECK_INTERVAL and self._check is None:
+            self._checked_at = now
+            self._check = loop.create_task(self._follow(), name="redis-sentinel-follow")
+        await super().ensure_connection(connection)
+
+    async def _follow(self) -> None:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                address = await self.sentinel_manager.discover_master(self.service_name)
+            before = self.master_address
+            if before is None or address == before:
+                return
+            self.master_address = address
+            self._moved(before, address)
+            await self.disconnect(inuse_connections=False)
+            await self.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+        except REDIS_ERRORS as exc:  # no Sentinel answers: keep what we have
+            log.debug("Redis Sentinel: master %r not checked (%s)", self.service_name, exc)
+        finally:
+            self._check = None
+
+    async def stop_following(self) -> None:
+        task, self._check = self._check, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
+                await task
+
+
+class _SentinelRedis(Redis):
+    """A client of the Sentinels' master that also closes its connections to the Sentinels."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool = self.connection_pool
+        if isinstance(pool, _FollowingPool):
+            await pool.stop_following()
+        await super().aclose(close_connection_pool)
+        sentinel, self.sentinel_manager = self.sentinel_manager, None
+        if sentinel is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await sentinel.aclose()
+
+
+def _sentinel_client(settings: Settings, common: dict[str, Any], max_connections: int) -> Redis:
+    """The client of :func:`redis_client` with Sentinel: it asks the Sentinels where the master
+    is, and follows it through a failover (:class:`_FollowingPool`); while there is no master
+    (the Sentinels have not agreed on a new one yet) commands fail as an outage does."""
+    redis = settings.redis
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(redis.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": CONNECT_TIMEOUT,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+        },
+        username=redis.username,
+        password=redis.password,
+        db=redis.db,
+        **common,
+    )
+    client: _SentinelRedis = sentinel.master_for(
+        redis.sentinel_master,
+        redis_class=_SentinelRedis,
+        connection_pool_class=_FollowingPool,
+        max_connections=max_connections,
+    )
+    client.sentinel_manager = sentinel
+    return client
+
+
+def master_changes(client: Redis) -> int:
+    """How many times the master of a Sentinel client moved (always 0 without Sentinel)."""
+    pool = client.connection_pool
+    return pool.master_changes if isinstance(pool, _FollowingPool) else 0
+
+
+#: Milliseconds a write of the fleet or the broker waits for a replica (Sentinel only).
+REPLICA_WAIT_MS = 1000
+
+
+class NotReplicated(RedisError):
+    """The master took a write that no replica acknowledged while the Sentinels know a live
+    replica: a failover could lose it (the master may already be a former one), so the caller
+    treats it as not done."""
+
+
+def waits_for_replica(client: Redis) -> bool:
+    """Whether writes through ``client`` that must survive a failover are followed by ``WAIT``
+    (with Sentinel; a lone Redis has no failover to survive)."""
+    return isinstance(client.connection_pool, _FollowingPool)
+
+
+async def check_replicated(client: Redis, acks: int) -> None:
+    """After ``WAIT 1 REPLICA_WAIT_MS`` answered ``acks``: return when the write survives a
+    failover (a replica has it, or the Sentinels know no live replica to promote: a master
+    left alone, its replica dead), raise :class:`NotReplicated` otherwise.
+
+    Asynchronous replication loses what the master acknowledged and did not pass on: right
+    after a ``SENTINEL FAILOVER`` the old master still answers, and what it takes is gone once
+    it is made a replica."""
+    if acks >= 1:
+        return
+    pool = client.connection_pool
+    if not isinstance(pool, _FollowingPool):
+        return
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)
+    except REDIS_ERRORS as exc:
+        raise NotReplicated(f"no replica acknowledged, and no Sentinel answered ({exc})") from exc
+    if replicas:
+        raise NotReplicated(
+            "no replica acknowledged the write within "
+            f"{REPLICA_WAIT_MS} ms (the master may have just been replaced)"
+        )
 
 
 @dataclass
@@ -271,6 +431,7 @@ class RedisStore:
         self._point_script = client.register_script(POINT_SCRIPT)
         #: Writes the store refused because a newer epoch owns the shard (fleet mode).
         self.fenced = 0
+        self._masters_seen = 0  # :func:`master_changes` of the client at our last write
 
     @classmethod
     def from_settings(cls, settings: Settings, generation: int = 0) -> RedisStore:
@@ -446,6 +607,7 @@ class RedisStore:
         Returns False on an outage (the entries stay dirty)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
+            self._follow_master()
             if shard_ids is None:
                 shard_ids = [i for i, e in self._entries.items() if e.dirty]
             todo = [(i, self._entries[i]) for i in shard_ids if i in self._entries]
@@ -465,6 +627,7 @@ class RedisStore:
                 self._kick()
                 return False
             self.outage.succeeded(loop.time())
+            self._follow_master()  # a failover found while writing: write the others too
             for (shard_id, entry), version, written in zip(todo, versions, results, strict=True):
                 if not int(written):  # a newer owner holds the shard: never write it again
                     self.fenced += 1
@@ -480,6 +643,24 @@ class RedisStore:
                     if entry.session is None and self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
             return True
+
+    def _follow_master(self) -> None:
+        """Sentinel moved the master: write every session we hold again. The old master may
+        have acknowledged writes it never passed on to the new one (replication is
+        asynchronous), and a session left older there only costs a longer replay on a resume
+        elsewhere; rewritten, it costs nothing."""
+        changes = master_changes(self.client)
+        if changes == self._masters_seen:
+            return
+        self._masters_seen = changes
+        for entry in self._entries.values():
+            entry.dirty = True
+        if self._entries:
+            log.info(
+                "shard store: the Redis master moved: writing the %d sessions held again",
+                len(self._entries),
+            )
+        self._kick()
 
     async def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
         keys = [*self.keys(shard_id), self.fleet.epoch(shard_id) if self.fleet else "-"]

@@ -18,9 +18,11 @@ worker does not run is re-published to ``<stream_prefix>SEND:<shard_id>``, which
 running that shard reads (bare ``{"op", "d"}`` packets, like AMQP's per-shard queues).
 
 Outages: a failed batch goes back to the head of the buffer and is published again after a
-backoff (duplicates carry the same ``id``); reads and acknowledgements are retried the same
-way; ``connected`` is False meanwhile, and while the command reader is down (it is started
-again). Groups lost with a restarted Redis are created again.
+backoff (duplicates carry the same ``id``); with Redis Sentinel a batch also fails when no
+replica acknowledged it (``WAIT``, :func:`~spectacles_gateway.redis_store.check_replicated`):
+right after a failover the old master still takes entries that would be lost. Reads and
+acknowledgements are retried the same way; ``connected`` is False meanwhile, and while the
+command reader is down (it is started again). Groups lost with a restarted Redis are created again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 
 from .. import metrics
-from ..redis_store import REDIS_ERRORS, Outage, describe_error, redis_client
+from ..redis_store import (
+    REDIS_ERRORS,
+    REPLICA_WAIT_MS,
+    Outage,
+    check_replicated,
+    describe_error,
+    redis_client,
+    waits_for_replica,
+)
 from .base import Ack, Broker, Progress
 from .redis_streams_commands import CommandReader, finish, transient
 from .wire import msgpack_string
@@ -99,6 +109,8 @@ class RedisStreamsBroker(Broker):
         self.limit = buffer
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.op_timeout = op_timeout
+        #: With Sentinel a batch counts once a replica has it (see :meth:`_send`).
+        self.replicated = waits_for_replica(client)
         self.send_stream = f"{stream_prefix}SEND"
         #: Streams read for commands -> the shard they are for (None: any, the SEND stream).
         self.command_streams: dict[str, int | None] = {self.send_stream: None}
@@ -232,8 +244,15 @@ class RedisStreamsBroker(Broker):
             async with self.client.pipeline(transaction=False) as pipe:
                 for item in batch:
                     pipe.xadd(item.stream, item.fields, maxlen=maxlen, approximate=True)
+                if self.replicated:
+                    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
                 async with asyncio.timeout(self.op_timeout):
                     replies = await pipe.execute(raise_on_error=False)
+                if self.replicated:  # a batch a failover could lose is sent again
+                    acks = replies.pop()
+                    if isinstance(acks, Exception):
+                        raise acks
+                    await check_replicated(self.client, int(acks))
         except REDIS_ERRORS as exc:
             self._lost(loop.time(), exc)
             return 0

@@ -131,13 +131,16 @@ class _FollowingPool(SentinelConnectionPool):
     seconds, when a connection is taken, a background task asks the Sentinels; when they name
     another master, idle connections are closed and busy ones reconnect once released, and
     :attr:`master_changes` grows (the shard store then writes its sessions again, to the new
-    master, in case the old one took writes it never passed on).
+    master, in case the old one took writes it never passed on). The same check counts the
+    replicas the Sentinels know alive (:func:`waits_for_replica`).
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         #: How many times the master changed under this pool (the first one found is 0).
         self.master_changes = 0
+        #: Replicas the Sentinels knew alive at the last check (None: not asked yet).
+        self.live_replicas: int | None = None
         self._checked_at = 0.0
         self._check: asyncio.Task[None] | None = None
 
@@ -169,6 +172,7 @@ class _FollowingPool(SentinelConnectionPool):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 address = await self.sentinel_manager.discover_master(self.service_name)
+                self.live_replicas = await self._in_sync_replicas(self.sentinel_manager.sentinels)
             before = self.master_address
             if before is None or address == before:
                 return
@@ -181,12 +185,54 @@ class _FollowingPool(SentinelConnectionPool):
         finally:
             self._check = None
 
+    async def _in_sync_replicas(self, sentinels: list[Redis]) -> int:
+        """Replicas of the master that a Sentinel knows alive and in sync (it reports itself
+        a replica with its link up): those a failover could promote. The first Sentinel that
+        answers says; RedisError when none does."""
+        error: BaseException | None = None
+        for sentinel in sentinels:
+            try:
+                replicas = await sentinel.sentinel_slaves(self.service_name)
+            except REDIS_ERRORS as exc:
+                error = exc
+                continue
+            return sum(1 for r in replicas if _in_sync(r))
+        raise error if error is not None else RedisError("no Sentinel")
+
+    async def alone(self, since: int) -> bool:
+        """Whether the master is alone, so a write it took without a replica's acknowledgement
+        cannot be lost to a failover: every Sentinel that answers names the master this pool
+        writes to (and has named it since ``since``, a :attr:`master_changes` reading taken
+        before the write), and none knows a replica of it alive and in sync."""
+        answered = False
+        for sentinel in self.sentinel_manager.sentinels:
+            try:
+                state = await sentinel.sentinel_master(self.service_name)
+                replicas = await sentinel.sentinel_slaves(self.service_name)
+            except REDIS_ERRORS:
+                continue
+            answered = True
+            named = (state.get("ip"), state.get("port"))
+            if named != self.master_address or any(_in_sync(r) for r in replicas):
+                return False
+        return answered and self.master_changes == since
+
     async def stop_following(self) -> None:
         task, self._check = self._check, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
                 await task
+
+
+def _in_sync(replica: dict[str, Any]) -> bool:
+    """A replica in a Sentinel's ``SENTINEL REPLICAS`` answer that a failover could promote."""
+    return (
+        not replica.get("is_sdown")
+        and not replica.get("is_odown")
+        and replica.get("role-reported") == "slave"
+        and replica.get("master-link-status") == "ok"
+    )
 
 
 class _SentinelRedis(Redis):
@@ -237,7 +283,7 @@ def master_changes(client: Redis) -> int:
     return pool.master_changes if isinstance(pool, _FollowingPool) else 0
 
 
-#: Milliseconds a write of the fleet or the broker waits for a replica (Sentinel only).
+#: Milliseconds a write of the broker (the fleet: less) waits for a replica (Sentinel only).
 REPLICA_WAIT_MS = 1000
 
 
@@ -247,34 +293,39 @@ class NotReplicated(RedisError):
     treats it as not done."""
 
 
-def waits_for_replica(client: Redis) -> bool:
-    """Whether writes through ``client`` that must survive a failover are followed by ``WAIT``
-    (with Sentinel; a lone Redis has no failover to survive)."""
-    return isinstance(client.connection_pool, _FollowingPool)
+def waits_for_replica(client: Redis) -> int | None:
+    """Whether a write through ``client`` that must survive a failover is to be followed by
+    ``WAIT 1``, and :func:`check_replicated`: None when not (no Sentinel, so no failover to
+    survive; or the Sentinels knew no replica in sync at the last check, so nothing to wait
+    for), else :func:`master_changes` now, for :func:`check_replicated`."""
+    pool = client.connection_pool
+    if not isinstance(pool, _FollowingPool) or pool.live_replicas == 0:
+        return None
+    return pool.master_changes
 
 
-async def check_replicated(client: Redis, acks: int) -> None:
-    """After ``WAIT 1 REPLICA_WAIT_MS`` answered ``acks``: return when the write survives a
-    failover (a replica has it, or the Sentinels know no live replica to promote: a master
-    left alone, its replica dead), raise :class:`NotReplicated` otherwise.
+async def check_replicated(client: Redis, acks: int, since: int) -> None:
+    """After ``WAIT 1 <ms>`` answered ``acks`` (``since``: what
+    :func:`waits_for_replica` returned before the write): return when the write survives a
+    failover, raise :class:`NotReplicated` otherwise. It does when a replica acknowledged it,
+    or when the master is alone (:meth:`_FollowingPool.alone`: a master whose replica died,
+    or a new master whose old one is not its replica yet).
 
     Asynchronous replication loses what the master acknowledged and did not pass on: right
     after a ``SENTINEL FAILOVER`` the old master still answers, and what it takes is gone once
     it is made a replica."""
-    if acks >= 1:
-        return
     pool = client.connection_pool
-    if not isinstance(pool, _FollowingPool):
+    if acks >= 1 or not isinstance(pool, _FollowingPool):
         return
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)
+            alone = await pool.alone(since)
     except REDIS_ERRORS as exc:
         raise NotReplicated(f"no replica acknowledged, and no Sentinel answered ({exc})") from exc
-    if replicas:
+    if not alone:
         raise NotReplicated(
-            "no replica acknowledged the write within "
-            f"{REPLICA_WAIT_MS} ms (the master may have just been replaced)"
+            "no replica acknowledged the write, and the master has a replica in sync or was "
+            "just replaced"
         )
 
 

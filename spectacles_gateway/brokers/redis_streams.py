@@ -109,8 +109,6 @@ class RedisStreamsBroker(Broker):
         self.limit = buffer
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.op_timeout = op_timeout
-        #: With Sentinel a batch counts once a replica has it (see :meth:`_send`).
-        self.replicated = waits_for_replica(client)
         self.send_stream = f"{stream_prefix}SEND"
         #: Streams read for commands -> the shard they are for (None: any, the SEND stream).
         self.command_streams: dict[str, int | None] = {self.send_stream: None}
@@ -240,19 +238,20 @@ class RedisStreamsBroker(Broker):
         """Publish ``batch``; returns how many of its items (from the head) are done."""
         loop = asyncio.get_running_loop()
         maxlen = self.maxlen
+        since = waits_for_replica(self.client)  # Sentinel: a replica must have it
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for item in batch:
                     pipe.xadd(item.stream, item.fields, maxlen=maxlen, approximate=True)
-                if self.replicated:
+                if since is not None:
                     pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
                 async with asyncio.timeout(self.op_timeout):
                     replies = await pipe.execute(raise_on_error=False)
-                if self.replicated:  # a batch a failover could lose is sent again
+                if since is not None:  # a batch a failover could lose is sent again
                     acks = replies.pop()
                     if isinstance(acks, Exception):
                         raise acks
-                    await check_replicated(self.client, int(acks))
+                    await check_replicated(self.client, int(acks), since)
         except REDIS_ERRORS as exc:
             self._lost(loop.time(), exc)
             return 0

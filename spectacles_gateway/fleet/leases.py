@@ -74,11 +74,12 @@ class LeaseBook:
         self.keys = keys
         self.member = member
         self.lease_ms = max(1, round(lease * 1000))
+        #: How long a claim or renewal waits for a replica (Sentinel): a twentieth of the lease,
+        #: so that a master just replaced costs one round, not the lease.
+        self.wait_ms = max(50, min(REPLICA_WAIT_MS, self.lease_ms // 20))
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        #: Claims and renewals wait for a replica (Sentinel): see the module docstring.
-        self.replicated = waits_for_replica(client)
 
     def value(self, epoch: int) -> str:
         return f"{self.member} {epoch}"
@@ -89,16 +90,17 @@ class LeaseBook:
         keys = self.keys
         args: list[Any] = [self.member, self.lease_ms, keys.generation]
         key_list = [keys.lease(shard), keys.epoch(shard), keys.pointer]
-        if not self.replicated:
+        since = waits_for_replica(self.client)
+        if since is None:
             return int(await self._claim(keys=key_list, args=args))
         async with self.client.pipeline(transaction=False) as pipe:
             await self._claim(keys=key_list, args=args, client=pipe)
-            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+            pipe.execute_command("WAIT", 1, self.wait_ms)
             epoch, acks = (int(r) for r in await pipe.execute())
         if epoch <= 0:
             return epoch
         try:
-            await check_replicated(self.client, acks)
+            await check_replicated(self.client, acks, since)
         except NotReplicated:
             # Give it back (quietly: nobody is told to claim it) rather than run a shard under
             # an epoch a failover could hand to someone else; if this fails, it expires.
@@ -112,15 +114,16 @@ class LeaseBook:
         ours."""
         if not owned:
             return {}
+        since = waits_for_replica(self.client)
         async with self.client.pipeline(transaction=False) as pipe:
             for shard, epoch in owned.items():
                 args: list[Any] = [self.value(epoch), self.lease_ms]
                 await self._renew(keys=[self.keys.lease(shard)], args=args, client=pipe)
-            if self.replicated:
-                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+            if since is not None:
+                pipe.execute_command("WAIT", 1, self.wait_ms)
             results = await pipe.execute()
-        if self.replicated:
-            await check_replicated(self.client, int(results.pop()))
+        if since is not None:
+            await check_replicated(self.client, int(results.pop()), since)
         return {shard: bool(int(r)) for shard, r in zip(owned, results, strict=True)}
 
     async def release(self, shard: int, epoch: int) -> bool:

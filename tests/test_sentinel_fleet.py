@@ -107,10 +107,16 @@ def publishing_overlap(members: Fleet, since: float) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
-async def test_a_fleet_rides_through_a_redis_failover_mid_stream(
-    sentinels: SentinelSet, how: str
-) -> None:
+@pytest.mark.parametrize(
+    ("how", "count"),
+    [("sentinel-failover", 1), ("kill-9", 1), ("sentinel-failover", 3), ("kill-9", 3)],
+)
+async def test_a_fleet_rides_through_a_redis_failover_mid_stream(how: str, count: int) -> None:
+    with sentinel_set(count) as sentinels:
+        await _ride_through(sentinels, how)
+
+
+async def _ride_through(sentinels: SentinelSet, how: str) -> None:
     async with fleet_on(sentinels) as members:
         sim = members.sim
         for name in ("a", "b"):
@@ -149,7 +155,7 @@ async def test_a_fleet_rides_through_a_redis_failover_mid_stream(
         assert sim.ledger.identify_count() == SHARDS, members.logs()  # every shard resumed
         duplicates = sum(n - 1 for n in counts.values())
         print(
-            f"{how}: sentinels agreed after {agreed:.2f} s, the fleet wrote to the new master "
+            f"{how} ({len(sentinels.sentinels)} Sentinels): they agreed after {agreed:.2f} s, the fleet wrote to the new master "
             f"after {wrote:.2f} s; {duplicates} duplicates of {len(counts)} events; "
             f"two live connections at most {max(overlaps.values(), default=0.0):.2f} s, "
             f"two members publishing one shard at most {both:.2f} s (lease {LEASE:g} s)"

@@ -36,7 +36,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
@@ -145,11 +145,33 @@ class _FollowingPool(SentinelConnectionPool):
         self._check: asyncio.Task[None] | None = None
 
     async def get_master_address(self) -> tuple[str, int]:
+        """Where the master is (asked when a connection opens); a change is a move."""
+        address = await self._discover()
         before = self.master_address
-        address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
-        if before is not None and address != before:
-            self._moved(before, address)
+        if address != before:
+            self.master_address = address
+            if before is not None:
+                self._moved(before, address)
+            await self.disconnect(inuse_connections=False)
         return address
+
+    async def _discover(self) -> tuple[str, int]:
+        """The master as the first Sentinel that answers names it (``SENTINEL
+        GET-MASTER-ADDR-BY-NAME``: it names the promoted replica as soon as that one took the
+        role, where redis-py's ``SENTINEL MASTERS`` keeps the old master until the end of the
+        failover, a few hundred milliseconds later, or seconds with other replicas)."""
+        errors: list[str] = []
+        for sentinel in self.sentinel_manager.sentinels:
+            try:
+                address = await sentinel.sentinel_get_master_addr_by_name(self.service_name)
+            except REDIS_ERRORS as exc:
+                errors.append(describe_error(exc))
+                continue
+            if address:
+                return _address(address)
+        raise MasterNotFoundError(
+            f"no Sentinel names a master {self.service_name!r}" + "".join(f"; {e}" for e in errors)
+        )
 
     def _moved(self, before: tuple[str, int], address: tuple[str, int]) -> None:
         self.master_changes += 1
@@ -171,7 +193,7 @@ class _FollowingPool(SentinelConnectionPool):
     async def _follow(self) -> None:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                address = await self.sentinel_manager.discover_master(self.service_name)
+                address = await self._discover()
                 self.live_replicas = await self._in_sync_replicas(self.sentinel_manager.sentinels)
             before = self.master_address
             if before is None or address == before:
@@ -207,13 +229,14 @@ class _FollowingPool(SentinelConnectionPool):
         answered = False
         for sentinel in self.sentinel_manager.sentinels:
             try:
-                state = await sentinel.sentinel_master(self.service_name)
+                named = await sentinel.sentinel_get_master_addr_by_name(self.service_name)
                 replicas = await sentinel.sentinel_slaves(self.service_name)
             except REDIS_ERRORS:
                 continue
             answered = True
-            named = (state.get("ip"), state.get("port"))
-            if named != self.master_address or any(_in_sync(r) for r in replicas):
+            if not named or _address(named) != self.master_address:
+                return False
+            if any(_in_sync(r) for r in replicas):
                 return False
         return answered and self.master_changes == since
 
@@ -223,6 +246,11 @@ class _FollowingPool(SentinelConnectionPool):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
                 await task
+
+
+def _address(named: Any) -> tuple[str, int]:
+    host, port = named
+    return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
 
 
 def _in_sync(replica: dict[str, Any]) -> bool:
@@ -658,7 +686,8 @@ class RedisStore:
         Returns False on an outage (the entries stay dirty)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
-            self._follow_master()
+            if self._follow_master():
+                shard_ids = None  # every one of them
             if shard_ids is None:
                 shard_ids = [i for i, e in self._entries.items() if e.dirty]
             todo = [(i, self._entries[i]) for i in shard_ids if i in self._entries]
@@ -678,7 +707,9 @@ class RedisStore:
                 self._kick()
                 return False
             self.outage.succeeded(loop.time())
-            self._follow_master()  # a failover found while writing: write the others too
+            # A failover found while writing: this write may have gone to the old master, so
+            # everything stays dirty and is written again.
+            moved = self._follow_master()
             for (shard_id, entry), version, written in zip(todo, versions, results, strict=True):
                 if not int(written):  # a newer owner holds the shard: never write it again
                     self.fenced += 1
@@ -689,20 +720,20 @@ class RedisStore:
                     )
                     if self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
-                elif entry.version == version:
+                elif entry.version == version and not moved:
                     entry.dirty = False
                     if entry.session is None and self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
             return True
 
-    def _follow_master(self) -> None:
-        """Sentinel moved the master: write every session we hold again. The old master may
-        have acknowledged writes it never passed on to the new one (replication is
+    def _follow_master(self) -> bool:
+        """Sentinel moved the master: write every session we hold again (True). The old master
+        may have acknowledged writes it never passed on to the new one (replication is
         asynchronous), and a session left older there only costs a longer replay on a resume
         elsewhere; rewritten, it costs nothing."""
         changes = master_changes(self.client)
         if changes == self._masters_seen:
-            return
+            return False
         self._masters_seen = changes
         for entry in self._entries.values():
             entry.dirty = True
@@ -712,6 +743,7 @@ class RedisStore:
                 len(self._entries),
             )
         self._kick()
+        return True
 
     async def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
         keys = [*self.keys(shard_id), self.fleet.epoch(shard_id) if self.fleet else "-"]

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from spectacles_gateway import redis_store
 from spectacles_gateway.fleet.keys import FleetKeys
 from spectacles_gateway.fleet.leases import LeaseBook
+from spectacles_gateway.protocol.shard import Session
 from spectacles_gateway.redis_store import (
     REDIS_ERRORS,
     NotReplicated,
@@ -39,6 +40,7 @@ from spectacles_gateway.redis_store import (
 
 from .gwproc import gateway, gateway_env
 from .gwtest import ready_count, simulator, wait_until
+from .support.redis import open_store
 from .support.sentinel import SentinelSet, sentinel_set, sentinel_settings
 from .test_fleet import LEASE, Fleet, all_events_out, owned_once
 
@@ -201,6 +203,35 @@ async def test_the_client_follows_a_sentinel_failover_at_once(sentinels: Sentine
         stop.set()
         await task
         await client.aclose()
+
+
+async def test_the_store_writes_its_sessions_again_to_a_new_master(
+    sentinels: SentinelSet,
+) -> None:
+    # What the old master took and never passed on is missing on the new one (emulated by
+    # deleting a shard's keys there): once the store finds the master moved, it writes every
+    # session it holds again, not only the one it was saving.
+    settings = sentinel_settings(sentinels, f"store-{uuid.uuid4().hex[:8]}:")
+    async with open_store(settings) as store:
+        await store.save(0, 2, Session("zero", 5, "wss://resume.example"))
+        await store.save(1, 2, Session("one", 7, None))
+        await asyncio.to_thread(sentinels.wait_replica_synced)  # both on the replica too
+        old = sentinels.failover()
+        new = await asyncio.to_thread(sentinels.wait_new_master, old)
+        with sentinels.server(new) as r:
+            assert r.get(store.keys(0)[0]) == b"zero"  # replicated before the failover
+            r.delete(*store.keys(0))
+        await store.save(1, 2, Session("one", 8, None))  # the pool asks the Sentinels
+        await wait_until(lambda: master_changes(store.client) == 1, 5, "the master moved")
+        await store.save(1, 2, Session("one", 9, None))
+
+        def rewritten() -> bool:
+            with sentinels.server(new) as r:
+                return r.mget(*store.keys(0)[:3]) == [b"zero", b"5", b"wss://resume.example"]
+
+        await wait_until(rewritten, 5, "shard 0's session on the new master again")
+        with sentinels.server(new) as r:
+            assert r.get(store.keys(1)[1]) == b"9"
 
 
 @pytest.mark.slow

@@ -121,8 +121,10 @@ def redis_client(
 MASTER_CHECK_INTERVAL = 0.5
 
 
-class _FollowingPool(SentinelConnectionPool):
-    """A Sentinel pool that follows the master between connections too.
+class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel pool that follows the master between connections too. Blocking, like the
+    pool without Sentinel: a command waits up to :data:`POOL_TIMEOUT` for a free connection
+    (redis-py's Sentinel pool refuses at once: "Too many connections").
 
     redis-py asks the Sentinels where the master is only when it opens a connection. After a
     ``SENTINEL FAILOVER`` the old master keeps answering (and accepting writes that the new
@@ -300,6 +302,7 @@ def _sentinel_client(settings: Settings, common: dict[str, Any], max_connections
         redis_class=_SentinelRedis,
         connection_pool_class=_FollowingPool,
         max_connections=max_connections,
+        timeout=POOL_TIMEOUT,
     )
     client.sentinel_manager = sentinel
     return client

@@ -285,6 +285,21 @@ async def test_a_single_supervisor_with_its_store_behind_sentinel_survives_a_fai
         print(f"single supervisor: {sum(n - 1 for n in first.values())} duplicates")
 
 
+async def test_a_sentinel_client_waits_for_a_free_connection(sentinels: SentinelSet) -> None:
+    # Like the client without Sentinel: more commands at once than the pool has connections
+    # wait their turn (redis-py's Sentinel pool refused them: "Too many connections").
+    settings = sentinel_settings(sentinels, f"pool-{uuid.uuid4().hex[:8]}:")
+    client = redis_client(settings, max_connections=2, name="test-pool")
+    try:
+        replies = await asyncio.gather(
+            *(client.blpop(["nothing-here"], timeout=0.05) for _ in range(12)),
+            return_exceptions=True,
+        )
+    finally:
+        await client.aclose()
+    assert replies == [None] * 12
+
+
 async def test_a_claim_on_a_replaced_master_is_given_back(
     sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,7 +111,13 @@ def publishing_overlap(members: Fleet, since: float) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "count"),
-    [("sentinel-failover", 1), ("kill-9", 1), ("sentinel-failover", 3), ("kill-9", 3)],
+    [
+        ("sentinel-failover", 1),
+        ("kill-9", 1),
+        ("sigstop", 1),
+        ("sentinel-failover", 3),
+        ("kill-9", 3),
+    ],
 )
 async def test_a_fleet_rides_through_a_redis_failover_mid_stream(how: str, count: int) -> None:
     with sentinel_set(count) as sentinels:
@@ -129,9 +135,14 @@ async def _ride_through(sentinels: SentinelSet, how: str) -> None:
         await wait_until(lambda: sessions_stored(sentinels, members.prefix), 10, "sessions")
         before = {s: len(sim.ledger.events_sent(s)) for s in range(SHARDS)}
         started = time.monotonic()
-        old = sentinels.failover() if how == "sentinel-failover" else sentinels.kill_master()
+        if how == "sigstop":
+            old = sentinels.pause_master()
+        else:
+            old = sentinels.failover() if how == "sentinel-failover" else sentinels.kill_master()
         new = await asyncio.to_thread(sentinels.wait_new_master, old)
         agreed = time.monotonic() - started
+        if how == "sigstop":  # it wakes up a master, with clients still connected to it
+            sentinels.resume(old)
         since_ms = redis_ms(sentinels, new) - round((time.monotonic() - started) * 1000)
         key = f"{members.prefix}fleet:test:members"
         await wait_until(

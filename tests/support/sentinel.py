@@ -191,6 +191,17 @@ class SentinelSet:
         node.process.wait()
         return old
 
+    def pause_master(self) -> int:
+        """``SIGSTOP`` of the master's ``redis-server`` (a VM stall, a long fork): the Sentinels
+        fail it over; :meth:`resume` wakes it up, a master with stale data until they make it a
+        replica. Returns its port."""
+        old = self.master_port()
+        self.servers[old].process.send_signal(signal.SIGSTOP)
+        return old
+
+    def resume(self, port: int) -> None:
+        self.servers[port].process.send_signal(signal.SIGCONT)
+
     def wait_new_master(self, old: int, timeout: float = 20) -> int:
         """Wait until every Sentinel names a master other than ``old`` and that server says it
         is a master; returns its port."""
@@ -227,6 +238,7 @@ class SentinelSet:
     def close(self) -> None:
         for node in [*self.sentinels, *self.servers.values()]:
             if node.alive:
+                node.process.send_signal(signal.SIGCONT)  # a paused one too
                 node.process.kill()
             node.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)

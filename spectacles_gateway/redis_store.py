@@ -37,7 +37,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from .fleet.keys import FleetKeys
@@ -163,13 +163,15 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
         role, where redis-py's ``SENTINEL MASTERS`` keeps the old master until the end of the
         failover, a few hundred milliseconds later, or seconds with other replicas)."""
         errors: list[str] = []
-        for sentinel in self.sentinel_manager.sentinels:
+        sentinels = self.sentinel_manager.sentinels
+        for i, sentinel in enumerate(sentinels):
             try:
                 address = await sentinel.sentinel_get_master_addr_by_name(self.service_name)
             except REDIS_ERRORS as exc:
                 errors.append(describe_error(exc))
                 continue
             if address:
+                sentinels[0], sentinels[i] = sentinel, sentinels[0]  # asked first next time
                 return _address(address)
         raise MasterNotFoundError(
             f"no Sentinel names a master {self.service_name!r}" + "".join(f"; {e}" for e in errors)
@@ -195,8 +197,11 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
     async def _follow(self) -> None:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                address = await self._discover()
+                # Replicas first: should the master move in between, we count those of the old
+                # one (and wait for a replica in vain, then ask again) rather than skip the wait
+                # on the old master because the new one has none yet.
                 self.live_replicas = await self._in_sync_replicas(self.sentinel_manager.sentinels)
+                address = await self._discover()
             before = self.master_address
             if before is None or address == before:
                 return
@@ -291,6 +296,9 @@ def _sentinel_client(settings: Settings, common: dict[str, Any], max_connections
         sentinel_kwargs={
             "socket_timeout": CONNECT_TIMEOUT,
             "socket_connect_timeout": CONNECT_TIMEOUT,
+            # One try per Sentinel: a dead one is skipped for the next, not retried with
+            # redis-py's default backoff (seconds).
+            "retry": Retry(NoBackoff(), retries=0),
         },
         username=redis.username,
         password=redis.password,

@@ -179,6 +179,16 @@ async def test_the_client_follows_a_sentinel_failover_at_once(sentinels: Sentine
     # After SENTINEL FAILOVER the old master still takes writes until the Sentinels make it a
     # replica (seconds later); they would be lost then. Our client moves to the new master as
     # soon as the Sentinels name it, on a connection it already had.
+    await _follows(sentinels)
+
+
+async def test_the_client_follows_with_the_first_sentinel_dead() -> None:
+    with sentinel_set(3) as sentinels:
+        sentinels.kill_sentinel(0)  # the first of the URL: the client asks the others
+        await _follows(sentinels)
+
+
+async def _follows(sentinels: SentinelSet) -> None:
     settings = sentinel_settings(sentinels, f"follow-{uuid.uuid4().hex[:8]}:")
     client = redis_client(settings, name="test-follow")
     written = 0

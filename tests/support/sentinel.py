@@ -93,7 +93,7 @@ class SentinelSet:
 
     def master_port(self) -> int:
         """The master's port as the first Sentinel that answers names it."""
-        for sentinel in self.sentinels:
+        for sentinel in (s for s in self.sentinels if s.alive):
             with contextlib.suppress(redis.RedisError), sentinel.client() as c:
                 address = c.sentinel_get_master_addr_by_name(self.name)
                 if address:
@@ -179,9 +179,16 @@ class SentinelSet:
         """``SENTINEL FAILOVER``: the replica becomes the master, the old master its replica.
         Returns the old master's port."""
         old = self.master_port()
-        with self.sentinels[0].client() as c:
+        alive = next(s for s in self.sentinels if s.alive)
+        with alive.client() as c:
             c.execute_command("SENTINEL", "FAILOVER", self.name)
         return old
+
+    def kill_sentinel(self, index: int) -> None:
+        """``kill -9`` of one Sentinel (it stays dead)."""
+        node = self.sentinels[index]
+        node.process.kill()
+        node.process.wait()
 
     def kill_master(self) -> int:
         """``kill -9`` of the master's ``redis-server`` (it stays dead). Returns its port."""
@@ -219,7 +226,7 @@ class SentinelSet:
         return self.master_port()
 
     def _agreed_on(self, port: int) -> bool:
-        for sentinel in self.sentinels:
+        for sentinel in (s for s in self.sentinels if s.alive):
             try:
                 with sentinel.client() as c:
                     address = c.sentinel_get_master_addr_by_name(self.name)

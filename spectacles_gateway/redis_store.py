@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from .fleet.keys import FleetKeys
@@ -54,7 +56,18 @@ from .redact import redact_url
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["REDIS_ERRORS", "Outage", "RedisStore", "read_pointer", "redis_client"]
+__all__ = [
+    "REDIS_ERRORS",
+    "REPLICA_WAIT_MS",
+    "NotReplicated",
+    "Outage",
+    "RedisStore",
+    "check_replicated",
+    "master_changes",
+    "read_pointer",
+    "redis_client",
+    "waits_for_replica",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +101,7 @@ def redis_client(
         "client_name": name,
     }
     if redis.sentinels:
-        # Sentinel: the client asks the sentinels where the master is, and asks again after a
-        # failover (a connection error); a short outage for the caller to ride through.
-        from redis.asyncio.sentinel import Sentinel
-
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(redis.sentinels),
-            sentinel_kwargs={"socket_timeout": CONNECT_TIMEOUT},
-            username=redis.username,
-            password=redis.password,
-            db=redis.db,
-            **common,
-        )
-        client: Redis = sentinel.master_for(
-            redis.sentinel_master, max_connections=max_connections or redis.pool_size
-        )
-        return client
+        return _sentinel_client(settings, common, max_connections or redis.pool_size)
     dsn = redis.dsn
     options: dict[str, Any] = {}
     if not dsn.startswith("unix:"):
@@ -116,6 +114,258 @@ def redis_client(
         **options,
     )
     return Redis.from_pool(pool)
+
+
+#: Seconds between two checks of a Sentinel client that the master it writes to is still the
+#: one the Sentinels name (:class:`_FollowingPool`).
+MASTER_CHECK_INTERVAL = 0.5
+
+
+class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel pool that follows the master between connections too. Blocking, like the
+    pool without Sentinel: a command waits up to :data:`POOL_TIMEOUT` for a free connection
+    (redis-py's Sentinel pool refuses at once: "Too many connections").
+
+    redis-py asks the Sentinels where the master is only when it opens a connection. After a
+    ``SENTINEL FAILOVER`` the old master keeps answering (and accepting writes that the new
+    master never sees) until the Sentinels turn it into a replica, seconds later; a pooled
+    connection would go on writing there. So at most every :data:`MASTER_CHECK_INTERVAL`
+    seconds, when a connection is taken, a background task asks the Sentinels; when they name
+    another master, idle connections are closed and busy ones reconnect once released, and
+    :attr:`master_changes` grows (the shard store then writes its sessions again, to the new
+    master, in case the old one took writes it never passed on). The same check counts the
+    replicas the Sentinels know alive (:func:`waits_for_replica`).
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        #: How many times the master changed under this pool (the first one found is 0).
+        self.master_changes = 0
+        #: Replicas the Sentinels knew alive at the last check (None: not asked yet).
+        self.live_replicas: int | None = None
+        self._checked_at = 0.0
+        self._check: asyncio.Task[None] | None = None
+
+    async def get_master_address(self) -> tuple[str, int]:
+        """Where the master is (asked when a connection opens); a change is a move."""
+        address = await self._discover()
+        before = self.master_address
+        if address != before:
+            self.master_address = address
+            if before is not None:
+                self._moved(before, address)
+            await self.disconnect(inuse_connections=False)
+        return address
+
+    async def _discover(self) -> tuple[str, int]:
+        """The master as the first Sentinel that answers names it (``SENTINEL
+        GET-MASTER-ADDR-BY-NAME``: it names the promoted replica as soon as that one took the
+        role, where redis-py's ``SENTINEL MASTERS`` keeps the old master until the end of the
+        failover, a few hundred milliseconds later, or seconds with other replicas)."""
+        errors: list[str] = []
+        sentinels = self.sentinel_manager.sentinels
+        for i, sentinel in enumerate(sentinels):
+            try:
+                address = await sentinel.sentinel_get_master_addr_by_name(self.service_name)
+            except REDIS_ERRORS as exc:
+                errors.append(describe_error(exc))
+                continue
+            if address:
+                sentinels[0], sentinels[i] = sentinel, sentinels[0]  # asked first next time
+                return _address(address)
+        raise MasterNotFoundError(
+            f"no Sentinel names a master {self.service_name!r}" + "".join(f"; {e}" for e in errors)
+        )
+
+    def _moved(self, before: tuple[str, int], address: tuple[str, int]) -> None:
+        self.master_changes += 1
+        log.warning(
+            "Redis Sentinel: master %r moved from %s:%s to %s:%s",
+            self.service_name,
+            *before,
+            *address,
+        )
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._checked_at >= MASTER_CHECK_INTERVAL and self._check is None:
+            self._checked_at = now
+            self._check = loop.create_task(self._follow(), name="redis-sentinel-follow")
+        await super().ensure_connection(connection)
+
+    async def _follow(self) -> None:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                # Replicas first: should the master move in between, we count those of the old
+                # one (and wait for a replica in vain, then ask again) rather than skip the wait
+                # on the old master because the new one has none yet.
+                self.live_replicas = await self._in_sync_replicas(self.sentinel_manager.sentinels)
+                address = await self._discover()
+            before = self.master_address
+            if before is None or address == before:
+                return
+            self.master_address = address
+            self._moved(before, address)
+            await self.disconnect(inuse_connections=False)
+            await self.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+        except REDIS_ERRORS as exc:  # no Sentinel answers: keep what we have
+            log.debug("Redis Sentinel: master %r not checked (%s)", self.service_name, exc)
+        finally:
+            self._check = None
+
+    async def _in_sync_replicas(self, sentinels: list[Redis]) -> int:
+        """Replicas of the master that a Sentinel knows alive and in sync (it reports itself
+        a replica with its link up): those a failover could promote. The first Sentinel that
+        answers says; RedisError when none does."""
+        error: BaseException | None = None
+        for sentinel in sentinels:
+            try:
+                replicas = await sentinel.sentinel_slaves(self.service_name)
+            except REDIS_ERRORS as exc:
+                error = exc
+                continue
+            return sum(1 for r in replicas if _in_sync(r))
+        raise error if error is not None else RedisError("no Sentinel")
+
+    async def alone(self, since: int) -> bool:
+        """Whether the master is alone, so a write it took without a replica's acknowledgement
+        cannot be lost to a failover: every Sentinel that answers names the master this pool
+        writes to (and has named it since ``since``, a :attr:`master_changes` reading taken
+        before the write), and none knows a replica of it alive and in sync."""
+        answered = False
+        for sentinel in self.sentinel_manager.sentinels:
+            try:
+                named = await sentinel.sentinel_get_master_addr_by_name(self.service_name)
+                replicas = await sentinel.sentinel_slaves(self.service_name)
+            except REDIS_ERRORS:
+                continue
+            answered = True
+            if not named or _address(named) != self.master_address:
+                return False
+            if any(_in_sync(r) for r in replicas):
+                return False
+        return answered and self.master_changes == since
+
+    async def stop_following(self) -> None:
+        task, self._check = self._check, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
+                await task
+
+
+def _address(named: Any) -> tuple[str, int]:
+    host, port = named
+    return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
+
+
+def _in_sync(replica: dict[str, Any]) -> bool:
+    """A replica in a Sentinel's ``SENTINEL REPLICAS`` answer that a failover could promote."""
+    return (
+        not replica.get("is_sdown")
+        and not replica.get("is_odown")
+        and replica.get("role-reported") == "slave"
+        and replica.get("master-link-status") == "ok"
+    )
+
+
+class _SentinelRedis(Redis):
+    """A client of the Sentinels' master that also closes its connections to the Sentinels."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool = self.connection_pool
+        if isinstance(pool, _FollowingPool):
+            await pool.stop_following()
+        await super().aclose(close_connection_pool)
+        sentinel, self.sentinel_manager = self.sentinel_manager, None
+        if sentinel is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await sentinel.aclose()
+
+
+def _sentinel_client(settings: Settings, common: dict[str, Any], max_connections: int) -> Redis:
+    """The client of :func:`redis_client` with Sentinel: it asks the Sentinels where the master
+    is, and follows it through a failover (:class:`_FollowingPool`); while there is no master
+    (the Sentinels have not agreed on a new one yet) commands fail as an outage does."""
+    redis = settings.redis
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(redis.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": CONNECT_TIMEOUT,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            # One try per Sentinel: a dead one is skipped for the next, not retried with
+            # redis-py's default backoff (seconds).
+            "retry": Retry(NoBackoff(), retries=0),
+        },
+        username=redis.username,
+        password=redis.password,
+        db=redis.db,
+        **common,
+    )
+    client: _SentinelRedis = sentinel.master_for(
+        redis.sentinel_master,
+        redis_class=_SentinelRedis,
+        connection_pool_class=_FollowingPool,
+        max_connections=max_connections,
+        timeout=POOL_TIMEOUT,
+    )
+    client.sentinel_manager = sentinel
+    return client
+
+
+def master_changes(client: Redis) -> int:
+    """How many times the master of a Sentinel client moved (always 0 without Sentinel)."""
+    pool = client.connection_pool
+    return pool.master_changes if isinstance(pool, _FollowingPool) else 0
+
+
+#: Milliseconds a write of the broker (the fleet: less) waits for a replica (Sentinel only).
+REPLICA_WAIT_MS = 1000
+
+
+class NotReplicated(RedisError):
+    """The master took a write that no replica acknowledged while the Sentinels know a live
+    replica: a failover could lose it (the master may already be a former one), so the caller
+    treats it as not done."""
+
+
+def waits_for_replica(client: Redis) -> int | None:
+    """Whether a write through ``client`` that must survive a failover is to be followed by
+    ``WAIT 1``, and :func:`check_replicated`: None when not (no Sentinel, so no failover to
+    survive; or the Sentinels knew no replica in sync at the last check, so nothing to wait
+    for), else :func:`master_changes` now, for :func:`check_replicated`."""
+    pool = client.connection_pool
+    if not isinstance(pool, _FollowingPool) or pool.live_replicas == 0:
+        return None
+    return pool.master_changes
+
+
+async def check_replicated(client: Redis, acks: int, since: int) -> None:
+    """After ``WAIT 1 <ms>`` answered ``acks`` (``since``: what
+    :func:`waits_for_replica` returned before the write): return when the write survives a
+    failover, raise :class:`NotReplicated` otherwise. It does when a replica acknowledged it,
+    or when the master is alone (:meth:`_FollowingPool.alone`: a master whose replica died,
+    or a new master whose old one is not its replica yet).
+
+    Asynchronous replication loses what the master acknowledged and did not pass on: right
+    after a ``SENTINEL FAILOVER`` the old master still answers, and what it takes is gone once
+    it is made a replica."""
+    pool = client.connection_pool
+    if acks >= 1 or not isinstance(pool, _FollowingPool):
+        return
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            alone = await pool.alone(since)
+    except REDIS_ERRORS as exc:
+        raise NotReplicated(f"no replica acknowledged, and no Sentinel answered ({exc})") from exc
+    if not alone:
+        raise NotReplicated(
+            "no replica acknowledged the write, and the master has a replica in sync or was "
+            "just replaced"
+        )
 
 
 @dataclass
@@ -271,6 +521,7 @@ class RedisStore:
         self._point_script = client.register_script(POINT_SCRIPT)
         #: Writes the store refused because a newer epoch owns the shard (fleet mode).
         self.fenced = 0
+        self._masters_seen = 0  # :func:`master_changes` of the client at our last write
 
     @classmethod
     def from_settings(cls, settings: Settings, generation: int = 0) -> RedisStore:
@@ -446,6 +697,8 @@ class RedisStore:
         Returns False on an outage (the entries stay dirty)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
+            if self._follow_master():
+                shard_ids = None  # every one of them
             if shard_ids is None:
                 shard_ids = [i for i, e in self._entries.items() if e.dirty]
             todo = [(i, self._entries[i]) for i in shard_ids if i in self._entries]
@@ -465,6 +718,9 @@ class RedisStore:
                 self._kick()
                 return False
             self.outage.succeeded(loop.time())
+            # A failover found while writing: this write may have gone to the old master, so
+            # everything stays dirty and is written again.
+            moved = self._follow_master()
             for (shard_id, entry), version, written in zip(todo, versions, results, strict=True):
                 if not int(written):  # a newer owner holds the shard: never write it again
                     self.fenced += 1
@@ -475,11 +731,30 @@ class RedisStore:
                     )
                     if self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
-                elif entry.version == version:
+                elif entry.version == version and not moved:
                     entry.dirty = False
                     if entry.session is None and self._entries.get(shard_id) is entry:
                         del self._entries[shard_id]
             return True
+
+    def _follow_master(self) -> bool:
+        """Sentinel moved the master: write every session we hold again (True). The old master
+        may have acknowledged writes it never passed on to the new one (replication is
+        asynchronous), and a session left older there only costs a longer replay on a resume
+        elsewhere; rewritten, it costs nothing."""
+        changes = master_changes(self.client)
+        if changes == self._masters_seen:
+            return False
+        self._masters_seen = changes
+        for entry in self._entries.values():
+            entry.dirty = True
+        if self._entries:
+            log.info(
+                "shard store: the Redis master moved: writing the %d sessions held again",
+                len(self._entries),
+            )
+        self._kick()
+        return True
 
     async def _queue_write(self, pipe: Pipeline, shard_id: int, entry: _Entry) -> None:
         keys = [*self.keys(shard_id), self.fleet.epoch(shard_id) if self.fleet else "-"]

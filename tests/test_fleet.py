@@ -69,9 +69,10 @@ async def _drain(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
 
 
 class Fleet:
-    def __init__(self, sim: Simulator, prefix: str) -> None:
+    def __init__(self, sim: Simulator, prefix: str, redis_url: str = REDIS_URL) -> None:
         self.sim = sim
         self.prefix = prefix
+        self.redis_url = redis_url  # a redis+sentinel:// URL in test_sentinel_fleet.py
         self.members: dict[str, Member] = {}
 
     async def start(self, name: str, **extra: str) -> Member:
@@ -80,7 +81,7 @@ class Fleet:
             self.sim,
             SHARD_STORE_TYPE="redis",
             SHARD_STORE_PREFIX=self.prefix,
-            REDIS_URL=REDIS_URL,
+            REDIS_URL=self.redis_url,
             FLEET_NAME="test",
             FLEET_MEMBER=name,
             FLEET_LEASE=f"{LEASE}s",

@@ -18,9 +18,11 @@ worker does not run is re-published to ``<stream_prefix>SEND:<shard_id>``, which
 running that shard reads (bare ``{"op", "d"}`` packets, like AMQP's per-shard queues).
 
 Outages: a failed batch goes back to the head of the buffer and is published again after a
-backoff (duplicates carry the same ``id``); reads and acknowledgements are retried the same
-way; ``connected`` is False meanwhile, and while the command reader is down (it is started
-again). Groups lost with a restarted Redis are created again.
+backoff (duplicates carry the same ``id``); with Redis Sentinel a batch also fails when no
+replica acknowledged it (``WAIT``, :func:`~spectacles_gateway.redis_store.check_replicated`):
+right after a failover the old master still takes entries that would be lost. Reads and
+acknowledgements are retried the same way; ``connected`` is False meanwhile, and while the
+command reader is down (it is started again). Groups lost with a restarted Redis are created again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 
 from .. import metrics
-from ..redis_store import REDIS_ERRORS, Outage, describe_error, redis_client
+from ..redis_store import (
+    REDIS_ERRORS,
+    REPLICA_WAIT_MS,
+    Outage,
+    check_replicated,
+    describe_error,
+    redis_client,
+    waits_for_replica,
+)
 from .base import Ack, Broker, Progress
 from .redis_streams_commands import CommandReader, finish, transient
 from .wire import msgpack_string
@@ -228,12 +238,20 @@ class RedisStreamsBroker(Broker):
         """Publish ``batch``; returns how many of its items (from the head) are done."""
         loop = asyncio.get_running_loop()
         maxlen = self.maxlen
+        since = waits_for_replica(self.client)  # Sentinel: a replica must have it
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for item in batch:
                     pipe.xadd(item.stream, item.fields, maxlen=maxlen, approximate=True)
+                if since is not None:
+                    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
                 async with asyncio.timeout(self.op_timeout):
                     replies = await pipe.execute(raise_on_error=False)
+                if since is not None:  # a batch a failover could lose is sent again
+                    acks = replies.pop()
+                    if isinstance(acks, Exception):
+                        raise acks
+                    await check_replicated(self.client, int(acks), since)
         except REDIS_ERRORS as exc:
             self._lost(loop.time(), exc)
             return 0

@@ -109,6 +109,7 @@ async def _run(start: FleetStart, sock: socket.socket) -> int:
     agent = Agent(
         client, FleetKeys(settings.shard_store.prefix, settings.fleet.name), config, link.send
     )
+    agent.outage.url = settings.redis.url  # named (redacted) in its outage warnings
     link.agent = agent
     loop.add_signal_handler(signal.SIGTERM, agent.drain)
 

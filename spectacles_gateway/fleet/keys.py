@@ -7,6 +7,7 @@ Per fleet ``name``, under the shard store's ``prefix``::
     <prefix>fleet:<name>:members         hash: member -> JSON (capacity, shards, last seen)
     <prefix>fleet:<name>:budget          hash: Discord's session start budget, for every member
     <prefix>fleet:<name>:free            pub/sub channel: a shard was let go (claim it now)
+    <prefix>fleet:<name>:unclaimed       pub/sub channel nobody reads: a claim given back
     <prefix>fleet:<name>:reshard         the reshard lock: "<member> <token>", PX = the lease
     <prefix>fleet:<name>:reshard:ask     an operator's request (JSON), and its pub/sub channel
 
@@ -72,3 +73,9 @@ class FleetKeys:
     @property
     def free(self) -> str:
         return f"{self.root}free"
+
+    @property
+    def unclaimed(self) -> str:
+        """Where a claim that a failover could lose is given back without waking anyone
+        (:meth:`~.leases.LeaseBook.claim`)."""
+        return f"{self.root}unclaimed"

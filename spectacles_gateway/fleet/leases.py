@@ -4,6 +4,12 @@ A lease key holds ``"<member> <epoch>"`` with ``PX`` = the lease time. Taking a 
 increments its epoch counter (it only grows) in the same script, so every owner in a shard's
 history has its own epoch, and the session store refuses writes from older ones. Renewing and
 releasing only touch a key that still holds our own value.
+
+With Redis Sentinel, a claim and a renewal count only once a replica has them (``WAIT``, see
+:func:`~spectacles_gateway.redis_store.check_replicated`): one that a failover could lose is
+given back (a claim) or not counted (a renewal), and :class:`NotReplicated` is raised. Without
+that, a claim taken on a master that was just replaced vanishes with its epoch, and the next
+owner gets the same epoch again: two owners the fencing could not tell apart.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from ..redis_store import REPLICA_WAIT_MS, NotReplicated, check_replicated, waits_for_replica
 from .keys import FleetKeys
 
-__all__ = ["LeaseBook", "Owner"]
+__all__ = ["LeaseBook", "NotReplicated", "Owner"]
 
 # KEYS: lease, epoch, generation pointer. ARGV: member, ttl (ms), our generation. Returns the
 # new epoch, 0 when taken, -1 when the fleet moved on to a newer generation (a reshard
@@ -67,6 +74,9 @@ class LeaseBook:
         self.keys = keys
         self.member = member
         self.lease_ms = max(1, round(lease * 1000))
+        #: How long a claim or renewal waits for a replica (Sentinel): a twentieth of the lease,
+        #: so that a master just replaced costs one round, not the lease.
+        self.wait_ms = max(50, min(REPLICA_WAIT_MS, self.lease_ms // 20))
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -80,18 +90,40 @@ class LeaseBook:
         keys = self.keys
         args: list[Any] = [self.member, self.lease_ms, keys.generation]
         key_list = [keys.lease(shard), keys.epoch(shard), keys.pointer]
-        return int(await self._claim(keys=key_list, args=args))
+        since = waits_for_replica(self.client)
+        if since is None:
+            return int(await self._claim(keys=key_list, args=args))
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self._claim(keys=key_list, args=args, client=pipe)
+            pipe.execute_command("WAIT", 1, self.wait_ms)
+            epoch, acks = (int(r) for r in await pipe.execute())
+        if epoch <= 0:
+            return epoch
+        try:
+            await check_replicated(self.client, acks, since)
+        except NotReplicated:
+            # Give it back (quietly: nobody is told to claim it) rather than run a shard under
+            # an epoch a failover could hand to someone else; if this fails, it expires.
+            back = [keys.lease(shard), keys.unclaimed]
+            await self._release(keys=back, args=[self.value(epoch), shard])
+            raise
+        return epoch
 
     async def renew(self, owned: dict[int, int]) -> dict[int, bool]:
         """Renew every lease of ``owned`` (shard -> epoch) in one round trip: which are still
         ours."""
         if not owned:
             return {}
+        since = waits_for_replica(self.client)
         async with self.client.pipeline(transaction=False) as pipe:
             for shard, epoch in owned.items():
                 args: list[Any] = [self.value(epoch), self.lease_ms]
                 await self._renew(keys=[self.keys.lease(shard)], args=args, client=pipe)
+            if since is not None:
+                pipe.execute_command("WAIT", 1, self.wait_ms)
             results = await pipe.execute()
+        if since is not None:
+            await check_replicated(self.client, int(results.pop()), since)
         return {shard: bool(int(r)) for shard, r in zip(owned, results, strict=True)}
 
     async def release(self, shard: int, epoch: int) -> bool:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spectacles_gateway.fleet.keys import FleetKeys
 from spectacles_gateway.fleet.leases import LeaseBook
-from spectacles_gateway.redis_store import REDIS_ERRORS, RedisStore, redis_client
+from spectacles_gateway.redis_link import REDIS_ERRORS, redis_client
+from spectacles_gateway.redis_store import RedisStore
 from tests.support.sentinel import SentinelSet, sentinel_set, sentinel_settings
 
 

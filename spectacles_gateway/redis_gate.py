@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 
 from .protocol.identify import IDENTIFY_MARGIN, IDENTIFY_WINDOW, bucket_of
-from .redis_store import REDIS_ERRORS, Outage, redis_client
+from .redis_link import REDIS_ERRORS, Outage, redis_client
 
 if TYPE_CHECKING:
     from .config import Settings

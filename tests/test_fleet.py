@@ -199,7 +199,15 @@ async def test_kill9_of_a_member_its_shards_resume_elsewhere_within_the_lease() 
             await group.start(name)
         sim = group.sim
         await wait_until(lambda: ready_count(sim.ledger) == 12, 30, "12 shards ready", group.logs)
-        await wait_until(lambda: owned_once(group, 12, 3), 30, "each shard owned once", group.logs)
+        await wait_until(
+            lambda: (
+                owned_once(group, 12, 3)
+                and all(len(m.owned()) == 4 for m in group.members.values())
+            ),
+            30,
+            "each shard owned once, 4 each",
+            group.logs,
+        )
         victim = group.members["c"]
         lost = victim.owned()
         assert len(lost) == 4

@@ -18,7 +18,7 @@ import pytest
 from spectacles_gateway.gate import IDENTIFY_MARGIN, LocalIdentifyGate
 from spectacles_gateway.protocol.identify import SessionBudget
 from spectacles_gateway.redis_gate import RedisIdentifyGate, RedisPermit
-from spectacles_gateway.redis_store import redis_client
+from spectacles_gateway.redis_link import redis_client
 
 from .gwtest import t, wait_until
 from .support.redis import (

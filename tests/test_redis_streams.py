@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
 from spectacles_gateway.brokers.wire import msgpack_string
 from spectacles_gateway.metrics import REGISTRY
-from spectacles_gateway.redis_store import redis_client
+from spectacles_gateway.redis_link import redis_client
 
 from .gwtest import t, wait_until
 from .support.brokers import Driver

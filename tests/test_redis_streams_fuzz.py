@@ -32,7 +32,7 @@ from .support.brokers import (
     run_fuzz,
     send_bodies,
 )
-from .test_redis_store import cleanup, settings_for, unique_prefix
+from .support.redis import cleanup, settings_for, unique_prefix
 
 KNOWN = [
     *[("SEND" if key == "SEND" else "SEND:0", {b"data": body}) for key, body in KNOWN_BODIES],

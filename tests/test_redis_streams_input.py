@@ -28,7 +28,7 @@ from .support.brokers import (
     sample,
     shard_ready,
 )
-from .test_redis_store import cleanup, raw_client, unique_prefix
+from .support.redis import cleanup, raw_client, unique_prefix
 
 
 def dropped(reason: str) -> float:

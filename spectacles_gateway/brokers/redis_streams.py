@@ -19,7 +19,7 @@ running that shard reads (bare ``{"op", "d"}`` packets, like AMQP's per-shard qu
 
 Outages: a failed batch goes back to the head of the buffer and is published again after a
 backoff (duplicates carry the same ``id``); with Redis Sentinel a batch also fails when no
-replica acknowledged it (``WAIT``, :func:`~spectacles_gateway.redis_store.check_replicated`):
+replica acknowledged it (``WAIT``, :func:`~spectacles_gateway.redis_link.check_replicated`):
 right after a failover the old master still takes entries that would be lost. Reads and
 acknowledgements are retried the same way; ``connected`` is False meanwhile, and while the
 command reader is down (it is started again). Groups lost with a restarted Redis are created again.
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 
 from .. import metrics
-from ..redis_store import (
+from ..redis_link import (
     REDIS_ERRORS,
     REPLICA_WAIT_MS,
     Outage,

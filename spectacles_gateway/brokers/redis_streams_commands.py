@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 
 from .. import metrics
 from ..protocol.backoff import backoff_delay
-from ..redis_store import REDIS_ERRORS, Outage
+from ..redis_link import REDIS_ERRORS, Outage
 from .base import Ack
 from .wire import MAX_COMMAND_BODY
 

@@ -92,7 +92,7 @@ class _Link(asyncio.Protocol):
 
 async def _run(start: FleetStart, sock: socket.socket) -> int:
     from ..config import load
-    from ..redis_store import redis_client
+    from ..redis_link import redis_client
 
     settings = load(start.argv, os.environ).settings
     loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ from ..control import (
     Superseded,
 )
 from ..generation import POINT_SCRIPT, Pointer, format_pointer, parse_pointer
-from ..redis_store import REDIS_ERRORS, Outage
+from ..redis_link import REDIS_ERRORS, Outage
 from .keys import FleetKeys
 from .leases import LeaseBook, Owner
 from .placement import targets, to_claim, to_hand_off

@@ -6,7 +6,7 @@ history has its own epoch, and the session store refuses writes from older ones.
 releasing only touch a key that still holds our own value.
 
 With Redis Sentinel, a claim and a renewal count only once a replica has them (``WAIT``, see
-:func:`~spectacles_gateway.redis_store.check_replicated`): one that a failover could lose is
+:func:`~spectacles_gateway.redis_link.check_replicated`): one that a failover could lose is
 given back (a claim) or not counted (a renewal), and :class:`NotReplicated` is raised. Without
 that, a claim taken on a master that was just replaced vanishes with its epoch, and the next
 owner gets the same epoch again: two owners the fencing could not tell apart.
@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ..redis_store import REPLICA_WAIT_MS, NotReplicated, check_replicated, waits_for_replica
+from ..redis_link import REPLICA_WAIT_MS, NotReplicated, check_replicated, waits_for_replica
 from .keys import FleetKeys
 
 __all__ = ["LeaseBook", "NotReplicated", "Owner"]

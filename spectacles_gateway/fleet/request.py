@@ -29,7 +29,7 @@ REQUEST_TTL = 3600
 
 def ask_fleet(settings: Settings, to: int | None) -> str:
     """Leave the request for the fleet's members; the answer line for the operator."""
-    from ..redis_store import redis_client
+    from ..redis_link import redis_client
 
     keys = FleetKeys(settings.shard_store.prefix, settings.fleet.name)
     value = json.dumps({"to": to, "at": round(time.time(), 3)})
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     from ..config import ReshardCommand, load
-    from ..redis_store import REDIS_ERRORS, describe_error
+    from ..redis_link import REDIS_ERRORS, describe_error
 
     loaded = load(list(sys.argv[1:] if argv is None else argv), os.environ)
     command = loaded.cli.command

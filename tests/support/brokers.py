@@ -22,11 +22,11 @@ from spectacles_gateway.brokers.base import Ack, Broker, Progress
 from spectacles_gateway.brokers.redis_streams import RedisStreamsBroker
 from spectacles_gateway.brokers.wire import SENDABLE_OPS, msgpack_string
 from spectacles_gateway.metrics import REGISTRY
-from spectacles_gateway.redis_store import redis_client
+from spectacles_gateway.redis_link import redis_client
 from spectacles_gateway.simulator import Simulator
 
 from ..gwtest import running_worker, simulator, t
-from ..test_redis_store import REDIS_URL, settings_for
+from .redis import REDIS_URL, settings_for
 
 T = TypeVar("T")
 

@@ -22,7 +22,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from spectacles_gateway.config import RedisSettings, SecretStr, Settings, ShardStoreSettings
-from spectacles_gateway.redis_store import RedisStore, redis_client
+from spectacles_gateway.redis_link import redis_client
+from spectacles_gateway.redis_store import RedisStore
 
 from ..gwproc import free_port
 from ..gwtest import t, wait_until

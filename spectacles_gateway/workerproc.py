@@ -248,6 +248,8 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         dynamic=start.fleet,
         sharding_required_is_fatal=settings.reshard.policy == "off",
     )
+    if settings.prometheus.shard_series == "minimal":
+        worker.counter_label = f"w{plan.worker_id}"
     worker.on_released = lambda shard, session, reason: link.send(
         Released(shard, session, reason, worker.plan.generation)
     )

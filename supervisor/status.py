@@ -214,7 +214,7 @@ class Routes:
     def __call__(self, path: str, query: str) -> Response:
         if path == self.metrics_path:
             values = self.aggregator.combined(metrics.REGISTRY)
-            body = render(self.aggregator.families, values)
+            body = render(self.aggregator.families, values, self.aggregator.prefixes)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/healthz", "/livez", "/health"):
             return Response(200, b"ok\n")

@@ -6,7 +6,6 @@ Read-only views of the supervisor's state (:class:`View`), and the HTTP routes t
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import cache
 from importlib import resources
@@ -69,8 +68,7 @@ def progress(view: View, now: float) -> dict[str, Any]:
     waiting = pacer.waiting
     next_at = pacer.next_time(now)
     next_in = max(0.0, next_at - now) if next_at is not None else 0.0
-    windows = math.ceil(waiting / pacer.max_concurrency) if waiting else 0
-    left = next_in + max(0, windows - 1) * pacer.window if waiting else 0.0
+    left = pacer.seconds_left(now)
     return {
         "ready": shards_ready(view),
         "total": total,

@@ -145,6 +145,7 @@ class ShardSet:
         self.epochs.pop(shard_id, None)
         self.saved.pop(shard_id, None)
         metrics.shards_alive.remove(str(shard_id))
+        metrics.shard_latency.remove(str(shard_id))
 
     async def stop_all(self, *, keep_session: bool, wait: float) -> None:
         for runner in self.runners.values():

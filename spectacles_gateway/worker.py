@@ -105,10 +105,11 @@ class Worker:
         #: says so in its status (the supervisor reshards); otherwise the worker stops with 78.
         self.sharding_required_is_fatal = sharding_required_is_fatal
         self.sharding_required: set[int] = set()
-        #: ``PROMETHEUS_SHARD_SERIES=minimal``: counters of events, packets, reconnects and
-        #: sessions carry this worker's name (``w3``) in their ``shard`` label instead of the
-        #: shard's id; state (``gateway_shards_alive``) and latency (``gateway_ping``) stay per
-        #: shard. ``None`` (``all``): every series per shard.
+        #: ``PROMETHEUS_SHARD_SERIES=minimal``: counters of packets, commands, reconnects and
+        #: sessions and the ``gateway_ping`` histogram carry this worker's name (``w3``) in
+        #: place of the shard's id; per shard only state (``gateway_shards_alive``) and the
+        #: last latency (``gateway_shard_latency_ms``). ``None`` (``all``): every series per
+        #: shard.
         self.counter_label: str | None = None
 
     def bind_broker(self) -> None:
@@ -593,7 +594,10 @@ class Worker:
         if stats.latency is not None and (
             old is None or stats.heartbeats_acked > old.heartbeats_acked
         ):
-            metrics.ping.labels(str(shard_id)).observe(stats.latency * 1000.0)
+            ms = stats.latency * 1000.0
+            metrics.ping.labels(shard).observe(ms)  # per worker with minimal series
+            if self.counter_label is not None:  # ... and the last value per shard
+                metrics.shard_latency.labels(shard_id).set(round(ms, 1))
         return stats.confirmed_events - (old.confirmed_events if old else 0)
 
     def status_changes(self) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:

@@ -104,6 +104,7 @@ async def test_minimal_shard_series_keep_state_and_latency_per_shard() -> None:
                 lambda s: (
                     metric(s, "gateway_shards_alive") == 4
                     and metric(s, "gateway_ping_count") >= 4
+                    and len(re.findall(r"^gateway_shard_latency_ms\{", s, re.MULTILINE)) == 4
                     and metric(s, "gateway_packets_received", t="MESSAGE_CREATE") >= 20
                 ),
                 20,
@@ -113,8 +114,10 @@ async def test_minimal_shard_series_keep_state_and_latency_per_shard() -> None:
             await _stop(gw)
     alive = set(re.findall(r'^gateway_shards_alive\{id="(\d+)"\} 1', text, re.MULTILINE))
     assert alive == {"0", "1", "2", "3"}
-    pinged = set(re.findall(r'^gateway_ping_count\{id="(\d+)"\}', text, re.MULTILINE))
-    assert pinged == {"0", "1", "2", "3"}
+    latency = set(re.findall(r'^gateway_shard_latency_ms\{id="(\d+)"\}', text, re.MULTILINE))
+    assert latency == {"0", "1", "2", "3"}
+    pinged = set(re.findall(r'^gateway_ping_count\{id="([^"]*)"\}', text, re.MULTILINE))
+    assert pinged == {"w0", "w1"}  # the histogram per worker
     for family in ("gateway_packets_received", "gateway_packets_sent", "gateway_identifies_total"):
         shards = set(re.findall(rf'^{family}\{{.*shard="([^"]*)"', text, re.MULTILINE))
         assert shards == {"w0", "w1"}, (family, shards)

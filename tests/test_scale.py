@@ -14,6 +14,8 @@ import signal
 import time
 import urllib.request
 
+import pytest
+
 from .gwproc import Gateway, duration, free_port, gateway, gateway_env, metric, metrics_when
 from .gwproc import status as get_status
 from .gwtest import simulator, t, wait_until
@@ -36,6 +38,7 @@ async def _ready(port: int) -> int:
     return int(body["progress"]["ready"])
 
 
+@pytest.mark.alone  # 512 sockets, and its start-up is timed
 async def test_512_shards_one_worker_start_hup_and_term() -> None:
     port = free_port()
     async with simulator(shard_count=SHARDS, max_concurrency=SHARDS) as sim:

@@ -19,7 +19,9 @@ simulator in its own process (``--max-concurrency`` buckets: Discord's minimum s
 - ``HUP`` (every worker replaced, every shard back READY) and ``TERM`` (exit) times, and the
   identifies either caused (0 is the goal).
 
-The programs come from the interpreter's own directory, so the same script measures another
+The programs come from the interpreter's own directory (and run in ``/``: a checkout in the
+working directory would shadow the installed package in ``python -m`` children before
+``-P``), so the same script measures another
 checkout with that checkout's virtualenv: ``/path/to/base/.venv/bin/python
 benchmarks/bench_scale.py``. CPU comes from ``/proc/PID/task/*/schedstat`` (nanoseconds).
 """
@@ -108,7 +110,7 @@ class Bench:
                 "--heartbeat-interval", str(a.heartbeat_ms),
                 "--session-start-limit", str(max(1000, 4 * self.k)),
             ],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
         )  # fmt: skip
         assert self.sim.stdout is not None
         urls: dict[str, str] = json.loads(self.sim.stdout.readline())
@@ -136,7 +138,7 @@ class Bench:
                 str(BIN / "spectacles-supervise"), "--shards", f"0-{self.k - 1}",
                 "--shard-count", str(self.k), "--workers", str(a.workers),
             ],
-            stdout=subprocess.PIPE, stderr=self.log, env=env,
+            stdout=subprocess.PIPE, stderr=self.log, env=env, cwd="/",
         )  # fmt: skip
         self.counter = Counter(self.gw.stdout)
         self.counter.start()

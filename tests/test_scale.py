@@ -13,10 +13,11 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from .gwproc import Gateway, duration, free_port, gateway, gateway_env, metric, metrics_when
+from .gwproc import BIN, Gateway, duration, free_port, gateway, gateway_env, metric, metrics_when
 from .gwproc import status as get_status
 from .gwtest import simulator, t, wait_until
 
@@ -129,3 +130,25 @@ async def test_minimal_shard_series_keep_state_and_latency_per_shard() -> None:
 
 async def _stop(gw: Gateway) -> None:
     assert await gw.stop() == 0, gw.log()[-2000:]
+
+
+async def test_workers_run_the_supervisors_code_whatever_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    """Started from a directory holding another ``spectacles_gateway`` (a checkout of another
+    version, say), the workers still run the supervisor's own package: ``python -P``."""
+    shadow = tmp_path / "spectacles_gateway"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise SystemExit('the shadow package was imported')\n")
+    async with simulator(shard_count=1) as sim:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "spectacles-supervise"), env=gateway_env(sim), cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await wait_until(lambda: len(sim.ledger.identifies) == 1, 20, "the shard identified")
+        finally:
+            proc.terminate()
+            _, err = await asyncio.wait_for(proc.communicate(), t(20))
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"shadow" not in err

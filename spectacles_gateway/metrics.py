@@ -44,6 +44,14 @@ ping = Histogram(
     registry=_R,
     buckets=(10, 25, 50, 100, 200, 400, 800, 1600, 5000),
 )
+shard_latency = Gauge(
+    "gateway_shard_latency_ms",
+    "Each shard's last heartbeat round trip (milliseconds); with PROMETHEUS_SHARD_SERIES="
+    "minimal, in place of gateway_ping's per-shard histogram.",
+    ["id"],
+    registry=_R,
+    mode="max",
+)
 
 # --- ours ---
 events_published = Counter(

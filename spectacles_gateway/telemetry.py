@@ -233,6 +233,8 @@ class Aggregator:
         self.families = families
         self._live: dict[object, dict[tuple[str, Labels], Any]] = {}
         self._retired: dict[tuple[str, Labels], Any] = {}
+        #: Formatted series names for :func:`render`, kept from one scrape to the next.
+        self.prefixes: Prefixes = {}
 
     def update(self, source: object, samples: Iterable[Sample]) -> int:
         """Take a source's changed series; returns how many were of unknown families."""
@@ -312,34 +314,64 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def render(families: dict[str, Family], values: dict[tuple[str, Labels], Any]) -> bytes:
-    """The Prometheus text exposition format (0.0.4) of ``values``."""
+#: Text before the value of each sample line of one series (a histogram's: one per bucket, then
+#: ``_sum`` and ``_count``), kept between scrapes: label sets rarely change, formatting them is
+#: most of a scrape's cost at thousands of shards.
+Prefixes = dict[tuple[str, Labels], tuple[str, ...]]
+
+
+def _prefixes(family: Family, labels: Labels) -> tuple[str, ...]:
+    name, names = family.name, family.labelnames
+    if family.kind == "histogram":
+        les = [f'le="{_number(b)}"' for b in family.buckets] + ['le="+Inf"']
+        return (
+            *(f"{name}_bucket{_labels(names, labels, le)} " for le in les),
+            f"{name}_sum{_labels(names, labels)} ",
+            f"{name}_count{_labels(names, labels)} ",
+        )
+    sample = f"{name}_total" if family.kind == "counter" else name
+    return (f"{sample}{_labels(names, labels)} ",)
+
+
+def render(
+    families: dict[str, Family],
+    values: dict[tuple[str, Labels], Any],
+    prefixes: Prefixes | None = None,
+) -> bytes:
+    """The Prometheus text exposition format (0.0.4) of ``values``. ``prefixes`` (the
+    :class:`Aggregator`'s) keeps each series' formatted name and labels for the next scrape."""
+    if prefixes is None:
+        prefixes = {}
+    elif len(prefixes) > 2 * len(values) + 1024:
+        prefixes.clear()  # series that went away
     by_family: dict[str, list[tuple[Labels, Any]]] = {}
     for (name, labels), value in values.items():
         by_family.setdefault(name, []).append((labels, value))
     lines: list[str] = []
+    add = lines.append
+    finite = math.isfinite
     for name, family in families.items():
         series = by_family.get(name)
         if not series:
             continue
         series.sort()
-        lines.append(f"# HELP {name} {family.documentation}")
-        lines.append(f"# TYPE {name} {family.kind}")
-        names = family.labelnames
-        if family.kind == "histogram":
-            for labels, value in series:
+        add(f"# HELP {name} {family.documentation}")
+        add(f"# TYPE {name} {family.kind}")
+        histogram = family.kind == "histogram"
+        for labels, value in series:
+            key = (name, labels)
+            text = prefixes.get(key)
+            if text is None:
+                text = prefixes[key] = _prefixes(family, labels)
+            if histogram:
                 cumulative = 0.0
-                bounds = [*(_number(b) for b in family.buckets), "+Inf"]
-                for bound, count in zip(bounds, value[:-2], strict=True):
+                for prefix, count in zip(text, value[:-2], strict=False):
                     cumulative += count
-                    le = f'le="{bound}"'
-                    lines.append(f"{name}_bucket{_labels(names, labels, le)} {_number(cumulative)}")
-                lines.append(f"{name}_sum{_labels(names, labels)} {_number(value[-2])}")
-                lines.append(f"{name}_count{_labels(names, labels)} {_number(value[-1])}")
-        else:
-            sample = f"{name}_total" if family.kind == "counter" else name
-            lines.extend(
-                f"{sample}{_labels(names, labels)} {_number(value)}" for labels, value in series
-            )
+                    add(prefix + repr(cumulative))
+                add(text[-2] + _number(value[-2]))
+                add(text[-1] + _number(value[-1]))
+            else:
+                v = float(value)
+                add(text[0] + (repr(v) if finite(v) else _number(v)))
     lines.append("")
     return "\n".join(lines).encode()

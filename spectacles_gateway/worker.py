@@ -105,6 +105,12 @@ class Worker:
         #: says so in its status (the supervisor reshards); otherwise the worker stops with 78.
         self.sharding_required_is_fatal = sharding_required_is_fatal
         self.sharding_required: set[int] = set()
+        #: ``PROMETHEUS_SHARD_SERIES=minimal``: counters of packets, commands, reconnects and
+        #: sessions and the ``gateway_ping`` histogram carry this worker's name (``w3``) in
+        #: place of the shard's id; per shard only state (``gateway_shards_alive``) and the
+        #: last latency (``gateway_shard_latency_ms``). ``None`` (``all``): every series per
+        #: shard.
+        self.counter_label: str | None = None
 
     def bind_broker(self) -> None:
         """Let the broker wake us when it has news on its own time."""
@@ -176,16 +182,17 @@ class Worker:
         kind = notice.kind
         log.log(_LEVELS[kind.level], "shard %d: %s: %s", shard_id, kind.label, notice.detail)
         shard = str(shard_id)
+        counted = self.counter_label or shard
         if kind is NoticeKind.READY:
-            metrics.identifies.labels(shard).inc()
+            metrics.identifies.labels(counted).inc()
             metrics.shards_alive.labels(shard).set(1)
         elif kind is NoticeKind.RESUMED:
-            metrics.resumes.labels(shard).inc()
+            metrics.resumes.labels(counted).inc()
             metrics.shards_alive.labels(shard).set(1)
         elif kind is NoticeKind.DECODE_ERROR or kind is NoticeKind.POISON:
-            metrics.decode_errors.labels(shard, "payload").inc()
+            metrics.decode_errors.labels(counted, "payload").inc()
         if kind.reconnect is not None:
-            metrics.reconnects.labels(shard, kind.reconnect).inc()
+            metrics.reconnects.labels(counted, kind.reconnect).inc()
             metrics.shards_alive.labels(shard).set(0)
 
     # ------------------------------------------------------------------ broker progress
@@ -571,7 +578,7 @@ class Worker:
             metrics.events_confirmed.labels(self.broker.name).inc(confirmed)
 
     def _record_stats(self, shard_id: int, stats: ShardStats, old: ShardStats | None) -> int:
-        shard = str(shard_id)
+        shard = self.counter_label or str(shard_id)
         if old is None or stats.commands_sent > old.commands_sent:
             sent = stats.commands_sent - (old.commands_sent if old else 0)
             if sent:
@@ -587,7 +594,10 @@ class Worker:
         if stats.latency is not None and (
             old is None or stats.heartbeats_acked > old.heartbeats_acked
         ):
-            metrics.ping.labels(shard).observe(stats.latency * 1000.0)
+            ms = stats.latency * 1000.0
+            metrics.ping.labels(shard).observe(ms)  # per worker with minimal series
+            if self.counter_label is not None:  # ... and the last value per shard
+                metrics.shard_latency.labels(shard_id).set(round(ms, 1))
         return stats.confirmed_events - (old.confirmed_events if old else 0)
 
     def status_changes(self) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:

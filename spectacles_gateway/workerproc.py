@@ -43,6 +43,7 @@ from .control import (
     Start,
     Status,
 )
+from .limits import raise_soft, shortfall, worker_need
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -247,6 +248,8 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         dynamic=start.fleet,
         sharding_required_is_fatal=settings.reshard.policy == "off",
     )
+    if settings.prometheus.shard_series == "minimal":
+        worker.counter_label = f"w{plan.worker_id}"
     worker.on_released = lambda shard, session, reason: link.send(
         Released(shard, session, reason, worker.plan.generation)
     )
@@ -273,6 +276,15 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
     return code
 
 
+def _open_files(shards: int) -> None:
+    """Raise the open-file soft limit to the hard one (the supervisor did, unless we run
+    alone), and say so when it cannot hold our shards' sockets."""
+    limit = raise_soft()
+    problem = shortfall(worker_need(shards), limit.soft, f"{shards} shards in one worker")
+    if problem is not None:
+        log.warning("%s", problem)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spectacles-gateway-worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -293,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(
         settings.logging_level, [*settings.secrets(), start.plan.token], worker=f"w{args.worker}"
     )
+    _open_files(len(start.plan.shard_ids))
     sock.setblocking(False)
     try:
         import uvloop

@@ -190,6 +190,7 @@ class Supervisor(Lifecycle, Generations):
         spec = describe_ids(slot.shards)
         argv = [
             sys.executable,
+            "-P",  # never our working directory first on sys.path: a checkout there is not us
             "-m",
             "spectacles_gateway.workerproc",
             "--worker",

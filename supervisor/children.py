@@ -15,7 +15,7 @@ def run_module(
     """``python -m module *argv``, its output captured; raises ``OSError`` or
     ``subprocess.TimeoutExpired`` when it cannot run or takes too long."""
     return subprocess.run(  # noqa: S603 - our own interpreter and one of our modules
-        [sys.executable, "-m", module, *argv],
+        [sys.executable, "-P", "-m", module, *argv],  # -P: not the working directory's code
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,

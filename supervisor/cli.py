@@ -24,6 +24,7 @@ from spectacles_gateway.config import (
 )
 from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
 from spectacles_gateway.exitcodes import EX_CONFIG, EX_UNAVAILABLE
+from spectacles_gateway.limits import raise_soft, shortfall, supervisor_need, worker_need
 from spectacles_gateway.logsetup import setup_logging
 from spectacles_gateway.plan import WorkerPlan
 from spectacles_gateway.protocol.identify import SessionBudget
@@ -167,6 +168,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         groups: list[tuple[int, ...]] = [() for _ in range(n_workers)]
     else:
         groups = group_shards(ids, n_workers, bot.max_concurrency)
+    _open_files(groups, ids, settings, fleet is not None)
     gateway = settings.gateway
     plan = WorkerPlan(
         shard_ids=ids,
@@ -227,6 +229,33 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         reshard=reshard_options(loaded, api_base, token, explicit),
         generation=generation,
     )
+
+
+def _open_files(
+    groups: list[tuple[int, ...]], ids: tuple[int, ...], settings: Settings, fleet: bool
+) -> None:
+    """Raise the open-file soft limit to the hard one (the workers inherit it); stop with
+    :class:`Fatal` when even the hard limit cannot hold the planned shards' sockets. In fleet
+    mode a worker's shards are not known yet: an even share is checked, and only warned about."""
+    limit = raise_soft()
+    if limit.soft > limit.before:
+        log.info("open-file limit raised from %d to %d", limit.before, limit.soft)
+    largest = max((len(g) for g in groups), default=0)
+    if fleet and groups:
+        largest = -(-len(ids) // len(groups))
+    clients = settings.prometheus.max_clients if settings.prometheus.enabled else 0
+    needs = [
+        (worker_need(largest), f"{largest} shards in one worker"),
+        (supervisor_need(len(groups), clients), f"{len(groups)} workers"),
+    ]
+    for need, what in needs:
+        problem = shortfall(need, limit.soft, what)
+        if problem is None:
+            continue
+        if fleet:
+            log.warning("%s", problem)
+        else:
+            raise Fatal(problem)
 
 
 def run(loaded: Loaded, argv: list[str]) -> int:

@@ -108,7 +108,7 @@ class FleetSide:
 
     def spawn(self) -> None:
         parent, child = socket.socketpair()
-        argv = [sys.executable, "-m", "spectacles_gateway.fleet", "--fd", str(child.fileno())]
+        argv = [sys.executable, "-P", "-m", "spectacles_gateway.fleet", "--fd", str(child.fileno())]
         argv += ["--member", self.options.member]
         blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)

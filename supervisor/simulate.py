@@ -48,6 +48,7 @@ def start_simulator(shard_count: int, rate: float) -> Simulated:
     """Start the bundled gateway simulator on loopback and return where it listens."""
     argv = [
         sys.executable,
+        "-P",
         "-m",
         "spectacles_gateway.simulator",
         "--host",

@@ -6,7 +6,6 @@ Read-only views of the supervisor's state (:class:`View`), and the HTTP routes t
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import cache
 from importlib import resources
@@ -69,8 +68,7 @@ def progress(view: View, now: float) -> dict[str, Any]:
     waiting = pacer.waiting
     next_at = pacer.next_time(now)
     next_in = max(0.0, next_at - now) if next_at is not None else 0.0
-    windows = math.ceil(waiting / pacer.max_concurrency) if waiting else 0
-    left = next_in + max(0, windows - 1) * pacer.window if waiting else 0.0
+    left = pacer.seconds_left(now)
     return {
         "ready": shards_ready(view),
         "total": total,
@@ -214,7 +212,7 @@ class Routes:
     def __call__(self, path: str, query: str) -> Response:
         if path == self.metrics_path:
             values = self.aggregator.combined(metrics.REGISTRY)
-            body = render(self.aggregator.families, values)
+            body = render(self.aggregator.families, values, self.aggregator.prefixes)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/healthz", "/livez", "/health"):
             return Response(200, b"ok\n")

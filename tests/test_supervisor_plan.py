@@ -129,6 +129,40 @@ def test_scheduler_cancel_frees_the_bucket_and_unsent_release_keeps_the_window()
     assert scheduler.grants(5.2) == [2]
 
 
+@pytest.mark.parametrize(
+    ("max_concurrency", "shards", "left"),
+    [
+        (16, range(2500), 156 * 5.0),  # 2,500 shards at 16: 157 windows, Discord's minimum
+        (512, range(512), 0.0),  # one window: all at once
+        (16, range(0, 512, 16), 31 * 5.0),  # a subset in one bucket waits for that bucket alone
+        (4, [0, 1, 2, 3, 4], 5.0),
+        (4, [], 0.0),
+    ],
+)
+def test_seconds_left_at_discords_pace(max_concurrency: int, shards: range, left: float) -> None:
+    scheduler = IdentifyScheduler(max_concurrency, window=5.0)
+    for shard in shards:
+        scheduler.request(shard)
+    assert scheduler.seconds_left(0.0) == pytest.approx(left)
+
+
+def test_seconds_left_as_identifies_go_out() -> None:
+    scheduler = IdentifyScheduler(2, window=5.0)
+    for shard in range(6):  # three windows of two
+        scheduler.request(shard)
+    assert scheduler.seconds_left(0.0) == pytest.approx(10.0)
+    assert scheduler.grants(0.0) == [0, 1]
+    assert scheduler.seconds_left(0.0) == pytest.approx(10.0)  # permits out: a window each
+    scheduler.release(0, 0.5)
+    scheduler.release(1, 0.5)
+    assert scheduler.seconds_left(1.0) == pytest.approx(9.5)  # 5.5, then 10.5
+    budget = SessionBudget(total=1000, remaining=1, reset_at=600.0)
+    short = IdentifyScheduler(2, window=5.0, budget=budget)
+    short.request(0)
+    short.request(1)
+    assert short.seconds_left(0.0) == pytest.approx(600.0)  # one start left for two shards
+
+
 def test_scheduler_never_runs_the_session_budget_out() -> None:
     budget = SessionBudget(total=1000, remaining=2, reset_at=100.0)
     scheduler = IdentifyScheduler(4, window=5.0, budget=budget)

@@ -114,7 +114,8 @@ class PrometheusSettings(_Section, frozen=True):
     max_clients: int = 64
     """HTTP clients served at once; more are refused (closed at once) until one is done."""
     shard_series: Literal["all", "minimal"] = "all"
-    """``minimal``: per-shard series for state and latency only, event counters per worker."""
+    """``minimal``: per-shard series for state and the last latency only; counters and the
+    ``gateway_ping`` histogram per worker."""
 
     @property
     def enabled(self) -> bool:

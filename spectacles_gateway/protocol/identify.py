@@ -202,6 +202,26 @@ class IdentifyPacer:
         self.holding += len(out)
         return out
 
+    def seconds_left(self, now: float) -> float:
+        """Seconds until the last shard waiting now has identified, at Discord's pace: each
+        bucket's waiting shards one per window, the first once the bucket is free (a permit
+        out frees it a window after its IDENTIFY). Uneven buckets count (a shard subset whose
+        ids share a bucket waits for that bucket alone); a spent session budget adds its reset."""
+        worst = 0.0
+        for bucket in self._buckets:
+            waiting = len(bucket.waiting)
+            if not waiting:
+                continue
+            start = max(now, bucket.free_at)
+            if bucket.holder is not None:
+                start = max(start, now + self.window)
+            worst = max(worst, start + (waiting - 1) * self.window - now)
+        budget = self.budget
+        short = budget is not None and budget.remaining - self.holding < self.waiting
+        if short and budget is not None and now < budget.reset_at:
+            worst = max(worst, budget.reset_at - now)
+        return worst
+
     def next_time(self, now: float) -> float | None:
         """When :meth:`grants` may name a shard next (None: nobody is waiting)."""
         if not self.waiting:

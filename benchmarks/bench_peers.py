@@ -509,7 +509,7 @@ async def measure_saturated(client: Client, events: int) -> Result:
     own0 = time.process_time()
     await client.sim.ask("burst", events)
     target = start_count + events
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     while client.tally.count < target:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{client.kind}: {client.tally.count - start_count}/{events}")
@@ -568,31 +568,45 @@ def sim_config(shape: str, args: argparse.Namespace) -> tuple[dict[str, Any], in
 async def run_shape(shape: str, args: argparse.Namespace) -> dict[str, list[Result]]:
     config, shards = sim_config(shape, args)
     results: dict[str, list[Result]] = {c: [] for c in args.clients}
+    failures: dict[str, list[str]] = {c: [] for c in args.clients}
     for _run in range(args.runs):
         for kind in args.clients:
             # A simulator per client run: every client gets the same seeded stream.
             sim = await SimProcess.start(**config)
             client = Client(kind, sim, shards, args)
             try:
-                await client.start()
-                if shape == "saturated":
-                    result = await measure_saturated(client, args.events)
-                elif shape == "paced":
-                    result = await measure_window(client, args.rate, args.window)
-                else:
-                    if args.profile_worker and client.kind == "worker" and _run == 0:
-                        suffix = ".base" if kind.endswith("@base") else ""
-                        await profile_many(client, args, args.profile_worker + suffix)
-                    result = await measure_window(client, 2.0, args.window)
+                result = await measure(shape, client, kind, _run, args)
+            except Exception as exc:  # one failed run (RabbitMQ restarted, ...)
+                failures[kind].append(f"{type(exc).__name__}: {exc}")
+                print(f"  [{shape} run {_run + 1}] {kind}: FAILED ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            else:
                 results[kind].append(result)
                 print(f"  [{shape} run {_run + 1}] {kind:11s} {result.cpu_us:7.2f} us/event "
                       f"{result.rate:9.0f} ev/s rss {result.rss:6.1f} MiB seq {result.seq} "
-                      f"{result.note}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                      f"{result.note}", file=sys.stderr, flush=True)  # fmt: skip
             finally:
-                await client.stop()
+                with contextlib.suppress(Exception):
+                    await client.stop()
                 await sim.stop()
+    for kind, failed in failures.items():
+        for reason in failed:
+            print(f"  ({shape}: a run of {kind} failed and is left out: {reason})")
     return results
+
+
+async def measure(
+    shape: str, client: Client, kind: str, run: int, args: argparse.Namespace
+) -> Result:
+    await client.start()
+    if shape == "saturated":
+        return await measure_saturated(client, args.events)
+    if shape == "paced":
+        return await measure_window(client, args.rate, args.window)
+    if args.profile_worker and client.kind == "worker" and run == 0:
+        suffix = ".base" if kind.endswith("@base") else ""
+        await profile_many(client, args, args.profile_worker + suffix)
+    return await measure_window(client, 2.0, args.window)
 
 
 async def profile_many(client: Client, args: argparse.Namespace, output: str) -> None:

@@ -411,8 +411,10 @@ class Client:
         if self.kind == "amqp":
             await self._start_amqp(env)
         stdout = asyncio.subprocess.DEVNULL if self.kind == "amqp" else asyncio.subprocess.PIPE
+        # From a neutral directory: each interpreter imports the code of its own checkout (a
+        # `-c` script or `-m` worker would import the current directory's first).
         self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=stdout, stdin=asyncio.subprocess.DEVNULL, env=env, limit=1 << 20
+            *argv, stdout=stdout, stdin=asyncio.subprocess.DEVNULL, env=env, limit=1 << 20, cwd="/"
         )
         if self.proc.stdout is not None:
             reader = (

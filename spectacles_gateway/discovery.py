@@ -167,7 +167,7 @@ def fetch_in_child(base_url: str, token: str) -> GatewayBot:
 
     try:
         done = subprocess.run(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-P", "-m", __name__],  # -P: not the working directory's code
             input=json.dumps({"base_url": base_url, "token": token}).encode(),
             capture_output=True,
             timeout=CHILD_TIMEOUT,

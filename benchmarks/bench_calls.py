@@ -1,7 +1,8 @@
 """Python-level calls per event on the ingest path: transport -> core -> worker -> stdio broker.
 
 Counts every Python function call (``sys.setprofile`` "call" events, C functions excluded) made
-while one ``data_received`` handles a read that holds 1 event, and one that holds 50, on a real
+while one ``data_received`` handles a read that holds 1 event, and one that holds 50 (and the
+worker's flush of its broker that the read scheduled), on a real
 ``GatewayConnection`` fed with Discord-framed zstd-stream bytes (no socket: the bytes are handed
 to the protocol as the event loop would). The broker is the stdio broker writing to /dev/null.
 
@@ -135,9 +136,18 @@ def count_calls(conn: Any, data: bytes) -> int:
     sys.setprofile(profile)
     try:
         conn.data_received(data)
+        flush(conn)
     finally:
         sys.setprofile(None)
     return calls
+
+
+def flush(conn: Any) -> None:
+    """The worker flushes its broker once per turn of the event loop (a callback it scheduled):
+    run it now, so that it is counted with the read that asked for it."""
+    worker = conn.handler
+    if getattr(worker, "_wake_scheduled", False):
+        worker._on_wake()
 
 
 async def main() -> None:
@@ -147,6 +157,7 @@ async def main() -> None:
     conn, feed = await build()
     for _ in range(20):  # warm caches (event name cache, first-use paths)
         conn.data_received(feed.dispatch())
+        flush(conn)
     single = [count_calls(conn, feed.dispatch()) for _ in range(args.reads)]
     batch = [
         count_calls(conn, b"".join(feed.dispatch() for _ in range(50)))

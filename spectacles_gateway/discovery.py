@@ -4,21 +4,29 @@ The token goes in the ``Authorization`` header, so the request never follows a r
 is an error: the token must not travel to whatever host an answer names), never uses a proxy
 from the environment, and the gateway URL in the answer must be ``wss://`` unless the API itself
 is plain ``http://`` (a local simulator).
+
+
+The supervisor asks through a short-lived child process (``python -m
+spectacles_gateway.discovery``, the token on its stdin: :func:`fetch_in_child`), so it never
+loads ``http.client`` and ``ssl`` (about 6 MiB) for one request at start-up and one an hour.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .protocol.urls import tls_kept
 
-__all__ = ["BadToken", "GatewayBot", "fetch_gateway_bot"]
+if TYPE_CHECKING:
+    import http.client
+
+__all__ = ["BadToken", "GatewayBot", "fetch_gateway_bot", "fetch_in_child"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,8 @@ def _parse(body: bytes, url: str, base_url: str) -> GatewayBot:
 
 
 def _get(url: str, token: str, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
     parts = urlsplit(url)
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -122,6 +132,8 @@ def fetch_gateway_bot(
 ) -> GatewayBot:
     """Ask Discord; retry network errors, 5xx and 429 with backoff; raise BadToken on 401 and
     RuntimeError when it cannot be had."""
+    import http.client
+
     url = base_url.rstrip("/") + "/gateway/bot"
     delay = 1.0
     for attempt in range(1, attempts + 1):
@@ -140,3 +152,64 @@ def fetch_gateway_bot(
         sleep(min(wait, 60.0))
         delay = min(delay * 2, 30.0)
     raise AssertionError("unreachable")
+
+
+#: Seconds the child may take: six attempts with backoff, each up to its own timeout.
+CHILD_TIMEOUT = 150.0
+
+
+def fetch_in_child(base_url: str, token: str) -> GatewayBot:
+    """:func:`fetch_gateway_bot` in a short-lived child process of our interpreter (the token
+    goes through its stdin, never its argv); the same answers and exceptions. What the child
+    logged (retries) is logged here."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-P", "-m", __name__],  # -P: not the working directory's code
+            input=json.dumps({"base_url": base_url, "token": token}).encode(),
+            capture_output=True,
+            timeout=CHILD_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"could not ask for /gateway/bot: {type(exc).__name__}") from None
+    for line in done.stderr.decode(errors="replace").splitlines():
+        if line.strip():
+            log.warning("%s", line)
+    try:
+        answer = json.loads(done.stdout)
+        kind, value = answer["kind"], answer["value"]
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(
+            f"the /gateway/bot child process gave no answer (exit {done.returncode})"
+        ) from None
+    if kind == "bot":
+        return GatewayBot(**value)
+    if kind == "bad_token":
+        raise BadToken(str(value))
+    raise RuntimeError(str(value))
+
+
+def main() -> int:
+    """``python -m spectacles_gateway.discovery``: ``{"base_url", "token"}`` on stdin, the
+    answer on stdout as ``{"kind": "bot" | "bad_token" | "error", "value": ...}``; retries are
+    logged to stderr, one line each."""
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        bot = fetch_gateway_bot(request["base_url"], request["token"])
+        out = {"kind": "bot", "value": asdict(bot)}
+    except BadToken as exc:
+        out = {"kind": "bad_token", "value": str(exc)}
+    except RuntimeError as exc:
+        out = {"kind": "error", "value": str(exc)}
+    sys.stdout.write(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -107,6 +107,13 @@ class GatewayConnection(asyncio.Protocol):
         self.closed: asyncio.Future[int | None] = self.loop.create_future()
         self.is_open = False
         self.closing = False
+        #: Bytes read but not yet handed on: the start of a frame (or, before the handshake
+        #: completed, of the HTTP response). See :meth:`data_received`.
+        self._pending = bytearray()
+        #: Whole frames are split here (False: everything goes through websockets' parser,
+        #: which then owns the stream for good).
+        self._split = True
+        self._max_size = runner.max_message_size
         self._fragments: bytearray | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -122,15 +129,22 @@ class GatewayConnection(asyncio.Protocol):
         self._write_ws()
 
     def data_received(self, data: bytes) -> None:
-        ws = self.ws
-        ws.receive_data(data)
-        events = ws.events_received()
+        """Hand what was read to the core, then :meth:`pump`.
+
+        The common case costs few calls: while the connection is open, whole unfragmented
+        data frames are split here and their payloads go straight to the decompressor; any
+        other frame (ping, close, a fragment, reserved bits, a masked frame) is handed whole to
+        websockets' parser, which answers it and keeps its checks. Every byte websockets
+        sees starts at a frame boundary, so its parser and ours never disagree. Before the
+        handshake completed, websockets is given exactly the HTTP response; a frame larger than
+        the message limit, or any state but open, gives the rest of the stream to websockets
+        for good."""
         try:
-            if events:
-                if not self.is_open:
-                    events = self._handshake(events)
-                if events:
-                    self._frames(events)
+            if self._split:
+                self._split_frames(data)
+            else:
+                self._receive(data)
+            ws = self.ws
             if not self.closing and isinstance(ws.parser_exc, PayloadTooBig):
                 self.closing = True  # websockets already failed the connection with 1009
                 self.core.message_failed(f"gateway message too large: {ws.parser_exc}")
@@ -140,7 +154,89 @@ class GatewayConnection(asyncio.Protocol):
             self.core.message_failed(f"internal error: {type(exc).__name__}: {exc}")
             self.pump()
 
+    def _receive(self, data: bytes | bytearray) -> None:
+        """Through websockets' parser."""
+        ws = self.ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        if events:
+            if not self.is_open:
+                events = self._handshake(events)
+            if events:
+                self._frames(events)
+
+    def _give_up_splitting(self, buf: bytes | bytearray, pos: int) -> None:
+        self._split = False
+        self._pending = bytearray()
+        if pos < len(buf):
+            self._receive(buf[pos:])
+
+    def _split_frames(self, data: bytes) -> None:
+        pending = self._pending
+        if pending:
+            pending += data
+            buf: bytes | bytearray = pending
+        else:
+            buf = data
+        if not self.is_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > 65536:  # not an HTTP response we know: websockets says why
+                    self._give_up_splitting(buf, 0)
+                elif not pending:
+                    pending += data
+                return
+            end += 4
+            self._receive(buf[:end])
+            if self.ws.state is not _OPEN:  # refused, or a body follows: websockets decides
+                self._give_up_splitting(buf, end)
+                return
+            buf = buf[end:]
+            self._pending = pending = bytearray()
+        ws = self.ws
+        n = len(buf)
+        pos = 0
+        now = self.loop.time()
+        while n - pos >= 2:
+            head1 = buf[pos]
+            head2 = buf[pos + 1]
+            length = head2 & 0x7F
+            start = pos + 2
+            if length == 126:
+                start = pos + 4
+                if start > n:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+            elif length == 127:
+                start = pos + 10
+                if start > n:
+                    break
+                length = int.from_bytes(buf[pos + 2 : start], "big")
+            if length > self._max_size or head2 & 0x80:
+                self._give_up_splitting(buf, pos)  # websockets fails the connection
+                return
+            end = start + length
+            if end > n:
+                break
+            opcode = head1 & 0x0F
+            if head1 & 0xF0 == 0x80 and 0 < opcode < 3 and ws.current_size is None:
+                # FIN, no reserved bits, a whole text or binary message: the common case.
+                self._message(bytes(buf[start:end]) if pending else buf[start:end], now)
+            else:
+                self._receive(buf[pos:end])
+                if ws.state is not _OPEN:
+                    self._give_up_splitting(buf, end)
+                    return
+                now = self.loop.time()
+            pos = end
+        if pending:
+            del pending[:pos]
+        elif pos < n:
+            self._pending = bytearray(buf[pos:] if pos else buf)
+
     def eof_received(self) -> bool | None:
+        if self._pending:
+            self._give_up_splitting(self._pending, 0)
         self.ws.receive_eof()
         self._write_ws()
         return None
@@ -238,7 +334,10 @@ class GatewayConnection(asyncio.Protocol):
                 runner.identify_sent(event[0])  # type: ignore[arg-type]
             else:
                 handler.shard_event(runner, event)
-        self._write_ws()
+        if ws.writes or self.closing or not self.is_open:
+            # (Open, nothing to send: nothing for the close timer either; websockets queues
+            # a frame for every change that makes it expect the TCP connection to close.)
+            self._write_ws()
         handler.end_of_batch(shard_id)
         deadline = self.core.next_deadline()
         if deadline != self._timer_at:

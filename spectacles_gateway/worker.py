@@ -51,6 +51,13 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 GAP_EVENT = "GATEWAY_GAP"
 #: Seconds a retiring shard that is reconnecting gets to resume (and publish the replay).
 RETIRE_WAIT = 10.0
+#: Events published in one turn of the event loop that make the worker flush its broker at
+#: once, at the end of a read, instead of at the end of the turn (one turn of uvloop can read
+#: megabytes from one socket: its output need not wait in memory).
+FLUSH_EVENTS = 256
+#: The broker is flushed at most this often (seconds) while events come one read at a time:
+#: a write (a syscall, a wake-up of the reader) per few milliseconds instead of per event.
+FLUSH_INTERVAL = 0.005
 
 
 class Worker:
@@ -84,6 +91,9 @@ class Worker:
         self._latencies: list[float] = []
         self._clock = time.monotonic
         self._wake_scheduled = False
+        self._unflushed = 0  # events published since the broker was last flushed
+        self._flushed_at = -math.inf  # ... when (the loop's clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._background: list[asyncio.Task[None]] = []
         self._saved = self.shards.saved
         self._releasing: set[int] = set()
@@ -120,6 +130,7 @@ class Worker:
 
     def publish(self, shard_id: int, dispatch: Dispatch) -> None:
         event, seq, data, session = dispatch
+        self._unflushed += 1
         published = self._published
         published[event] = published.get(event, 0) + 1
         if seq is not None and shard_id not in self._latency_probe:
@@ -128,11 +139,21 @@ class Worker:
         self._publish(shard_id, event, seq, data, session)
 
     def end_of_batch(self, shard_id: int) -> None:
+        # The broker is flushed once per turn of the event loop, after every read of this
+        # turn (hundreds of shards reading at once make one write, not one each), and at most
+        # every FLUSH_INTERVAL: events that arrive one per wake-up go out a few at a time.
         self._changed.add(shard_id)
         self._unsaved.add(shard_id)
-        progress = self.broker.flush()
-        if progress is not None:
-            self._apply(progress)
+        if self._unflushed >= FLUSH_EVENTS:  # a big read: out with it now
+            self._on_wake()
+        elif not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop = self._loop or self._running_loop()
+            at = self._flushed_at + FLUSH_INTERVAL
+            if loop.time() >= at:
+                loop.call_soon(self._on_wake)
+            else:  # flushed a moment ago: what comes meanwhile goes out together
+                loop.call_at(at, self._on_wake)
 
     def shard_event(self, runner: ShardRunner, event: Event) -> None:
         self._changed.add(runner.shard_id)
@@ -200,10 +221,16 @@ class Worker:
     def _wake(self) -> None:
         if not self._wake_scheduled:
             self._wake_scheduled = True
-            asyncio.get_running_loop().call_soon(self._on_wake)
+            (self._loop or self._running_loop()).call_soon(self._on_wake)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _on_wake(self) -> None:
         self._wake_scheduled = False
+        self._unflushed = 0
+        self._flushed_at = (self._loop or self._running_loop()).time()
         progress = self.broker.flush()
         if progress is not None:
             self._apply(progress)

@@ -387,6 +387,7 @@ class Supervisor(Lifecycle, Generations):
                     self._grant(now)
                     next_grant = self.pacer.next_time(now) if self.pacer.waiting else None
                 if self.relay is not None:
+                    self.relay.wake(now)
                     for slot, relayed in self.relay.acks(now):
                         if slot.channel is not None:
                             slot.channel.send(relayed)
@@ -426,8 +427,11 @@ class Supervisor(Lifecycle, Generations):
             at = min(at, deadline)
         if self.reshard is not None and (deadline := self.reshard.next_deadline()) is not None:
             at = min(at, deadline)
-        if self.relay is not None and (ack := self.relay.next_ack()) is not None:
-            at = min(at, ack)
+        if self.relay is not None:
+            if (ack := self.relay.next_ack()) is not None:
+                at = min(at, ack)
+            if (wake := self.relay.next_wake()) is not None:
+                at = min(at, wake)
         return max(0.0, at - now)
 
     def _shutdown_io(self) -> None:

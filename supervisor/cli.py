@@ -22,7 +22,7 @@ from spectacles_gateway.config import (
     StatusCommand,
     run_or_exit,
 )
-from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
+from spectacles_gateway.discovery import BadToken, fetch_in_child
 from spectacles_gateway.exitcodes import EX_CONFIG, EX_UNAVAILABLE
 from spectacles_gateway.limits import raise_soft, shortfall, supervisor_need, worker_need
 from spectacles_gateway.logsetup import setup_logging
@@ -101,7 +101,7 @@ def reshard_options(
         unavailable = "this supervisor runs shard ids chosen by hand (shards.ids, --shards)"
 
     def check() -> object:
-        return fetch_gateway_bot(api_base, token)
+        return fetch_in_child(api_base, token)
 
     return ReshardOptions(
         policy=reshard.policy,
@@ -127,7 +127,7 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
         api_base = simulated.http_base
         log.info("simulating Discord at %s (no token needed)", simulated.gateway_url)
     try:
-        bot = fetch_gateway_bot(api_base, token)
+        bot = fetch_in_child(api_base, token)
     except BadToken as exc:
         raise Fatal(str(exc)) from None
     count = settings.shards.count or bot.shards

@@ -8,6 +8,13 @@ at most every :data:`ACK_INTERVAL`), which only then confirms those events. Whil
 behind by :data:`HIGH_WATER` bytes the workers' pipes are not read: their writes pause and their
 shards stop reading the gateway.
 
+A busy pipe is read at most every :data:`REST` seconds: after a read that took less than half
+of what the pipe holds, the pipe rests (is not polled) for that long and its next read takes
+everything the worker wrote meanwhile, so a worker delivering one event per wake-up costs the
+supervisor one wake-up per ~20 ms, not per event. The pipes are enlarged to :data:`PIPE_SIZE`
+(best effort) so that a worker rarely finds its pipe full in between; a read of half the pipe
+or more means a stream fast enough to be read without rests (each read is already large).
+
 Input: stdin records (JSON lines or msgpack maps) are parsed here once, routed by Discord's rule
 to the worker that runs the target shard (every worker for a broadcast), and kept per worker
 until its control channel can take them (bounded; a worker that restarts gets what was waiting).
@@ -20,6 +27,7 @@ import logging
 import os
 import selectors
 import stat
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import IO
@@ -29,6 +37,7 @@ import msgspec
 from spectacles_gateway import metrics
 from spectacles_gateway.brokers.wire import CommandError
 from spectacles_gateway.control import Deliver, Relayed
+from spectacles_gateway.pipes import enlarge_pipe
 from spectacles_gateway.records import (
     Dropped,
     RecordSplitter,
@@ -43,8 +52,15 @@ __all__ = ["ACK_INTERVAL", "HIGH_WATER", "StdinRouter", "StdioRelay"]
 log = logging.getLogger("spectacles_gateway.supervisor")
 
 HIGH_WATER = 4 << 20  # bytes waiting for our stdout before we stop reading workers
-READ_SIZE = 1 << 18
-ACK_INTERVAL = 0.02  # seconds between two Relayed messages to one worker
+READ_SIZE = 1 << 20
+#: Seconds a worker's pipe rests after a read that did not fill READ_SIZE.
+REST = 0.02
+#: What we ask the kernel to make each worker's pipe hold (Linux caps it for unprivileged
+#: processes at /proc/sys/fs/pipe-max-size, 1 MiB by default).
+PIPE_SIZE = 1 << 20
+#: Seconds between two Relayed messages to one worker (each one wakes the worker up; its
+#: sessions are saved once a second, so a tenth of a second costs nothing in replays).
+ACK_INTERVAL = 0.1
 #: Commands queued in a worker's control channel before more wait in the supervisor.
 CHANNEL_ROOM = 256 << 10
 
@@ -56,16 +72,38 @@ def pollable(fd: int) -> bool:
 
 
 class _Source:
-    __slots__ = ("acked", "partial", "pipe", "reading", "relayed", "slot", "taken")
+    __slots__ = (
+        "acked",
+        "fd",
+        "held",
+        "open",
+        "partial",
+        "pipe",
+        "registered",
+        "relayed",
+        "rest_below",
+        "rest_until",
+        "slot",
+        "taken",
+    )
 
     def __init__(self, slot: WorkerSlot, pipe: IO[bytes]) -> None:
         self.slot = slot
         self.pipe = pipe
+        self.fd = pipe.fileno()
         self.partial = b""  # the start of a record still being written
         self.taken = 0  # bytes of whole records taken from this worker
         self.relayed = 0  # ... of which reached stdout
         self.acked = 0  # ... of which the worker was told
-        self.reading = True
+        self.open = True  # False after EOF
+        self.held = False  # not read while stdout is behind
+        self.rest_until: float | None = None  # not read until then (a busy pipe)
+        self.registered = False  # in the selector
+        self.rest_below = 32 << 10  # a read shorter than this makes the pipe rest
+
+    @property
+    def reading(self) -> bool:
+        return self.open and not self.held and self.rest_until is None
 
 
 class StdioRelay:
@@ -89,17 +127,19 @@ class StdioRelay:
         self._sources: dict[int, _Source] = {}
         self._registered = False
         self._next_ack = 0.0
+        self._resting: list[_Source] = []
 
     # ------------------------------------------------------------------ workers' pipes
 
     def attach(self, slot: WorkerSlot, pipe: IO[bytes]) -> None:
-        os.set_blocking(pipe.fileno(), False)
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        size = enlarge_pipe(fd, PIPE_SIZE) or 64 << 10  # Linux's default
         source = _Source(slot, pipe)
+        source.rest_below = size // 2
         self._sources[slot.index] = source
-        self.selector.register(pipe, selectors.EVENT_READ, lambda m: self._read(source))
-        source.reading = len(self.out) <= HIGH_WATER
-        if not source.reading:
-            self.selector.unregister(pipe)
+        source.held = len(self.out) > HIGH_WATER
+        self._poll(source)
 
     def detach(self, slot: WorkerSlot) -> None:
         """The worker died: forward the whole records left in its pipe (they may already be
@@ -107,41 +147,78 @@ class StdioRelay:
         source = self._sources.pop(slot.index, None)
         if source is None:
             return
-        if source.reading:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(source.pipe)
+        source.open = False
+        self._poll(source)
         while self._take(source):
             pass
         with contextlib.suppress(OSError):
             source.pipe.close()
         self._ends = deque(e for e in self._ends if e[1] is not source)
+        with contextlib.suppress(ValueError):
+            self._resting.remove(source)
+
+    def _poll(self, source: _Source) -> None:
+        """Register the source's pipe with the selector exactly while it is to be read."""
+        want = source.reading
+        if want and not source.registered:
+            self.selector.register(source.pipe, selectors.EVENT_READ, lambda m: self._read(source))
+            source.registered = True
+        elif not want and source.registered:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(source.pipe)
+            source.registered = False
 
     def _read(self, source: _Source) -> None:
-        self._take(source)
+        n = self._take(source)
+        if 0 < n < source.rest_below and source.open:
+            # A short read: let the pipe fill for a while, then take it all at once.
+            source.rest_until = time.monotonic() + REST
+            self._resting.append(source)
+        self._poll(source)
 
-    def _take(self, source: _Source) -> bool:
+    def wake(self, now: float) -> None:
+        """Read the pipes whose rest is over (the owner's loop calls this): what they hold is
+        taken at once, and a pipe that had something rests again without ever going back to
+        the selector; an empty one is polled again."""
+        resting = self._resting
+        due: list[_Source] = []
+        while resting and resting[0].rest_until is not None and resting[0].rest_until <= now:
+            source = resting.pop(0)
+            source.rest_until = None
+            due.append(source)
+        for source in due:
+            if source.reading:
+                self._read(source)
+            else:
+                self._poll(source)
+
+    def next_wake(self) -> float | None:
+        """When :meth:`wake` has something to do (None: no pipe rests)."""
+        return self._resting[0].rest_until if self._resting else None
+
+    def _take(self, source: _Source) -> int:
+        """Read once; the number of bytes read (0: nothing now, or EOF)."""
         try:
-            data = os.read(source.pipe.fileno(), READ_SIZE)
+            data = os.read(source.fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return False
+            return 0
         except OSError:
             data = b""
         if not data:
-            if source.reading:
-                with contextlib.suppress(KeyError, ValueError):
-                    self.selector.unregister(source.pipe)
-                source.reading = False
-            return False
+            source.open = False
+            self._poll(source)
+            return 0
+        n = len(data)
         if source.partial:
             data = source.partial + data
         end = whole_records_end(data, self.format)
         source.partial = data[end:] if end < len(data) else b""
         if end:
             source.taken += end
-            self._emit(data if end == len(data) else data[:end], source)
-        return True
+            self._emit(data if end == len(data) else memoryview(data)[:end], source)
+        return n
 
-    def _emit(self, chunk: bytes, source: _Source) -> None:
+    def _emit(self, chunk: bytes | memoryview, source: _Source) -> None:
         position = self.written + len(self.out) + len(chunk)
         self._ends.append((position, source, source.taken))
         if self.out or self.fd is None:
@@ -151,12 +228,12 @@ class StdioRelay:
 
     # ------------------------------------------------------------------ stdout
 
-    def _write(self, chunk: bytes | None = None) -> None:
+    def _write(self, chunk: bytes | memoryview | None = None) -> None:
         fd = self.fd
         if fd is None:
             self.out.clear()
             return
-        data: bytes | bytearray = self.out if chunk is None else chunk
+        data: bytes | bytearray | memoryview = self.out if chunk is None else chunk
         try:
             if self.blocking:
                 view = memoryview(data)
@@ -199,16 +276,14 @@ class StdioRelay:
         # Back-pressure: stop reading workers while stdout is behind.
         if pending > HIGH_WATER:
             for source in self._sources.values():
-                if source.reading:
-                    self.selector.unregister(source.pipe)
-                    source.reading = False
+                if not source.held:
+                    source.held = True
+                    self._poll(source)
         elif pending <= HIGH_WATER // 2:
             for source in self._sources.values():
-                if not source.reading:
-                    source.reading = True
-                    self.selector.register(
-                        source.pipe, selectors.EVENT_READ, lambda m, s=source: self._read(s)
-                    )
+                if source.held:
+                    source.held = False
+                    self._poll(source)
 
     def acks(self, now: float) -> list[tuple[WorkerSlot, Relayed]]:
         """What each worker must be told about its relayed output (at most every

@@ -6,7 +6,6 @@ gets a parent-death signal (Linux), so a supervisor killed with SIGKILL does not
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import subprocess
@@ -37,6 +36,8 @@ class Simulated:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    import ctypes  # already loaded by start_simulator: no import work between fork and exec
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -46,6 +47,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between
 
 def start_simulator(shard_count: int, rate: float) -> Simulated:
     """Start the bundled gateway simulator on loopback and return where it listens."""
+    import ctypes  # noqa: F401 - for _die_with_parent; only a supervisor that simulates loads it
+
     argv = [
         sys.executable,
         "-P",

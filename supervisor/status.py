@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from functools import cache
-from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -198,6 +197,8 @@ def human(seconds: float) -> str:
 @cache
 def page() -> bytes:
     """The shard map (``GET /``): one self-contained HTML file shipped in the package."""
+    from importlib import resources  # once, for the first page: it costs 1 MiB of memory
+
     return resources.files("supervisor").joinpath("shardmap.html").read_bytes()
 
 

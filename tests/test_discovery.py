@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spectacles_gateway.discovery import BadToken, fetch_gateway_bot
+from spectacles_gateway.discovery import BadToken, fetch_gateway_bot, fetch_in_child
 
 from .support.answers import Answer, answering
 
@@ -105,3 +105,26 @@ def test_proxies_in_the_environment_are_ignored(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # a dead port
     with server(lambda n: ok()) as (base, _):
         assert fetch_gateway_bot(base, TOKEN, attempts=1).shards == 9
+
+
+def test_the_supervisor_asks_through_a_child_process() -> None:
+    """The supervisor's way (it does not load http.client and ssl itself): the same answer,
+    the token in the header as before, never on the child's command line."""
+    with server(lambda n: ok()) as (base, seen):
+        bot = fetch_in_child(base, TOKEN)
+    assert (bot.url, bot.shards, bot.max_concurrency, bot.remaining) == (
+        "wss://gateway.discord.gg",
+        9,
+        16,
+        998,
+    )
+    assert seen[0]["authorization"] == f"Bot {TOKEN}"
+
+
+def test_the_child_process_reports_a_bad_token_and_a_refusal() -> None:
+    with server(lambda n: (401, {}, b"{}")) as (base, _):
+        with pytest.raises(BadToken):
+            fetch_in_child(base, TOKEN)
+    with server(lambda n: (404, {}, b"{}")) as (base, _):
+        with pytest.raises(RuntimeError, match="404"):
+            fetch_in_child(base, TOKEN)

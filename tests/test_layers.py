@@ -29,6 +29,9 @@ WORKER_ONLY = [
     "spectacles_gateway.worker",
 ]
 IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]
+#: What the supervisor uses rarely, loaded only then (issue 14: its fixed memory): HTTPS for
+#: ``GET /gateway/bot`` (a child process asks), the shard map's file, --simulate's prctl.
+RARELY = ["ssl", "http.client", "email", "importlib.resources", "ctypes"]
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -52,6 +55,23 @@ def loaded_after(statement: str) -> set[str]:
 def test_the_supervisor_loads_none_of_the_workers_libraries(statement: str) -> None:
     modules = loaded_after(statement)
     assert not [m for m in WORKER_ONLY if m in modules]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import supervisor.cli",
+        "from spectacles_gateway.config import load; load([], {'DISCORD_TOKEN': 't'})\n"
+        "import supervisor.arbiter, supervisor.status, supervisor.relay",
+    ],
+    ids=["entry-point", "start-up"],
+)
+def test_the_supervisor_loads_what_it_rarely_uses_only_when_used(statement: str) -> None:
+    modules = loaded_after(statement)
+    assert not [m for m in RARELY if m in modules]
+    # ... and the check sees them when they are used:
+    used = loaded_after(f"{statement}\nimport supervisor.status; supervisor.status.page()")
+    assert "importlib.resources" in used
 
 
 def test_the_protocol_core_loads_no_io() -> None:

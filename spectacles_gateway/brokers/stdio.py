@@ -22,6 +22,7 @@ import stat
 from collections import deque
 
 from .. import metrics
+from ..pipes import enlarge_pipe
 from .base import Broker, Progress
 from .wire import json_line, msgpack_event_map
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 DRAIN_CHECK = 0.02
 #: How long a stopping worker waits for the supervisor to report its last output written.
 RELAY_WAIT = 2.0
+#: What we ask the kernel to make a stdout pipe hold (capped by /proc/sys/fs/pipe-max-size).
+PIPE_SIZE = 1 << 20
 
 
 class _Writer(asyncio.Protocol):
@@ -182,6 +185,9 @@ class StdioBroker(Broker):
         loop = asyncio.get_running_loop()
         out_fd = os.dup(self._stdout_fd)
         if _is_pipe_like(out_fd):
+            if stat.S_ISFIFO(os.fstat(out_fd).st_mode):
+                # Room for a while of output: the reader (the supervisor) takes it in batches.
+                enlarge_pipe(out_fd, PIPE_SIZE)
             os.set_blocking(out_fd, False)
             pipe = os.fdopen(out_fd, "wb", buffering=0)
             transport, _ = await loop.connect_write_pipe(lambda: _Writer(self), pipe)

@@ -204,10 +204,14 @@ class Simulator:
         return seq
 
     def burst(self, shard_id: int, count: int, size: int = 1024) -> None:
-        """Generate ``count`` MESSAGE_CREATEs and write them to the socket in one write."""
+        """Generate ``count`` events and write them to the socket in one write: the realistic
+        profile's mix with ``profile="realistic"``, else MESSAGE_CREATEs of ``size``."""
         session = self._gw.table.current(shard_id)
         if session.conn is None:
             raise RuntimeError(f"shard {shard_id} has no connected session to burst into")
+        if self._traffic.corpus is not None:
+            self._traffic.generate(session, count)
+            return
         first_uid = self._gw.ids.take(count)
         session.log.extend_generated(first_uid, count, size)
         self._gw.table.flush(session)

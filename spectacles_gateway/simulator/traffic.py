@@ -269,13 +269,14 @@ class Traffic:
             if session is None:
                 self.emit_guild(stream.guild_id)
             else:
-                self._generate(session, 1)
+                self.generate(session, 1)
             stats.writes += 1
             stats.events += 1
             stream.advance()
             self._pacer.schedule(stream.due, stream)
 
-    def _generate(self, session: Session, count: int) -> None:
+    def generate(self, session: Session, count: int) -> None:
+        """``count`` events of the profile for ``session``, written in one write."""
         log = session.log
         first = self._take_ids(count)
         if self.corpus is not None:

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
@@ -91,6 +96,36 @@ def redis_client(
 MASTER_CHECK_INTERVAL = 0.5
 
 
+class _MasterConnection(SentinelManagedConnection):
+    """A connection to the master that asks its pool where the master is whenever it
+    connects, reconnects included.
+
+    redis-py's Sentinel connection asks only in :meth:`connect`; a command that meets a dead
+    socket reconnects through :meth:`connect_check_health` (``send_packed_command``), to the
+    host and port it had: the old master, which still takes writes for seconds after a
+    ``SENTINEL FAILOVER``, and which the Sentinels close every connection to once they demote
+    it (so a retried write lands there, acknowledged, and is lost)."""
+
+    connection_pool: _FollowingPool
+
+    async def _connect_retry(self) -> None:
+        if self.is_connected:
+            return
+        await self.connect_check_health(
+            check_health=self.connection_pool.check_connection, retry_socket_connect=False
+        )
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
 class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
     """A Sentinel pool that follows the master between connections too. Blocking, like the
     pool without Sentinel: a command waits up to :data:`POOL_TIMEOUT` for a free connection
@@ -101,13 +136,21 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
     master never sees) until the Sentinels turn it into a replica, seconds later; a pooled
     connection would go on writing there. So at most every :data:`MASTER_CHECK_INTERVAL`
     seconds, when a connection is taken, a background task asks the Sentinels; when they name
-    another master, idle connections are closed and busy ones reconnect once released, and
-    :attr:`master_changes` grows (the shard store then writes its sessions again, to the new
-    master, in case the old one took writes it never passed on). The same check counts the
-    replicas the Sentinels know alive (:func:`waits_for_replica`).
+    another master, :attr:`master_changes` grows (the shard store then writes its sessions
+    again, to the new master, in case the old one took writes it never passed on). The same
+    check counts the replicas the Sentinels know alive (:func:`waits_for_replica`).
+
+    What a caller may rely on: while :attr:`master_changes` stays the same, every command goes
+    to the master it names. A move is counted in the same step as the pool stops handing out
+    connections to the old master (:meth:`_moved`), every connection (re)connects to the
+    master the Sentinels name at that time (:class:`_MasterConnection`), and one that is not
+    connected to :attr:`master_address` when taken reconnects (:meth:`ensure_connection`). So a
+    write acknowledged with no change counted between a reading taken before it and one taken
+    after it went to the master of the second reading.
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        kwargs.setdefault("connection_class", _MasterConnection)
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         #: How many times the master changed under this pool (the first one found is 0).
         self.master_changes = 0
@@ -119,12 +162,8 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
     async def get_master_address(self) -> tuple[str, int]:
         """Where the master is (asked when a connection opens); a change is a move."""
         address = await self._discover()
-        before = self.master_address
-        if address != before:
-            self.master_address = address
-            if before is not None:
-                self._moved(before, address)
-            await self.disconnect(inuse_connections=False)
+        if address != self.master_address:
+            await self._moved(address)
         return address
 
     async def _discover(self) -> tuple[str, int]:
@@ -147,7 +186,19 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
             f"no Sentinel names a master {self.service_name!r}" + "".join(f"; {e}" for e in errors)
         )
 
-    def _moved(self, before: tuple[str, int], address: tuple[str, int]) -> None:
+    async def _moved(self, address: tuple[str, int]) -> None:
+        """The master is now at ``address`` (the first one found is no move). In one step (no
+        await): count the move, take the idle connections out of the pool (redis-py's
+        ``disconnect`` leaves them in it, connected until their socket is closed, so a command
+        could take one and write to the old master), and mark the busy ones to be closed when
+        released. Then close the idle ones, without waiting for their sockets: out of the pool,
+        a close that a cancellation interrupted would leave them open."""
+        before, self.master_address = self.master_address, address
+        if before is None:
+            return
+        idle, self._available_connections = self._available_connections, []
+        for connection in self._in_use_connections:
+            connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
         self.master_changes += 1
         log.warning(
             "Redis Sentinel: master %r moved from %s:%s to %s:%s",
@@ -155,6 +206,9 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
             *before,
             *address,
         )
+        for connection in idle:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await connection.disconnect(nowait=True)
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -163,6 +217,11 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
             self._checked_at = now
             self._check = loop.create_task(self._follow(), name="redis-sentinel-follow")
         await super().ensure_connection(connection)
+        if isinstance(connection, _MasterConnection) and (
+            (connection.host, connection.port) != self.master_address  # see the class
+        ):
+            await connection.disconnect()
+            await connection.connect()  # type: ignore[no-untyped-call]
 
     async def _follow(self) -> None:
         try:
@@ -172,13 +231,9 @@ class _FollowingPool(SentinelConnectionPool, BlockingConnectionPool):
                 # on the old master because the new one has none yet.
                 self.live_replicas = await self._in_sync_replicas(self.sentinel_manager.sentinels)
                 address = await self._discover()
-            before = self.master_address
-            if before is None or address == before:
+            if self.master_address is None or address == self.master_address:
                 return
-            self.master_address = address
-            self._moved(before, address)
-            await self.disconnect(inuse_connections=False)
-            await self.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+            await self._moved(address)
         except REDIS_ERRORS as exc:  # no Sentinel answers: keep what we have
             log.debug("Redis Sentinel: master %r not checked (%s)", self.service_name, exc)
         finally:

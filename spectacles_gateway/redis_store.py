@@ -354,7 +354,8 @@ class RedisStore:
                 return False
             self.outage.succeeded(loop.time())
             # A failover found while writing: this write may have gone to the old master, so
-            # everything stays dirty and is written again.
+            # everything stays dirty and is written again. None found: it went to the master
+            # the Sentinels name (the pool's promise, :class:`.redis_link._FollowingPool`).
             moved = self._follow_master()
             for (shard_id, entry), version, written in zip(todo, versions, results, strict=True):
                 if not int(written):  # a newer owner holds the shard: never write it again

@@ -221,6 +221,51 @@ async def _follows(sentinels: SentinelSet) -> None:
         await client.aclose()
 
 
+async def test_no_write_goes_to_the_old_master_once_the_move_is_counted(
+    sentinels: SentinelSet,
+) -> None:
+    # The contract the shard store relies on: a write sent after master_changes counted a
+    # move lands on the new master. Several writers keep the pool's connections busy and idle
+    # around the move; redis-py closed the idle ones in place (a writer could take one while
+    # it was being closed) and reconnected a retried command to the old address.
+    prefix = f"after-{uuid.uuid4().hex[:8]}:"
+    settings = sentinel_settings(sentinels, prefix)
+    client = redis_client(settings, max_connections=4, name="test-after")
+    before: list[str] = []
+    after: list[str] = []  # keys written once the move was counted
+    stop = asyncio.Event()
+
+    async def writer(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = f"{prefix}w{n}:{i}"
+            counted = master_changes(client) == 1
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.set(key, 1)
+                (after if counted else before).append(key)
+            await asyncio.sleep(0.001 * n)
+
+    tasks = [asyncio.create_task(writer(n)) for n in range(6)]
+    try:
+        await wait_until(lambda: len(before) > 100, 5, "writes")
+        old = sentinels.failover()
+        new = await asyncio.to_thread(sentinels.wait_new_master, old)
+        await wait_until(lambda: len(after) > 200, 5, "writes after the move was counted")
+        stop.set()
+        await asyncio.gather(*tasks)
+        with sentinels.server(old) as r:
+            role = r.execute_command("ROLE")[0]
+        assert role == b"master", "the old master was already converted: the test proves nothing"
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await client.aclose()
+    with sentinels.server(new) as r:
+        missing = [key for key, there in zip(after, r.mget(after), strict=True) if there is None]
+    assert not missing, f"{len(missing)} of {len(after)} writes went to the old master"
+
+
 async def test_the_store_writes_its_sessions_again_to_a_new_master(
     sentinels: SentinelSet,
 ) -> None:

@@ -245,17 +245,24 @@ def _open_files(
         largest = -(-len(ids) // len(groups))
     clients = settings.prometheus.max_clients if settings.prometheus.enabled else 0
     needs = [
-        (worker_need(largest), f"{largest} shards in one worker"),
-        (supervisor_need(len(groups), clients), f"{len(groups)} workers"),
+        (worker_need(largest), f"{largest} shards in one worker", not fleet),
+        (supervisor_need(len(groups), 0), f"{len(groups)} workers", not fleet),
+        # The HTTP listener survives running out (it refuses clients until some leave): a
+        # client cap above the limit is worth a warning, not a stop.
+        (
+            supervisor_need(len(groups), clients),
+            f"{len(groups)} workers and {clients} HTTP clients (PROMETHEUS_MAX_CLIENTS)",
+            False,
+        ),
     ]
-    for need, what in needs:
+    for need, what, fatal in needs:
         problem = shortfall(need, limit.soft, what)
         if problem is None:
             continue
-        if fleet:
-            log.warning("%s", problem)
-        else:
+        if fatal:
             raise Fatal(problem)
+        log.warning("%s", problem)
+        break  # one line is enough: the first need not met says it
 
 
 def run(loaded: Loaded, argv: list[str]) -> int:

@@ -149,9 +149,10 @@ async def test_the_http_listener_survives_running_out_of_file_descriptors() -> N
         env = gateway_env(
             sim, PROMETHEUS_ADDRESS=f"127.0.0.1:{port}", PROMETHEUS_MAX_CLIENTS="1000"
         )
-        # A low open-file limit for the supervisor (and its worker): accept() hits EMFILE.
+        # A low open-file limit for the supervisor (and its worker): accept() hits EMFILE. Just
+        # enough for a worker's one shard (spectacles_gateway.limits), not for the flood.
         wrapper = (
-            "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+            "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); "
             "os.execv(sys.argv[1], sys.argv[1:])"
         )
         process = await asyncio.create_subprocess_exec(
@@ -167,7 +168,7 @@ async def test_the_http_listener_survives_running_out_of_file_descriptors() -> N
             await wait_until(lambda: ready_count(sim.ledger) == 1, 30, "ready")
             await wait_until(lambda: _get(port, "/healthz") == 200, 10, "the listener")
             flood = []
-            for _ in range(80):  # more than the process can hold
+            for _ in range(160):  # more than the process can hold
                 s = socket.create_connection(("127.0.0.1", port), timeout=5)
                 flood.append(s)
             await asyncio.sleep(t(0.5))
@@ -184,6 +185,7 @@ async def test_the_http_listener_survives_running_out_of_file_descriptors() -> N
         assert process.stderr is not None
         log = (await process.stderr.read()).decode(errors="replace")
         assert "accept() failed" in log
+        assert "too low for 1 workers and 1000 HTTP clients" in log  # said, and it ran
 
 
 async def test_clients_beyond_the_cap_are_refused_and_slow_ones_dropped() -> None:

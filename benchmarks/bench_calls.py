@@ -84,6 +84,7 @@ class Feed:
 
 
 async def build() -> tuple[Any, Feed]:
+    from spectacles_gateway import runner as runner_module
     from spectacles_gateway import transport, worker
     from spectacles_gateway.brokers.stdio import StdioBroker
     from spectacles_gateway.compression import make_decompressor
@@ -102,7 +103,7 @@ async def build() -> tuple[Any, Feed]:
     w = worker.Worker(plan, broker, gate=LocalIdentifyGate(1))
     w.bind_broker()
     await broker.start()
-    runner = transport.ShardRunner(plan.shard_config(0), w, w.gate)
+    runner = runner_module.ShardRunner(plan.shard_config(0), w, w.gate)
     w.runners[0] = runner
     conn = transport.GatewayConnection(
         runner, "ws://127.0.0.1:9/?v=10", make_decompressor("zstd-stream"), identify=True

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from . import metrics
 from .protocol.shard import Session
-from .transport import EventHandler, IdentifyGateLike, ShardRunner
+from .runner import ShardRunner
+from .transport import EventHandler, IdentifyGateLike
 
 if TYPE_CHECKING:
     from .plan import WorkerPlan

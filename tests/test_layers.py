@@ -26,6 +26,7 @@ WORKER_ONLY = [
     "prometheus_client",
     "pydantic",
     "spectacles_gateway.transport",
+    "spectacles_gateway.runner",
     "spectacles_gateway.worker",
 ]
 IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]

@@ -21,7 +21,8 @@ from spectacles_gateway.compression import make_decompressor
 from spectacles_gateway.gate import LocalIdentifyGate
 from spectacles_gateway.plan import DEFAULT_MAX_MESSAGE, WorkerPlan
 from spectacles_gateway.protocol.events import Dispatch, Event
-from spectacles_gateway.transport import GatewayConnection, ShardRunner
+from spectacles_gateway.runner import ShardRunner
+from spectacles_gateway.transport import GatewayConnection
 
 TEXT, BINARY, CONT, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 import pika
+from simenv import simulator_env
 
 from spectacles_gateway.brokers.wire import msgpack_string
 from spectacles_gateway.simulator import Simulator, SimulatorConfig
@@ -252,14 +253,8 @@ async def run_plain(
 async def run_worker(
     url: str, rabbit: Rabbit, sim: Simulator, events: int, size: int, consume: bool
 ) -> tuple[float, float]:
-    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
-    env = dict(
-        os.environ,
-        DISCORD_TOKEN="simulated-token",
-        DISCORD_API_PROTOCOL="http",
-        DISCORD_API_HOST=host,
-        DISCORD_EVENTS="MESSAGE_CREATE",
-        LOG_LEVEL="warn",
+    env = simulator_env(
+        sim.http_base,
         BROKER_TYPE="amqp",
         BROKER_GROUP=rabbit.group,
         AMQP_URL=url,

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simenv import simulator_env
+
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -364,17 +366,12 @@ class Result:
 
 
 def gateway_env(sim: SimProcess, shards: int) -> dict[str, str]:
-    host = sim.http.split("://", 1)[1].split("/", 1)[0]
-    return dict(
-        os.environ,
-        DISCORD_TOKEN="simulated-token",
+    return simulator_env(
+        sim.http,
         SUPERVISOR_WORKERS="1",
-        DISCORD_API_PROTOCOL="http",
-        DISCORD_API_HOST=host,
         DISCORD_EVENTS=",".join(EVENTS),
         DISCORD_RAW_INTENTS=str(INTENTS),
         DISCORD_SHARD_COUNT=str(shards),
-        LOG_LEVEL="warn",
     )
 
 

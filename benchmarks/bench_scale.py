@@ -42,6 +42,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from simenv import simulator_env
+
 BIN = Path(sys.executable).parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TOKEN = "simulated-token"
@@ -120,16 +122,13 @@ class Bench:
     def start_gateway(self, urls: dict[str, str]) -> None:
         a = self.args
         self.port = free_port()
-        host = urls["http_base"].split("://", 1)[1].split("/", 1)[0]
-        env = {
-            "PATH": os.environ.get("PATH", ""),
-            "DISCORD_TOKEN": TOKEN,
-            "DISCORD_API_PROTOCOL": "http",
-            "DISCORD_API_HOST": host,
-            "DISCORD_EVENTS": "MESSAGE_CREATE",
-            "PROMETHEUS_ADDRESS": f"127.0.0.1:{self.port}",
-            "LOG_LEVEL": "info",
-        }
+        env = simulator_env(
+            urls["http_base"],
+            inherit=False,
+            DISCORD_TOKEN=TOKEN,
+            PROMETHEUS_ADDRESS=f"127.0.0.1:{self.port}",
+            LOG_LEVEL="info",
+        )
         if a.series:
             env["PROMETHEUS_SHARD_SERIES"] = a.series
         self.log = open(a.log, "wb")  # noqa: SIM115

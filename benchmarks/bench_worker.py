@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from simenv import simulator_env
+
 from spectacles_gateway.simulator import Simulator, SimulatorConfig
 
 BIN = Path(sys.executable).parent
@@ -62,16 +64,7 @@ uvloop.run(main(sys.argv[1]))
 
 def gateway_env(sim: Simulator) -> dict[str, str]:
     """The environment that points one worker of ``spectacles-supervise`` at ``sim``."""
-    host = sim.http_base.split("://", 1)[1].split("/", 1)[0]
-    return dict(
-        os.environ,
-        DISCORD_TOKEN="simulated-token",
-        SUPERVISOR_WORKERS="1",
-        DISCORD_API_PROTOCOL="http",
-        DISCORD_API_HOST=host,
-        DISCORD_EVENTS="MESSAGE_CREATE",
-        LOG_LEVEL="warn",
-    )
+    return simulator_env(sim.http_base, SUPERVISOR_WORKERS="1")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -17,6 +17,7 @@ import asyncio
 import os
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,38 +25,12 @@ from websockets.utils import accept_key
 
 from spectacles_gateway.simulator import new_zstd_compressor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.transport import FakeTransport
+
 EVENT = msgspec.json.encode(
     {"id": "1" * 18, "channel_id": "2" * 18, "content": "x" * 900, "author": {"id": "3" * 18}}
 )
-
-
-class FakeTransport(asyncio.Transport):
-    """Accepts writes and forgets them: what a socket with room to spare looks like."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.closing = False
-
-    def write(self, data: Any) -> None:
-        return None
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        return None
-
-    def resume_reading(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 def frame(data: bytes) -> bytes:
@@ -109,7 +84,7 @@ async def build() -> tuple[Any, Feed]:
         runner, "ws://127.0.0.1:9/?v=10", make_decompressor("zstd-stream"), identify=True
     )
     runner.connection = conn
-    conn.connection_made(FakeTransport())
+    conn.connection_made(FakeTransport(keep=False))
     accept = accept_key(conn.request.headers["Sec-WebSocket-Key"]).encode()
     feed = Feed()
     handshake = (

@@ -43,30 +43,26 @@ def loaded_after(statement: str) -> set[str]:
     return set(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize(
+#: What the supervisor loads: its entry point, and what it does before the first fork
+#: (configuration, plan, control codec).
+SUPERVISOR_LOADS = pytest.mark.parametrize(
     "statement",
     [
         "import supervisor.cli",
-        # What the entry point does before the first fork: configuration, plan, control codec.
         "from spectacles_gateway.config import load; load([], {'DISCORD_TOKEN': 't'})\n"
         "import supervisor.arbiter, supervisor.status, supervisor.relay",
     ],
     ids=["entry-point", "start-up"],
 )
+
+
+@SUPERVISOR_LOADS
 def test_the_supervisor_loads_none_of_the_workers_libraries(statement: str) -> None:
     modules = loaded_after(statement)
     assert not [m for m in WORKER_ONLY if m in modules]
 
 
-@pytest.mark.parametrize(
-    "statement",
-    [
-        "import supervisor.cli",
-        "from spectacles_gateway.config import load; load([], {'DISCORD_TOKEN': 't'})\n"
-        "import supervisor.arbiter, supervisor.status, supervisor.relay",
-    ],
-    ids=["entry-point", "start-up"],
-)
+@SUPERVISOR_LOADS
 def test_the_supervisor_loads_what_it_rarely_uses_only_when_used(statement: str) -> None:
     modules = loaded_after(statement)
     assert not [m for m in RARELY if m in modules]

@@ -8,11 +8,9 @@ what it must.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import struct
-from typing import Any
 
 import pytest
 from websockets.utils import accept_key
@@ -23,6 +21,8 @@ from spectacles_gateway.plan import DEFAULT_MAX_MESSAGE, WorkerPlan
 from spectacles_gateway.protocol.events import Dispatch, Event
 from spectacles_gateway.runner import ShardRunner
 from spectacles_gateway.transport import GatewayConnection
+
+from .support.transport import FakeTransport
 
 TEXT, BINARY, CONT, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 
@@ -47,35 +47,7 @@ class Recorder:
         return None
 
 
-class Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closing = False
-
-    def write(self, data: Any) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        return None
-
-    def resume_reading(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def close(self) -> None:
-        self.closing = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
+Transport = FakeTransport
 
 
 def frame(

@@ -16,7 +16,7 @@ import pytest
 
 from spectacles_gateway.simulator import Simulator
 from spectacles_gateway.simulator.guilds import guild_ids
-from tests.gwtest import t
+from tests.gwtest import t, wait_until
 from tests.simclient import SimClient, http_get
 from tests.support.simulators import SimulatorPool
 
@@ -100,6 +100,14 @@ async def test_guild_events_reach_every_owner_of_both_generations(sim_pool: Simu
     readers = {shard: Reader((await sim_pool.identify(sim, shard))[0]) for shard in shards}
     all_up = sim.ledger.identifies[-1].time
     await asyncio.sleep(t(1.5))
+    sim.pause_dispatch()  # then let what is on its way arrive before the readers stop
+
+    def received() -> set[str]:
+        return set().union(*(set(reader.ids()) for reader in readers.values()))
+
+    await wait_until(
+        lambda: not sim.ledger.missing_guild_events(received()), 10, "events in flight"
+    )
     for reader in readers.values():
         await reader.stop()
     rows = list(sim.ledger.guild_events.rows())

@@ -41,14 +41,13 @@ from typing import Any
 
 import msgspec
 import pika
-from simenv import simulator_env
+from simenv import cpu_seconds, simulator_env
 
 from spectacles_gateway.brokers.wire import msgpack_string
 from spectacles_gateway.simulator import Simulator, SimulatorConfig
 from spectacles_gateway.simulator.events import MessageFactory
 
 BIN = Path(sys.executable).parent
-TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 CONSUMER = r"""
@@ -134,14 +133,6 @@ async def main():
 
 uvloop.run(main())
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def tree(pid: int) -> list[int]:

@@ -49,10 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simenv import simulator_env
+from simenv import cpu_seconds, simulator_env
 
 BIN = Path(sys.executable).parent
-TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: What our clients publish: everything the simulator sends in these shapes.
@@ -201,14 +200,6 @@ uvloop.run(main())
 """
 
 # --------------------------------------------------------------------------- /proc
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def rss_mib(pid: int) -> float:

@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from simenv import simulator_env
+from simenv import cpu_seconds, simulator_env
 
 from spectacles_gateway.simulator import Simulator, SimulatorConfig
 
 BIN = Path(sys.executable).parent
-TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 BASELINE = r"""
@@ -65,11 +64,6 @@ uvloop.run(main(sys.argv[1]))
 def gateway_env(sim: Simulator) -> dict[str, str]:
     """The environment that points one worker of ``spectacles-supervise`` at ``sim``."""
     return simulator_env(sim.http_base, SUPERVISOR_WORKERS="1")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def children(pid: int) -> list[int]:

@@ -1,10 +1,14 @@
-"""The environment that points ``spectacles-supervise`` at a simulator (for the benchmarks)."""
+"""What the benchmarks share: the environment that points ``spectacles-supervise`` at a simulator,
+and a process's CPU time from ``/proc``."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["simulator_env"]
+__all__ = ["cpu_seconds", "simulator_env"]
+
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def simulator_env(http_base: str, *, inherit: bool = True, **extra: str) -> dict[str, str]:
@@ -21,3 +25,12 @@ def simulator_env(http_base: str, *, inherit: bool = True, **extra: str) -> dict
     )
     env.update(extra)
     return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime

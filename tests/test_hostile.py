@@ -164,17 +164,36 @@ async def test_the_http_listener_survives_running_out_of_file_descriptors() -> N
             stderr=asyncio.subprocess.PIPE,
             env=env,
         )
+        assert process.stderr is not None
+        stderr = process.stderr
+        log: list[str] = []
+
+        async def read_log() -> None:
+            async for line in stderr:
+                log.append(line.decode(errors="replace"))
+
+        reader = asyncio.create_task(read_log())
         try:
             await wait_until(lambda: ready_count(sim.ledger) == 1, 30, "ready")
             await wait_until(lambda: _get(port, "/healthz") == 200, 10, "the listener")
-            flood = []
-            for _ in range(160):  # more than the process can hold
-                s = socket.create_connection(("127.0.0.1", port), timeout=5)
-                flood.append(s)
-            await asyncio.sleep(t(0.5))
-            assert process.returncode is None
-            for s in flood:
-                s.close()
+            # More than the process can hold, connected without waiting: once the listen
+            # backlog is full, a handshake completes only when the kernel retries it, so the
+            # flood is held until the supervisor has said it ran out.
+            flood: list[socket.socket] = []
+            try:
+                for _ in range(160):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    flood.append(s)
+                    s.setblocking(False)
+                    s.connect_ex(("127.0.0.1", port))
+                await wait_until(
+                    lambda: any("accept() failed" in line for line in log), 20, "EMFILE"
+                )
+                await asyncio.sleep(t(0.5))
+                assert process.returncode is None
+            finally:
+                for s in flood:
+                    s.close()
             await wait_until(lambda: _get(port, "/healthz") == 200, 10, "answers again")
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), t(15)) == 0
@@ -182,10 +201,9 @@ async def test_the_http_listener_survives_running_out_of_file_descriptors() -> N
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-        assert process.stderr is not None
-        log = (await process.stderr.read()).decode(errors="replace")
-        assert "accept() failed" in log
-        assert "too low for 1 workers and 1000 HTTP clients" in log  # said, and it ran
+            await asyncio.wait_for(reader, 10)
+        text = "".join(log)
+        assert "too low for 1 workers and 1000 HTTP clients" in text  # said, and it ran
 
 
 async def test_clients_beyond_the_cap_are_refused_and_slow_ones_dropped() -> None:

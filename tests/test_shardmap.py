@@ -36,7 +36,6 @@ from .gwproc import BIN, duration, free_port, gateway_env, status
 from .gwtest import t, wait_until
 from .support.statusview import FakeView, FleetView, MemberView, fleet_member, serve, shard_status
 
-ROOT = Path(__file__).resolve().parent.parent
 #: Where the screenshot of a shard gone offline is saved (None: the test's temporary directory).
 SCREENSHOT = os.environ.get("SHARDMAP_SCREENSHOT") or None
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -31,6 +31,7 @@ Usage: python benchmarks/bench_peers.py [--quick] [--runs 3] [--shapes saturated
        [--clients worker,stdio,amqp,hikari] [--events 200000] [--rate 8000] [--shards 512]
        [--window 10] [--profile realistic] [--amqp-url amqp://guest:guest@127.0.0.1:5672/%2F]
        [--profile-worker FILE] (py-spy of the worker alone in the ``many`` shape)
+       [--profile-supervisor FILE] (py-spy of the supervisor on stdio in the ``many`` shape)
 """
 
 from __future__ import annotations
@@ -593,19 +594,22 @@ async def measure(
         return await measure_saturated(client, args.events)
     if shape == "paced":
         return await measure_window(client, args.rate, args.window)
+    suffix = ".base" if kind.endswith("@base") else ""
     if args.profile_worker and client.kind == "worker" and run == 0:
-        suffix = ".base" if kind.endswith("@base") else ""
-        await profile_many(client, args, args.profile_worker + suffix)
+        await profile_many(client, args, args.profile_worker + suffix, "worker")
+    if args.profile_supervisor and client.kind == "stdio" and run == 0:
+        await profile_many(client, args, args.profile_supervisor + suffix, "supervisor")
     return await measure_window(client, 2.0, args.window)
 
 
-async def profile_many(client: Client, args: argparse.Namespace, output: str) -> None:
-    """py-spy (if installed) of the worker alone while its shards get 2 events/s each."""
+async def profile_many(client: Client, args: argparse.Namespace, output: str, part: str) -> None:
+    """py-spy (if installed) of one process of a client (the worker alone, or the supervisor
+    on stdio) while its shards get 2 events/s each."""
     spy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(spy).exists():
         print("py-spy not installed: no profile", file=sys.stderr)
         return
-    pid = client.pids()["worker"]
+    pid = client.pids()[part]
     await client.sim.ask("rate", 2.0)
     await asyncio.sleep(1.0)
     proc = await asyncio.create_subprocess_exec(
@@ -679,6 +683,7 @@ async def main() -> None:
         "venv, measured in the same run for a before/after comparison",
     )
     parser.add_argument("--profile-worker", default="", metavar="FILE")
+    parser.add_argument("--profile-supervisor", default="", metavar="FILE")
     parser.add_argument("--spy-flags", default="", help="more py-spy flags, e.g. --native")
     args = parser.parse_args()
     if args.quick:

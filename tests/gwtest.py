@@ -123,6 +123,9 @@ async def running_worker(
         recorder,
         gate=gate or LocalIdentifyGate(plan.max_concurrency, window=sim.config.identify_window),
     )
+    # The simulator shares this loop: a resting worker would put it to sleep too (in the
+    # worker process, where rests belong, nothing else runs in the loop).
+    worker.rest = 0.0
     task = asyncio.create_task(worker.run(install_signals=False))
     try:
         yield worker, recorder  # type: ignore[misc]

@@ -5,7 +5,6 @@ See ``discord.md`` §10. Pure data and functions.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 __all__ = [
@@ -73,6 +72,8 @@ class UnknownIntentError(ValueError):
 
 def closest_intent(name: str) -> str | None:
     """The known name (current or alias) closest to ``name``, or None if none is close."""
+    import difflib  # only for a name we do not know
+
     matches = difflib.get_close_matches(name.strip().upper(), [*INTENTS, *ALIASES], n=1, cutoff=0.6)
     return matches[0] if matches else None
 

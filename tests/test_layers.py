@@ -31,8 +31,9 @@ WORKER_ONLY = [
 ]
 IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]
 #: What the supervisor uses rarely, loaded only then (issue 14: its fixed memory): HTTPS for
-#: ``GET /gateway/bot`` (a child process asks), the shard map's file, --simulate's prctl.
-RARELY = ["ssl", "http.client", "email", "importlib.resources", "ctypes"]
+#: ``GET /gateway/bot`` (a child process asks), the shard map's file, --simulate's prctl, the
+#: TOML parser (a configuration file) and difflib (a suggestion for a key we do not know).
+RARELY = ["ssl", "http.client", "email", "importlib.resources", "ctypes", "tomllib", "difflib"]
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -69,6 +70,13 @@ def test_the_supervisor_loads_what_it_rarely_uses_only_when_used(statement: str)
     # ... and the check sees them when they are used:
     used = loaded_after(f"{statement}\nimport supervisor.status; supervisor.status.page()")
     assert "importlib.resources" in used
+    used = loaded_after(
+        "import os, tempfile\nfrom spectacles_gateway.config import load\n"
+        "path = os.path.join(tempfile.mkdtemp(), 'gateway.toml')\n"
+        "open(path, 'w').write('shard_cuont = 2\\n')\n"  # a key we do not know
+        "load(['--config', path], {'DISCORD_TOKEN': 't'})"
+    )
+    assert {"tomllib", "difflib"} <= used
 
 
 def test_the_protocol_core_loads_no_io() -> None:

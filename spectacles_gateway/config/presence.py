@@ -3,7 +3,6 @@ JSON text of ``DISCORD_PRESENCE``; the seed's single ``[presence.game]`` is stil
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Any
 
@@ -74,6 +73,8 @@ def presence(value: object, raw: c.Raw, warnings: list[str]) -> dict[str, Any] |
         elif name == "game":
             game = None if item is None else _activity(item, "game")
         else:
+            import difflib  # only for a key we do not know
+
             close = difflib.get_close_matches(name, _PRESENCE_KEYS, n=1, cutoff=0.6)
             suggestion = [f"presence.{k}" for k in close]
             warnings.append(c.unknown_key_warning(f"presence.{key}", raw.where, suggestion))

@@ -27,10 +27,8 @@ token. A file's trailing newline is dropped; an unreadable, empty or oversized f
 
 from __future__ import annotations
 
-import difflib
 import os
 import stat
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +86,8 @@ def _read_file(cli: CliArgs) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise fail(f"is not UTF-8 (at line {line})") from None
+    import tomllib  # only when a file is read: 1.4 MiB the supervisor need not hold otherwise
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -134,6 +134,8 @@ def _flatten_file(data: Mapping[str, Any], where: str, warnings: list[str]) -> d
             elif isinstance(value, dict) and value:
                 visit(value, f"{written}.")
             else:
+                import difflib  # only for a key we do not know
+
                 suggestions = difflib.get_close_matches(written.lower(), known, n=1, cutoff=0.6)
                 suggestions = [KEY_ALIASES.get(s, s) for s in suggestions]
                 warnings.append(c.unknown_key_warning(written, where, suggestions))

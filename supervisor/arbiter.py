@@ -272,7 +272,7 @@ class Supervisor(Lifecycle, Generations):
             slot.broker = message.broker
             sessions = self._sessions_for(slot)
             for shard, session in message.sessions.items():
-                if shard in slot.shards:
+                if shard in slot.shard_set:
                     sessions[shard] = session
             if message.metrics:
                 self.aggregator.update(slot.index, message.metrics)
@@ -281,7 +281,7 @@ class Supervisor(Lifecycle, Generations):
                     if info.fatal == SHARDING_REQUIRED:
                         self.reshard.sharding_required(shard)
         elif isinstance(message, IdentifyRequest):
-            if message.shard in slot.shards and self.stopping is None and not slot.retiring:
+            if message.shard in slot.shard_set and self.stopping is None and not slot.retiring:
                 self.pacer.request(pacer_key(message.shard, slot.generation))
                 self._gate_dirty = True
         elif isinstance(message, Identified):

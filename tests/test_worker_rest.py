@@ -14,13 +14,7 @@ from .gwtest import RecordingBroker
 
 
 def make_worker() -> tuple[Worker, RecordingBroker, list[float]]:
-    plan = WorkerPlan(
-        shard_ids=(0, 1),
-        shard_count=2,
-        token="token",
-        intents=0,
-        gateway_url="wss://127.0.0.1:9/",
-    )
+    plan = WorkerPlan(shard_ids=(0, 1), shard_count=2, token="t", intents=0, gateway_url="wss://x/")
     broker = RecordingBroker()
     worker = Worker(plan, broker)
     slept: list[float] = []

@@ -6,7 +6,7 @@ A mixin of :class:`~.worker.Worker`: the state it reads is declared here and set
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .control import ShardStatus
@@ -29,6 +29,11 @@ class Observation:
     _changed: set[int]  # shards whose core changed since the last report
     _stats: dict[int, ShardStats]  # shard -> stats at the last report
     _status_changes: dict[int, ShardStatus]
+    #: (shard label, type, op) -> its counter of packets received, (shard label, op) -> of
+    #: packets sent: looked up once, not for every busy shard and event type every second
+    #: (these series are never removed).
+    _received_series: dict[tuple[str, str, int], Any]
+    _sent_series: dict[tuple[str, int], Any]
 
     def observe(self) -> None:
         """Move counts into the metrics and note the shards whose status changed; only shards
@@ -70,14 +75,27 @@ class Observation:
             sent = stats.commands_sent - (old.commands_sent if old else 0)
             if sent:
                 metrics.commands_sent.labels(shard).inc(sent)
-        for (t, op), count in stats.packets_received.items():
-            before = old.packets_received.get((t, op), 0) if old else 0
+        received = self._received_series
+        before_received = old.packets_received if old else {}
+        for key, count in stats.packets_received.items():
+            before = before_received.get(key, 0)
             if count > before:
-                metrics.packets_received.labels(t, str(op), shard).inc(count - before)
+                t, op = key
+                child = received.get((shard, t, op))
+                if child is None:
+                    child = metrics.packets_received.labels(t, str(op), shard)
+                    received[(shard, t, op)] = child
+                child.inc(count - before)
+        sent_series = self._sent_series
+        before_sent = old.packets_sent if old else {}
         for op, count in stats.packets_sent.items():
-            before = old.packets_sent.get(op, 0) if old else 0
+            before = before_sent.get(op, 0)
             if count > before:
-                metrics.packets_sent.labels("", str(op), shard).inc(count - before)
+                child = sent_series.get((shard, op))
+                if child is None:
+                    child = metrics.packets_sent.labels("", str(op), shard)
+                    sent_series[(shard, op)] = child
+                child.inc(count - before)
         if stats.latency is not None and (
             old is None or stats.heartbeats_acked > old.heartbeats_acked
         ):

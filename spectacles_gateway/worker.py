@@ -16,6 +16,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -116,6 +117,8 @@ class Worker(Observation):
         self._unsaved: set[int] = set()
         self._stats: dict[int, ShardStats] = {}  # shard -> stats at the last observation
         self._status_changes: dict[int, ShardStatus] = {}
+        self._received_series: dict[tuple[str, str, int], Any] = {}
+        self._sent_series: dict[tuple[str, int], Any] = {}
         #: How often sessions (with their confirmed seq) are written to the store.
         self.persist_interval = 1.0
         #: Called after each periodic round (the worker process reports to its supervisor).

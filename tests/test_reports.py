@@ -4,11 +4,14 @@ and the final report carries whatever is left."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 from spectacles_gateway.telemetry import Counter, Registry
 from spectacles_gateway.workerproc import MANY_SERIES, METRICS_EVERY, Reports, metrics_due
+
+from .support.shard import make as make_core
 
 
 def test_few_series_go_every_time_many_at_most_every_few_seconds() -> None:
@@ -56,3 +59,31 @@ def test_few_series_go_at_once_and_the_final_report_takes_the_rest() -> None:
     now[0] += 1.0
     assert reports.status().metrics == []
     assert len(reports.status(final=True).metrics) == MANY_SERIES + 1
+
+
+def shard_stats(count: int, sent: int) -> Any:
+    """A real core's snapshot, with these packet counts."""
+    received = {("MESSAGE_CREATE", 0): count, ("", 11): sent}
+    return replace(make_core().stats(), packets_received=received, packets_sent={1: sent})
+
+
+def test_packet_counters_move_by_each_rounds_difference() -> None:
+    """The once-a-second round adds what each shard counted since the last round, through
+    counters it looks up once (this label is this test's alone)."""
+    from spectacles_gateway import metrics
+    from spectacles_gateway.observation import Observation
+
+    round_ = Observation()
+    round_.counter_label = "test-reports"
+    round_._received_series = {}
+    round_._sent_series = {}
+    old = None
+    for count, sent in ((3, 1), (10, 1), (10, 2), (25, 4)):
+        new = shard_stats(count, sent)
+        round_._record_stats(7, new, old)
+        old = new
+    label = "test-reports"
+    assert metrics.packets_received.labels("MESSAGE_CREATE", "0", label).value() == 25
+    assert metrics.packets_received.labels("", "11", label).value() == 4
+    assert metrics.packets_sent.labels("", "1", label).value() == 4
+    assert set(round_._received_series) == {(label, "MESSAGE_CREATE", 0), (label, "", 11)}

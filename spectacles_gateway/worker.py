@@ -64,7 +64,7 @@ FLUSH_INTERVAL = 0.005
 #: After a flush of fewer than REST_BELOW events, the worker rests: its loop sleeps this many
 #: seconds, and everything its connections received meanwhile is read in the next turn. Many
 #: shards at a few events per second each (every event alone on its socket) then cost one
-#: wake-up per REST for all of them, not one per event: about a fifth less CPU per event at
+#: wake-up per REST for all of them, not one per event: about 40 % less CPU per event at
 #: 512 shards x 2 events/s (benchmarks/bench_peers.py), for at most REST more latency. A busy
 #: worker (REST_BELOW events or more per flush) never rests; an idle one has nothing to flush.
 REST = 0.01

@@ -212,8 +212,8 @@ class SupervisorGate:
 #: Up to this many changed metric series go in every report (once a second) ...
 MANY_SERIES = 1000
 #: ... more (hundreds of busy shards, a series per shard and event type) at most this often
-#: (seconds): decoding and adding up 4,000 series a second cost the supervisor about 2 µs per
-#: event at 512 shards x 2 events/s. Prometheus scrapes every 15 s or so; the final report
+#: (seconds): decoding and adding up 4,000 series a second cost the supervisor about 1-2 µs
+#: per event at 512 shards x 2 events/s. Prometheus scrapes every 15 s or so; the final report
 #: carries whatever is left.
 METRICS_EVERY = 5.0
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simenv import cpu_seconds, simulator_env
+from simenv import context_switches, cpu_seconds, simulator_env
 
 BIN = Path(sys.executable).parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -355,6 +355,7 @@ class Result:
     seq: str
     events: int
     note: str = ""
+    wakes: dict[str, float] = field(default_factory=dict)  # context switches/s by process
 
 
 def gateway_env(sim: SimProcess, shards: int) -> dict[str, str]:
@@ -446,6 +447,9 @@ class Client:
     def cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(pid) for name, pid in self.pids().items()}
 
+    def switches(self) -> dict[str, int]:
+        return {name: context_switches(pid) for name, pid in self.pids().items()}
+
     async def seq_check(self) -> str:
         if self.kind == "hikari":
             return "n/a"
@@ -519,8 +523,11 @@ async def measure_window(client: Client, rate: float, window: float) -> Result:
     await client.sim.ask("rate", rate)
     await asyncio.sleep(1.0)  # every stream started; steady state
     e0, t0, cpu0 = await client.sim.events(), time.perf_counter(), client.cpu()
+    sw0 = client.switches()
     await asyncio.sleep(window)
     e1, t1, cpu1 = await client.sim.events(), time.perf_counter(), client.cpu()
+    sw1 = client.switches()
+    wakes = {k: (sw1[k] - sw0.get(k, sw1[k])) / (t1 - t0) for k in sw1}
     stats = await client.sim.ask("stats")
     await client.sim.ask("rate", 0)
     written = e1 - e0
@@ -534,7 +541,7 @@ async def measure_window(client: Client, rate: float, window: float) -> Result:
         while client.tally.count < _delivered_floor(client, total) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     return Result(cpu, written / (t1 - t0), sum(rss.values()), parts, rss,
-                  await client.seq_check(), written, late)  # fmt: skip
+                  await client.seq_check(), written, late, wakes)  # fmt: skip
 
 
 def _delivered_floor(client: Client, total: int) -> int:
@@ -655,6 +662,10 @@ def report(shape: str, results: dict[str, list[Result]], args: argparse.Namespac
                 f"{k} {span([r.rss_parts.get(k, 0.0) for r in runs], '{:.1f}')}"
                 for k in runs[0].rss_parts
             ) + ")"  # fmt: skip
+        if runs[0].wakes:
+            split += "  wake-ups/s: " + ", ".join(
+                f"{k} {span([r.wakes.get(k, 0.0) for r in runs], '{:.0f}')}" for k in runs[0].wakes
+            )
         seqs = sorted({r.seq for r in runs})
         print(f"  {kind:11s} {span([r.cpu_us for r in runs]):>14s} "
               f"{span([r.rate for r in runs], '{:.0f}'):>15s} "

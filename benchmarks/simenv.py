@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "simulator_env"]
+__all__ = ["context_switches", "cpu_seconds", "simulator_env"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -34,3 +34,17 @@ def cpu_seconds(pid: int) -> float:
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of ``pid`` (its wake-ups; 0 once gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return sum(
+        int(line.split()[1])
+        for line in text.splitlines()
+        if line.endswith(tuple("0123456789"))
+        and line.split(":")[0] in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+    )

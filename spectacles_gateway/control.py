@@ -76,6 +76,9 @@ class Start(_Message, tag="start"):
     sessions: dict[int, Session | None]
     #: stdio: confirm an event only once the supervisor reported it written (:class:`Relayed`).
     confirm_on_relay: bool = False
+    #: stdio, direct output: the descriptor (inherited) of the lock file that the workers
+    #: writing to the supervisor's stdout share (:mod:`.brokers.sharedout`).
+    stdout_lock: int | None = None
     #: Fleet mode: shards come (:class:`Assign`) and go (:class:`Release`).
     fleet: bool = False
 

@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 __all__ = ["make_broker", "make_gate", "make_store"]
 
 
-def make_broker(settings: Settings, plan: WorkerPlan, *, confirm_on_relay: bool = False) -> Broker:
+def make_broker(
+    settings: Settings,
+    plan: WorkerPlan,
+    *,
+    confirm_on_relay: bool = False,
+    stdout_lock: int | None = None,
+) -> Broker:
     kind = settings.broker.type
     if kind == "amqp":
         from .brokers.amqp import AmqpBroker
@@ -27,7 +33,10 @@ def make_broker(settings: Settings, plan: WorkerPlan, *, confirm_on_relay: bool 
 
         return RedisStreamsBroker.from_settings(settings, plan)
     return StdioBroker(
-        settings.stdio.format, confirm_on_relay=confirm_on_relay, generation=plan.generation
+        settings.stdio.format,
+        confirm_on_relay=confirm_on_relay,
+        direct_lock=stdout_lock,
+        generation=plan.generation,
     )
 
 

@@ -271,7 +271,12 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
         store = make_store(settings, plan.generation)
     worker = Worker(
         plan,
-        make_broker(settings, plan, confirm_on_relay=start.confirm_on_relay),
+        make_broker(
+            settings,
+            plan,
+            confirm_on_relay=start.confirm_on_relay,
+            stdout_lock=start.stdout_lock,
+        ),
         store=store,
         gate=make_gate(settings, plan, SupervisorGate(link)),
         keep_sessions=True,  # the supervisor (or Redis) keeps them: a restart resumes

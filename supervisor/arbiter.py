@@ -57,7 +57,14 @@ from .generations import Generations
 from .httpd import HttpServer
 from .lifecycle import Lifecycle, describe_exit
 from .plan import describe_ids
-from .relay import StdinRouter, StdioRelay, pollable, read_available
+from .relay import (
+    StdinRouter,
+    StdioRelay,
+    lock_file,
+    pollable,
+    read_available,
+    shares_stdout,
+)
 from .reshard import Reshard, ReshardOptions
 from .slots import WorkerSlot
 from .status import Routes
@@ -111,6 +118,8 @@ class Supervisor(Lifecycle, Generations):
         self.exit_code = 0
         self.http: HttpServer | None = None
         self.relay: StdioRelay | None = None
+        #: stdio, direct output: the lock file the workers share (None: relayed, or no stdio).
+        self.stdout_lock: int | None = None
         self.stdin: StdinRouter | None = None
         self._stdin_fd: int | None = None
         self._next_tick = 0.0
@@ -145,7 +154,11 @@ class Supervisor(Lifecycle, Generations):
         fmt = self.options.stdio
         if fmt is None:
             return
-        self.relay = StdioRelay(self.selector, fmt, sys.stdout.fileno(), self._output_lost)
+        out = sys.stdout.fileno()
+        if shares_stdout(out, fmt):
+            self.stdout_lock = lock_file()  # the workers write to our stdout themselves
+        if self.stdout_lock is None:
+            self.relay = StdioRelay(self.selector, fmt, out, self._output_lost)
         self.stdin = StdinRouter(
             fmt,
             self.shard_count,
@@ -201,14 +214,17 @@ class Supervisor(Lifecycle, Generations):
             str(child.fileno()),
         ]
         stdio = self.options.stdio is not None
+        lock = self.stdout_lock
+        # Direct output: our own stdout (None); relayed: a pipe to us.
+        stdout = None if lock is not None else subprocess.PIPE if stdio else subprocess.DEVNULL
         blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 argv,
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(),) if lock is None else (child.fileno(), lock),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdio else subprocess.DEVNULL,
+                stdout=stdout,
                 close_fds=True,
             )
         finally:
@@ -240,7 +256,8 @@ class Supervisor(Lifecycle, Generations):
                 plan=plan,
                 argv=self.options.argv,
                 sessions={s: sessions.get(s) for s in slot.shards} if fixed else {},
-                confirm_on_relay=stdio,
+                confirm_on_relay=stdio and lock is None,
+                stdout_lock=lock,
                 fleet=fleet,
             )
         )
@@ -439,6 +456,9 @@ class Supervisor(Lifecycle, Generations):
             self.fleet.stop()
         if self.relay is not None:
             self.relay.close()
+        if self.stdout_lock is not None:
+            os.close(self.stdout_lock)
+            self.stdout_lock = None
         if self.http is not None:
             self.http.close()
         self._close_signals()

@@ -17,7 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from spectacles_gateway import metrics
-from spectacles_gateway.exitcodes import EX_CONFIG
+from spectacles_gateway.exitcodes import EX_CONFIG, EX_IOERR
 from spectacles_gateway.protocol.backoff import backoff_delay
 
 from .plan import describe_ids
@@ -71,6 +71,7 @@ class Lifecycle:
     started: float
     http: HttpServer | None
     stdin: StdinRouter | None
+    stdout_lock: int | None
     fleet: FleetSide | None
     reshard: Reshard | None
     generation: int
@@ -176,6 +177,12 @@ class Lifecycle:
                 log.warning("no worker is left to run: stopping with exit code 78")
                 self.exit_code = EX_CONFIG
                 self._begin_stop("graceful")
+            return
+        if reason == f"exit_{EX_IOERR}" and self.stdout_lock is not None:
+            # Direct output: the worker's write to our stdout failed (it said why).
+            log.error("worker %d (pid %s) can no longer write to stdout; stopping", slot.index, pid)
+            self.exit_code = EX_IOERR
+            self._begin_stop("fast")
             return
         if slot.rolling:
             slot.rolling = False

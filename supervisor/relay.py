@@ -47,7 +47,14 @@ from spectacles_gateway.records import (
 
 from .slots import WorkerSlot
 
-__all__ = ["ACK_INTERVAL", "HIGH_WATER", "StdinRouter", "StdioRelay"]
+__all__ = [
+    "ACK_INTERVAL",
+    "HIGH_WATER",
+    "StdinRouter",
+    "StdioRelay",
+    "lock_file",
+    "shares_stdout",
+]
 
 log = logging.getLogger("spectacles_gateway.supervisor")
 
@@ -63,6 +70,39 @@ PIPE_SIZE = 1 << 20
 ACK_INTERVAL = 0.1
 #: Commands queued in a worker's control channel before more wait in the supervisor.
 CHANNEL_ROOM = 256 << 10
+
+
+def shares_stdout(fd: int, fmt: str) -> bool:
+    """Whether the workers write to our stdout themselves (:mod:`spectacles_gateway.brokers.
+    sharedout`) instead of through the relay: JSON lines (a record cut by a dying worker can be
+    ended) to a pipe, a terminal, a file or /dev/null. A socket (systemd's journal, say) cannot
+    be opened again by each worker, and msgpack has no way to end a cut record: relayed."""
+    if fmt != "json":
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISCHR(mode)
+
+
+def lock_file() -> int | None:
+    """A nameless file of one page for the workers' lock and shared state (sharedout): in
+    memory, so a read-only root (the image) does not matter; None: none can be made (relay)."""
+    try:
+        fd = os.memfd_create("spectacles-stdout")
+    except (OSError, AttributeError):  # no memfd: a file that has a name only for an instant
+        directory = os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - nameless, mode 600
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            return None
+    try:
+        os.ftruncate(fd, 4096)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def pollable(fd: int) -> bool:

@@ -10,6 +10,8 @@ When is an event confirmed (its seq may be saved, so a resume will not replay it
   the real stdout and said so (:meth:`StdioBroker.relayed`, with the byte offset of this worker's
   output that reached stdout). A supervisor killed with events still in its relay buffer loses
   nothing: those events were never confirmed.
+- ``direct_lock`` (a worker under the supervisor whose stdout the workers share, see
+  :mod:`.sharedout`): once the whole of its record is in the shared stdout.
 - otherwise: once the pipe or file took it.
 """
 
@@ -24,6 +26,7 @@ from collections import deque
 from .. import metrics
 from ..pipes import enlarge_pipe
 from .base import Broker, Progress
+from .sharedout import DirectWriter, SharedStdout
 from .wire import json_line, msgpack_event_map
 
 __all__ = ["StdioBroker"]
@@ -61,6 +64,7 @@ class StdioBroker(Broker):
         *,
         stdout_fd: int = 1,
         confirm_on_relay: bool = False,
+        direct_lock: int | None = None,
         generation: int = 0,
     ) -> None:
         super().__init__()
@@ -69,6 +73,9 @@ class StdioBroker(Broker):
             raise ValueError(f"unknown stdio format {fmt!r}")
         self.format = fmt
         self.confirm_on_relay = confirm_on_relay
+        self._direct_lock = direct_lock  # the workers' shared lock file (direct output)
+        self._direct: DirectWriter | None = None
+        self._flushing = False
         self._stdout_fd = stdout_fd
         self._buffer: list[bytes] = []
         self._last: dict[int, tuple[str, int]] = {}  # per shard, the last event of the batch
@@ -97,7 +104,11 @@ class StdioBroker(Broker):
     def flush(self) -> Progress | None:
         buffer = self._buffer
         if buffer:
-            self._write(buffer)
+            self._flushing = True
+            try:
+                self._write(buffer)
+            finally:
+                self._flushing = False
         return self.take_progress()
 
     def _write(self, buffer: list[bytes]) -> None:
@@ -105,6 +116,14 @@ class StdioBroker(Broker):
         self._last = {}
         if not self.connected:  # stdout is gone: nothing is confirmed, sessions replay it
             metrics.publish_failures.labels("output_closed").inc(len(buffer))
+            buffer.clear()
+            return
+        if self._direct is not None:
+            self.published += len(buffer)
+            self._offset += sum(map(len, buffer))
+            if last:  # confirmed as soon as the writer has written up to here
+                self._unrelayed.append((self._offset, last))
+            self._direct.write(buffer)
             buffer.clear()
             return
         data = b"".join(buffer)
@@ -150,6 +169,18 @@ class StdioBroker(Broker):
         if self._relay_waiter is not None and self._relayed >= self._offset:
             self._relay_waiter.set()
 
+    def _direct_written(self, offset: int) -> None:
+        """The direct writer has written our output up to byte ``offset``."""
+        unrelayed = self._unrelayed
+        if not unrelayed or unrelayed[0][0] > offset:
+            return
+        done: dict[int, tuple[str, int]] = {}
+        while unrelayed and unrelayed[0][0] <= offset:
+            done.update(unrelayed.popleft()[1])
+        self._confirm_all(done)
+        if not self._flushing:  # flush() hands them over itself
+            self._wake()
+
     def _check_drained_later(self) -> None:
         if self._drain_timer is None:
             loop = asyncio.get_running_loop()
@@ -183,6 +214,18 @@ class StdioBroker(Broker):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._direct_lock is not None:
+            self._direct = DirectWriter(
+                SharedStdout(self._stdout_fd, self._direct_lock),
+                loop,
+                repair=b"\n" if self.format == "json" else None,
+                written=self._direct_written,
+                paused=self._writer_paused,
+                lost=self._writer_lost,
+            )
+            self.connected = True
+            metrics.broker_connected.set(1)
+            return
         out_fd = os.dup(self._stdout_fd)
         if _is_pipe_like(out_fd):
             if stat.S_ISFIFO(os.fstat(out_fd).st_mode):
@@ -201,6 +244,12 @@ class StdioBroker(Broker):
         """Wait until everything written has left our buffer (or ``timeout``)."""
         if self._buffer:
             self._write(self._buffer)
+        if self._direct is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not self._direct.idle and not self._direct.closed and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            return
         transport = self._transport
         if transport is None:
             return
@@ -227,7 +276,9 @@ class StdioBroker(Broker):
             if not self._transport.get_write_buffer_size():
                 self._confirm_all(self._held)
             self._held = {}
-        if self._transport is not None:
+        if self._direct is not None:
+            self._direct.close()
+        elif self._transport is not None:
             self._transport.close()
         elif self._blocking_fd is not None:
             os.close(self._blocking_fd)

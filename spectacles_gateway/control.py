@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from .plan import WorkerPlan
-from .protocol.shard import Session
+from .protocol.state import Session
 
 __all__ = [
     "MAX_FRAME",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from . import metrics
 from .control import ShardStatus
 from .protocol.events import ShardStats
-from .protocol.shard import Session
+from .protocol.state import Session
 
 if TYPE_CHECKING:
     from .brokers.base import Broker

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from .protocol.shard import ShardConfig
+from .protocol.state import ShardConfig
 
 __all__ = ["DEFAULT_MAX_MESSAGE", "WorkerPlan"]
 

@@ -42,7 +42,7 @@ from .generation import (
     pointer_key,
     session_prefix,
 )
-from .protocol.shard import Session
+from .protocol.state import Session
 from .redis_link import (
     REDIS_ERRORS,
     SOCKET_TIMEOUT,

@@ -26,7 +26,7 @@ from .protocol.shard import Phase, ShardConfig, ShardProtocol
 from .transport import EventHandler, GatewayConnection, IdentifyGateLike
 
 if TYPE_CHECKING:
-    from .protocol.shard import Session
+    from .protocol.state import Session
 
 __all__ = ["ShardRunner"]
 

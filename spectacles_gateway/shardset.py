@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import metrics
-from .protocol.shard import Session
+from .protocol.state import Session
 from .runner import ShardRunner
 from .transport import EventHandler, IdentifyGateLike
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .protocol.shard import Session
+from .protocol.state import Session
 
 __all__ = ["MemoryStore", "ShardStore"]
 

@@ -253,7 +253,7 @@ class Reports:
 
 async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
     from .factory import make_broker, make_gate, make_store
-    from .protocol.shard import Session
+    from .protocol.state import Session
     from .store import MemoryStore
     from .worker import Worker
 

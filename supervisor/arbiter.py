@@ -48,7 +48,7 @@ from spectacles_gateway.protocol.identify import (
     pacer_key,
     shard_of_key,
 )
-from spectacles_gateway.protocol.shard import Session
+from spectacles_gateway.protocol.state import Session
 from spectacles_gateway.telemetry import Aggregator
 
 from .channel import ControlChannel

@@ -17,7 +17,7 @@ import msgspec
 from spectacles_gateway import metrics
 from spectacles_gateway.control import Cover, Publish, Retire
 from spectacles_gateway.protocol.identify import SessionBudget, pacer_key
-from spectacles_gateway.protocol.shard import Session
+from spectacles_gateway.protocol.state import Session
 
 from .plan import describe_ids, group_shards
 from .slots import WorkerSlot

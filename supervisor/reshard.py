@@ -34,7 +34,7 @@ from typing import Any
 from spectacles_gateway import metrics
 from spectacles_gateway.discovery import GatewayBot
 from spectacles_gateway.protocol.identify import IDENTIFY_MARGIN, IDENTIFY_WINDOW
-from spectacles_gateway.protocol.shard import Session
+from spectacles_gateway.protocol.state import Session
 
 from .reshardpolicy import (
     GUILD_QUIET,

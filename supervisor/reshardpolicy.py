@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from spectacles_gateway.discovery import GatewayBot
 from spectacles_gateway.protocol.identify import SessionBudget
-from spectacles_gateway.protocol.shard import Session
+from spectacles_gateway.protocol.state import Session
 
 from .slots import WorkerSlot
 

@@ -72,6 +72,10 @@ ACK_INTERVAL = 0.1
 CHANNEL_ROOM = 256 << 10
 
 
+#: Where a process finds its own descriptors (to open one again).
+PROC_FD = "/proc/self/fd"
+
+
 def shares_stdout(fd: int, fmt: str) -> bool:
     """Whether the workers write to our stdout themselves (:mod:`spectacles_gateway.brokers.
     sharedout`) instead of through the relay: JSON lines (a record cut by a dying worker can be
@@ -83,7 +87,15 @@ def shares_stdout(fd: int, fmt: str) -> bool:
         mode = os.fstat(fd).st_mode
     except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISCHR(mode)
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
+        return True  # the workers write through the descriptor they inherit
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        return False
+    try:  # each worker opens it again for itself: that takes /proc (not in every container)
+        os.close(os.open(f"{PROC_FD}/{fd}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
 
 
 def lock_file() -> int | None:

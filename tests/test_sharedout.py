@@ -251,3 +251,27 @@ def test_a_writer_killed_while_the_pipe_is_full_leaves_only_whole_records(tmp_pa
     assert numbers == list(range(len(numbers)))
     assert 0 < len(numbers) < 5000
     os.close(lock)
+
+
+def test_the_supervisor_shares_only_what_the_workers_can_open_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from supervisor import relay
+
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    with open(tmp_path / "out", "wb") as out, open(os.devnull, "wb") as null:
+        assert relay.shares_stdout(w, "json")
+        assert relay.shares_stdout(out.fileno(), "json")
+        assert relay.shares_stdout(null.fileno(), "json")
+        assert not relay.shares_stdout(w, "msgpack")  # a cut record could not be ended
+        assert not relay.shares_stdout(b.fileno(), "json")  # a socket cannot be opened again
+        monkeypatch.setattr(relay, "PROC_FD", str(tmp_path / "no-proc"))
+        assert not relay.shares_stdout(w, "json")  # no /proc: relayed
+        assert relay.shares_stdout(out.fileno(), "json")  # a file is written as inherited
+    for fd in (r, w):
+        os.close(fd)
+    a.close()
+    b.close()

@@ -85,7 +85,8 @@ class SharedStdout:
         self.is_pipe = stat.S_ISFIFO(mode)
         self.pollable = self.is_pipe or (stat.S_ISCHR(mode) and os.isatty(stdout_fd))
         if self.pollable:
-            self.fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_WRONLY | os.O_CLOEXEC)
+            flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC
+            self.fd = os.open(f"/proc/self/fd/{stdout_fd}", flags)
             os.set_blocking(self.fd, False)
         else:
             self.fd = os.dup(stdout_fd)

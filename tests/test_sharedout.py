@@ -275,3 +275,55 @@ def test_the_supervisor_shares_only_what_the_workers_can_open_again(
         os.close(fd)
     a.close()
     b.close()
+
+
+async def test_a_writer_holds_its_shards_back_while_stdout_is_full(tmp_path: Path) -> None:
+    """Records keep coming while the pipe is full (the writer is waiting for room): past the
+    high-water mark the writer says pause, and resume once the reader took enough."""
+    import asyncio
+
+    from spectacles_gateway.brokers import sharedout
+
+    lock = lock_file(tmp_path)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    flow: list[bool] = []
+    pending_at_pause: list[int] = []
+
+    def paused(flag: bool) -> None:
+        flow.append(flag)
+        pending_at_pause.append(writer.pending)
+
+    writer = sharedout.DirectWriter(
+        sharedout.SharedStdout(w, lock),
+        asyncio.get_running_loop(),
+        repair=b"\n",
+        written=lambda offset: None,
+        paused=paused,
+        lost=lambda exc: pytest.fail(f"lost: {exc}"),
+    )
+    record = b"x" * 999 + b"\n"
+    for _ in range(3000):  # 3 MB, more than the pipe and the high-water mark together
+        writer.write([record] * 1)
+        await asyncio.sleep(0)
+    assert flow == [True]
+    # Said as soon as the mark was passed, not only when the writer next tried the pipe.
+    assert pending_at_pause[0] <= sharedout.HIGH_WATER + len(record)
+    taken = 0
+    deadline = time.monotonic() + t(20)
+    while writer.pending or flow[-1]:
+        assert time.monotonic() < deadline, f"{writer.pending} bytes still waiting"
+        try:
+            taken += len(os.read(r, 1 << 16))
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    assert flow == [True, False]
+    while True:
+        try:
+            taken += len(os.read(r, 1 << 16))
+        except BlockingIOError:
+            break
+    assert taken == 3000 * len(record)
+    writer.close()
+    for fd in (r, w, lock):
+        os.close(fd)

@@ -179,6 +179,8 @@ class DirectWriter:
             self.pending += len(record)
         if not self._waiting:
             self._pump()
+        else:  # still waiting for room: hold the shards back once we hold too much
+            self._check_water()
 
     @property
     def idle(self) -> bool:
@@ -194,6 +196,9 @@ class DirectWriter:
         except OSError as exc:  # EPIPE and friends: the reader is gone for good
             self._give_up(exc)
             return
+        self._check_water()
+
+    def _check_water(self) -> None:
         if self.pending > HIGH_WATER and not self._paused:
             self._paused = True
             self._paused_cb(True)

@@ -304,7 +304,14 @@ async def test_events_reach_a_spectacles_queue_with_our_properties() -> None:
                 assert broker.connected
                 sim.pause_dispatch()
                 core = worker.runners[0].core
-                await wait_until(lambda: core.confirmed_seq == core.seq, 10, "all confirmed")
+                log = sim.ledger.sessions_for(0)[-1]
+                # Everything written to the socket read (an event can be on its way when the
+                # dispatch pauses), and confirmed.
+                await wait_until(
+                    lambda: core.seq == log.written and core.confirmed_seq == core.seq,
+                    10,
+                    "every event read and confirmed",
+                )
             sent = sim.ledger.events_sent()
         messages = await asyncio.to_thread(drain, queue)
         assert [d_of(*m)["id"] for m in messages] == sent  # in order, each once
@@ -446,7 +453,12 @@ async def test_blocked_rabbitmq_pauses_the_shards_in_a_bounded_buffer_then_resum
                 await wait_until(lambda: runner.core.seq > seq + 800, 10, "reading again")
                 sim.pause_dispatch()
                 core = runner.core
-                await wait_until(lambda: core.confirmed_seq == core.seq, 15, "all confirmed")
+                log = sim.ledger.sessions_for(0)[-1]
+                await wait_until(
+                    lambda: core.seq == log.written and core.confirmed_seq == core.seq,
+                    15,
+                    "every event read and confirmed",
+                )
                 assert not broker.paused
             sent = sim.ledger.events_sent()
         ids = [d_of(*m)["id"] for m in await asyncio.to_thread(drain, queue)]

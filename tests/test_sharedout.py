@@ -327,3 +327,40 @@ async def test_a_writer_holds_its_shards_back_while_stdout_is_full(tmp_path: Pat
     writer.close()
     for fd in (r, w, lock):
         os.close(fd)
+
+
+def test_writers_share_a_terminal(tmp_path: Path) -> None:
+    """A terminal's room cannot be known: records are written in pieces under the lock, and
+    still come out whole and in order (the terminal turns each newline into CR LF)."""
+    import pty
+
+    lock = lock_file(tmp_path)
+    master, slave = pty.openpty()
+    writers = [spawn_writer(slave, lock, wid, 60, [80, 9000, 30_000]) for wid in range(2)]
+    os.close(slave)
+    os.set_blocking(master, False)
+    data = bytearray()
+    deadline = time.monotonic() + t(60)
+    while time.monotonic() < deadline:
+        try:
+            data += os.read(master, 1 << 16)
+            continue
+        except BlockingIOError:
+            if all(p.poll() is not None for p in writers):
+                break
+            time.sleep(0.002)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+    os.close(master)
+    for p in writers:
+        assert p.wait(timeout=t(10)) == 0
+        assert p.stderr is not None
+        p.stderr.close()
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    lines = bytes(data).split(b"\r\n")
+    assert lines[-1] == b""
+    for line in lines[:-1]:
+        record = json.loads(line)
+        seen[record["w"]].append(record["n"])
+    assert seen == {0: list(range(60)), 1: list(range(60))}
+    os.close(lock)

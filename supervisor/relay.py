@@ -103,7 +103,7 @@ def lock_file() -> int | None:
     memory, so a read-only root (the image) does not matter; None: none can be made (relay)."""
     try:
         fd = os.memfd_create("spectacles-stdout")
-    except (OSError, AttributeError):  # no memfd: a file that has a name only for an instant
+    except (OSError, AttributeError):  # no memfd: a nameless file (O_TMPFILE) in TMPDIR
         directory = os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - nameless, mode 600
         try:
             fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)

@@ -16,7 +16,7 @@ keep what a consumer reads exactly as the relay made it:
   supervisor created and every worker opened for itself (locks belong to an open file, so each
   needs its own). It is held for one write, or while a record that was cut waits to be finished.
 - **Whole records.** Into a pipe, a worker writes only the records that fit in the room the pipe
-  has left (its size, less what it holds and a page of slack), so the kernel takes the write
+  has left (its size, less what it holds and two pages of slack), so the kernel takes the write
   whole and a worker killed at any moment leaves no half record behind. Records that do not fit
   wait (their shards stop reading while the worker's buffer is full). Only a record larger than
   the whole pipe (or any record to a terminal, whose room cannot be known) may be written in
@@ -38,13 +38,13 @@ import stat
 import struct
 import termios
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 __all__ = ["DirectWriter", "SharedStdout", "fitting"]
 
-_F_GETPIPE_SZ = 1032
-_F_SETPIPE_SZ = 1031
+from ..pipes import enlarge_pipe
+
 _PAGE = 4096
 #: What we ask the kernel to make stdout's pipe hold (capped by /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1 << 20
@@ -65,7 +65,7 @@ class Scheduler(Protocol):
     def remove_writer(self, fd: int) -> bool: ...
 
 
-def fitting(sizes: deque[int] | list[int], room: int) -> int:
+def fitting(sizes: Iterable[int], room: int) -> int:
     """How many of the first records (by size) fit in ``room`` bytes."""
     total = 0
     count = 0
@@ -91,10 +91,9 @@ class SharedStdout:
         else:
             self.fd = os.dup(stdout_fd)
         self.capacity = 0
-        if self.is_pipe:
-            with contextlib.suppress(OSError):  # best effort: someone else's pipe
-                fcntl.fcntl(self.fd, _F_SETPIPE_SZ, PIPE_SIZE)
-            self.capacity = fcntl.fcntl(self.fd, _F_GETPIPE_SZ)
+        if self.is_pipe:  # best effort: someone else's pipe
+            enlarge_pipe(self.fd, PIPE_SIZE)
+            self.capacity = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
         self.lock_fd = os.open(f"/proc/self/fd/{lock_fd}", os.O_RDWR | os.O_CLOEXEC)
         self.state = mmap.mmap(self.lock_fd, _PAGE)
         self.locked = False
@@ -161,7 +160,6 @@ class DirectWriter:
         self._paused_cb = paused
         self._lost_cb = lost
         self._records: deque[bytes] = deque()
-        self._sizes: deque[int] = deque()
         self.pending = 0  # bytes waiting in _records and _rest
         self.offset = 0  # bytes out so far
         self._rest: memoryview | None = None  # the end of a record being cut
@@ -173,10 +171,8 @@ class DirectWriter:
     def write(self, records: list[bytes]) -> None:
         if self.closed:
             return
-        for record in records:
-            self._records.append(record)
-            self._sizes.append(len(record))
-            self.pending += len(record)
+        self._records.extend(records)
+        self.pending += sum(map(len, records))
         if not self._waiting:
             self._pump()
         else:  # still waiting for room: hold the shards back once we hold too much
@@ -218,22 +214,16 @@ class DirectWriter:
                 if not self._continue_cut():
                     return
                 continue
-            records, sizes = self._records, self._sizes
-            if not out.pollable:
-                count = len(records)
-            elif out.is_pipe:
-                count = fitting(sizes, out.room())
-            else:  # a terminal: it takes what it takes
-                count = len(records)
+            records = self._records
+            # A file takes everything; a terminal takes what it takes (its room is unknown).
+            count = fitting(map(len, records), out.room()) if out.is_pipe else len(records)
             if count == 0:
-                if sizes[0] + 2 * _PAGE <= out.capacity:
+                if len(records[0]) + 2 * _PAGE <= out.capacity:
                     out.unlock()  # it fits once the reader made room: let others write
                     self._retry()
                     return
                 count = 1  # larger than the pipe: written in pieces
             batch = [records.popleft() for _ in range(count)]
-            for _ in range(count):
-                sizes.popleft()
             data = batch[0] if count == 1 else b"".join(batch)
             n = self._os_write(data)
             if n < len(data):  # the rest of the first record waits (under our lock)
@@ -300,7 +290,6 @@ class DirectWriter:
     def _give_up(self, exc: OSError) -> None:
         self.closed = True
         self._records.clear()
-        self._sizes.clear()
         self.pending = 0
         self._rest = None
         self.out.unlock()

@@ -159,27 +159,26 @@ class StdioBroker(Broker):
     def relayed(self, offset: int) -> None:
         """The supervisor wrote our output up to byte ``offset`` to its stdout."""
         self._relayed = max(self._relayed, offset)
-        unrelayed = self._unrelayed
-        done: dict[int, tuple[str, int]] = {}
-        while unrelayed and unrelayed[0][0] <= offset:
-            done.update(unrelayed.popleft()[1])
-        if done:
-            self._confirm_all(done)
+        if self._confirm_up_to(offset):
             self._wake()
         if self._relay_waiter is not None and self._relayed >= self._offset:
             self._relay_waiter.set()
 
     def _direct_written(self, offset: int) -> None:
         """The direct writer has written our output up to byte ``offset``."""
+        if self._confirm_up_to(offset) and not self._flushing:  # flush() hands them over
+            self._wake()
+
+    def _confirm_up_to(self, offset: int) -> bool:
+        """Confirm the batches whose output ends at or before ``offset``; whether any did."""
         unrelayed = self._unrelayed
         if not unrelayed or unrelayed[0][0] > offset:
-            return
+            return False
         done: dict[int, tuple[str, int]] = {}
         while unrelayed and unrelayed[0][0] <= offset:
             done.update(unrelayed.popleft()[1])
         self._confirm_all(done)
-        if not self._flushing:  # flush() hands them over itself
-            self._wake()
+        return True
 
     def _check_drained_later(self) -> None:
         if self._drain_timer is None:

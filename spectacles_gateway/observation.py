@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .control import ShardStatus
-from .protocol.events import ShardStats
+from .protocol.events import ShardCounts
 from .protocol.state import Session
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ class Observation:
     _published: dict[str, int]  # events handed to the broker since the last report, by type
     _latencies: list[float]  # publish latencies measured since the last report
     _changed: set[int]  # shards whose core changed since the last report
-    _stats: dict[int, ShardStats]  # shard -> stats at the last report
     _status_changes: dict[int, ShardStatus]
     #: (shard label, type, op) -> its counter of packets received, (shard label, op) -> of
     #: packets sent: looked up once, not for every busy shard and event type every second
@@ -54,8 +53,7 @@ class Observation:
             if runner is None:
                 continue
             stats = runner.stats()
-            confirmed += self._record_stats(shard_id, stats, self._stats.get(shard_id))
-            self._stats[shard_id] = stats
+            confirmed += self._record_counts(shard_id, runner.take_counts(), stats.latency)
             self._status_changes[shard_id] = ShardStatus(
                 state=stats.phase,
                 ready=stats.ready,
@@ -69,41 +67,33 @@ class Observation:
         if confirmed:
             metrics.events_confirmed.labels(self.broker.name).inc(confirmed)
 
-    def _record_stats(self, shard_id: int, stats: ShardStats, old: ShardStats | None) -> int:
+    def _record_counts(self, shard_id: int, counts: ShardCounts, latency: float | None) -> int:
+        """Add what a shard counted since the last round to its series; returns how many of
+        its events were confirmed."""
         shard = self.counter_label or str(shard_id)
-        if old is None or stats.commands_sent > old.commands_sent:
-            sent = stats.commands_sent - (old.commands_sent if old else 0)
-            if sent:
-                metrics.commands_sent.labels(shard).inc(sent)
+        if counts.commands_sent:
+            metrics.commands_sent.labels(shard).inc(counts.commands_sent)
         received = self._received_series
-        before_received = old.packets_received if old else {}
-        for key, count in stats.packets_received.items():
-            before = before_received.get(key, 0)
-            if count > before:
-                t, op = key
-                child = received.get((shard, t, op))
-                if child is None:
-                    child = metrics.packets_received.labels(t, str(op), shard)
-                    received[(shard, t, op)] = child
-                child.inc(count - before)
+        for key, count in counts.packets_received.items():
+            t, op = key
+            child = received.get((shard, t, op))
+            if child is None:
+                child = metrics.packets_received.labels(t, str(op), shard)
+                received[(shard, t, op)] = child
+            child.inc(count)
         sent_series = self._sent_series
-        before_sent = old.packets_sent if old else {}
-        for op, count in stats.packets_sent.items():
-            before = before_sent.get(op, 0)
-            if count > before:
-                child = sent_series.get((shard, op))
-                if child is None:
-                    child = metrics.packets_sent.labels("", str(op), shard)
-                    sent_series[(shard, op)] = child
-                child.inc(count - before)
-        if stats.latency is not None and (
-            old is None or stats.heartbeats_acked > old.heartbeats_acked
-        ):
-            ms = stats.latency * 1000.0
+        for op, count in counts.packets_sent.items():
+            child = sent_series.get((shard, op))
+            if child is None:
+                child = metrics.packets_sent.labels("", str(op), shard)
+                sent_series[(shard, op)] = child
+            child.inc(count)
+        if latency is not None and counts.heartbeats_acked:
+            ms = latency * 1000.0
             metrics.ping.labels(shard).observe(ms)  # per worker with minimal series
             if self.counter_label is not None:  # ... and the last value per shard
                 metrics.shard_latency.labels(shard_id).set(round(ms, 1))
-        return stats.confirmed_events - (old.confirmed_events if old else 0)
+        return counts.confirmed_events
 
     def status_changes(self) -> tuple[dict[int, ShardStatus], dict[int, Session | None]]:
         """Shard statuses and sessions noted by :meth:`observe` since the last call."""

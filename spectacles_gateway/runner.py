@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from .compression import make_decompressor
 from .plan import DEFAULT_MAX_MESSAGE
 from .protocol.closecodes import CloseAction, describe_close
-from .protocol.events import CloseRequest, IdentifySent, SendData, ShardStats
+from .protocol.events import CloseRequest, IdentifySent, SendData, ShardCounts, ShardStats
 from .protocol.shard import Phase, ShardConfig, ShardProtocol
 from .transport import EventHandler, GatewayConnection, IdentifyGateLike
 
@@ -115,6 +115,9 @@ class ShardRunner:
 
     def stats(self) -> ShardStats:
         return self.core.stats()
+
+    def take_counts(self) -> ShardCounts:
+        return self.core.take_counts()
 
     def session(self) -> Session | None:
         return self.core.session()

@@ -37,7 +37,6 @@ from .protocol.events import (
     Gap,
     Notice,
     NoticeKind,
-    ShardStats,
 )
 from .protocol.shard import MAX_PAYLOAD_BYTES, CommandRejected, Session
 from .runner import ShardRunner
@@ -115,7 +114,6 @@ class Worker(Observation):
         # the periodic work looks at these only, so idle shards cost nothing.
         self._changed: set[int] = set()
         self._unsaved: set[int] = set()
-        self._stats: dict[int, ShardStats] = {}  # shard -> stats at the last observation
         self._status_changes: dict[int, ShardStatus] = {}
         self._received_series: dict[tuple[str, str, int], Any] = {}
         self._sent_series: dict[tuple[str, int], Any] = {}
@@ -501,7 +499,6 @@ class Worker(Observation):
         self.broker.track(shard_id, running=False)
         self._changed.discard(shard_id)
         self._unsaved.discard(shard_id)
-        self._stats.pop(shard_id, None)
         self._latency_probe.pop(shard_id, None)
         log.info("shard %d: let go (%s)", shard_id, reason)
         if self.on_released is not None:

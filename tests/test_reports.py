@@ -4,13 +4,13 @@ and the final report carries whatever is left."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 from spectacles_gateway.telemetry import Counter, Registry
 from spectacles_gateway.workerproc import MANY_SERIES, METRICS_EVERY, Reports, metrics_due
 
+from .support.shard import connected_ready, dispatch, j
 from .support.shard import make as make_core
 
 
@@ -61,14 +61,8 @@ def test_few_series_go_at_once_and_the_final_report_takes_the_rest() -> None:
     assert len(reports.status(final=True).metrics) == MANY_SERIES + 1
 
 
-def shard_stats(count: int, sent: int) -> Any:
-    """A real core's snapshot, with these packet counts."""
-    received = {("MESSAGE_CREATE", 0): count, ("", 11): sent}
-    return replace(make_core().stats(), packets_received=received, packets_sent={1: sent})
-
-
-def test_packet_counters_move_by_each_rounds_difference() -> None:
-    """The once-a-second round adds what each shard counted since the last round, through
+def test_packet_counters_add_what_each_round_took() -> None:
+    """The once-a-second round adds what a real core counted since the last round, through
     counters it looks up once (this label is this test's alone)."""
     from spectacles_gateway import metrics
     from spectacles_gateway.observation import Observation
@@ -77,13 +71,27 @@ def test_packet_counters_move_by_each_rounds_difference() -> None:
     round_.counter_label = "test-reports"
     round_._received_series = {}
     round_._sent_series = {}
-    old = None
-    for count, sent in ((3, 1), (10, 1), (10, 2), (25, 4)):
-        new = shard_stats(count, sent)
-        round_._record_stats(7, new, old)
-        old = new
+    core = make_core()
+    connected_ready(core)  # HELLO, READY, and an IDENTIFY sent
+    seq = 1
+    confirmed = []
+    for dispatches, acks in ((2, 0), (7, 1), (0, 1), (15, 2)):
+        for _ in range(dispatches):
+            seq += 1
+            core.receive(dispatch(seq), 1.0)
+        for _ in range(acks):
+            core.receive(j({"op": 11}), 1.0)
+        core.confirm(seq, "sess-1")
+        confirmed.append(round_._record_counts(7, core.take_counts(), 0.05))
     label = "test-reports"
-    assert metrics.packets_received.labels("MESSAGE_CREATE", "0", label).value() == 25
+    assert metrics.packets_received.labels("MESSAGE_CREATE", "0", label).value() == 24
     assert metrics.packets_received.labels("", "11", label).value() == 4
-    assert metrics.packets_sent.labels("", "1", label).value() == 4
-    assert set(round_._received_series) == {(label, "MESSAGE_CREATE", 0), (label, "", 11)}
+    assert metrics.packets_received.labels("READY", "0", label).value() == 1
+    assert metrics.packets_sent.labels("", "2", label).value() == 1
+    assert confirmed == [2, 7, 0, 15]
+    assert set(round_._received_series) == {
+        (label, "", 10),
+        (label, "READY", 0),
+        (label, "MESSAGE_CREATE", 0),
+        (label, "", 11),
+    }

@@ -156,16 +156,19 @@ def test_stopping_hands_queued_commands_back() -> None:
     assert dropped.tickets == ("a",) and dropped.reason == "stopping"
 
 
-def test_stats_are_a_snapshot() -> None:
+def test_stats_are_a_snapshot_and_counts_are_taken_once() -> None:
     core = make()
     connected_ready(core)
     before = core.stats()
+    core.take_counts()
     core.receive(dispatch(2), 1.0)
     after = core.stats()
-    assert before.packets_received.get(("MESSAGE_CREATE", 0), 0) == 0
-    assert after.packets_received[("MESSAGE_CREATE", 0)] == 1
-    after.packets_received.clear()  # a snapshot: the core's own totals are untouched
-    assert core.stats().packets_received[("MESSAGE_CREATE", 0)] == 1
+    assert (before.seq, after.seq) == (1, 2)  # a snapshot: it does not follow the core
+    counts = core.take_counts()
+    assert counts.packets_received == {("MESSAGE_CREATE", 0): 1}
+    counts.packets_received.clear()  # handed over: the core counts afresh
+    core.receive(dispatch(3), 1.0)
+    assert core.take_counts().packets_received == {("MESSAGE_CREATE", 0): 1}
     assert after.phase == Phase.READY.value and after.ready
     assert NoticeKind.POISON.reconnect == "poison"
     assert core.session() == Session("sess-1", 1, RESUME)

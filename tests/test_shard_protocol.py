@@ -160,9 +160,17 @@ def test_packets_are_tallied_by_t_and_op() -> None:
     core.receive(dispatch(2), 1.0)
     core.receive(dispatch(3), 1.0)
     core.receive(j({"op": 11}), 1.0)
-    assert core.stats().packets_received[("MESSAGE_CREATE", 0)] == 2
-    assert core.stats().packets_received[("", 11)] == 1
-    assert core.stats().packets_received[("READY", 0)] == 1
+    counts = core.take_counts()
+    assert counts.packets_received == {
+        ("", 10): 1,
+        ("READY", 0): 1,
+        ("MESSAGE_CREATE", 0): 2,
+        ("", 11): 1,
+    }
+    # Taken: the next take has only what came since.
+    core.receive(dispatch(4), 2.0)
+    assert core.take_counts().packets_received == {("MESSAGE_CREATE", 0): 1}
+    assert core.take_counts().packets_received == {}
 
 
 # ----------------------------------------------------------------------------- heartbeats
@@ -504,8 +512,14 @@ def test_sent_and_confirmed_tallies_for_metrics() -> None:
     for s in (2, 3, 4):
         core.receive(dispatch(s), 0.3)
     core.confirm(3, "sess-1")
-    assert core.stats().packets_sent == {2: 1, 1: 1, 3: 1, 8: 1}
-    assert core.stats().commands_sent == 2
-    assert core.stats().confirmed_events == 2
+    counts = core.take_counts()
+    assert counts.packets_sent == {2: 1, 1: 1, 3: 1, 8: 1}
+    assert counts.commands_sent == 2
+    assert counts.confirmed_events == 2
+    core.receive(j({"op": 11}), 0.4)
+    core.confirm(4, "sess-1")
+    counts = core.take_counts()  # only what came after the last take
+    assert (counts.packets_sent, counts.commands_sent) == ({}, 0)
+    assert (counts.confirmed_events, counts.heartbeats_acked) == (1, 1)
     with pytest.raises(CommandRejected, match="not a gateway payload"):
         core.queue_command(b"nope", 0.3)

@@ -19,8 +19,9 @@ Counters for metrics are not events: :meth:`ShardProtocol.stats` is a read-only 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import NamedTuple
+
+import msgspec
 
 __all__ = [
     "CloseRequest",
@@ -33,6 +34,7 @@ __all__ = [
     "Notice",
     "NoticeKind",
     "SendData",
+    "ShardCounts",
     "ShardStats",
 ]
 
@@ -139,13 +141,9 @@ Event = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ShardStats:
-    """A read-only snapshot of one shard for status reports and metrics.
-
-    Counters are running totals over the life of the core; a reader that reports deltas keeps
-    the previous snapshot.
-    """
+class ShardStats(msgspec.Struct, frozen=True, gc=False):
+    """A read-only snapshot of one shard's state for status reports and metrics (what it
+    counted is taken apart: :class:`ShardCounts`)."""
 
     phase: str
     ready: bool
@@ -153,15 +151,22 @@ class ShardStats:
     seq: int | None
     confirmed_seq: int | None
     latency: float | None  # seconds, last heartbeat round trip
-    heartbeats_acked: int
     last_close: str
     fatal_code: int | None
-    packets_received: dict[tuple[str, int], int]
-    packets_sent: dict[int, int]
-    commands_sent: int
     commands_waiting: int
-    confirmed_events: int
     #: Guilds READY listed that have not arrived yet (GUILD_CREATE); 0 without the GUILDS intent.
     guilds_pending: int = 0
     #: False in standby: dispatches are read and counted, and nothing is published.
     publishing: bool = True
+
+
+class ShardCounts(msgspec.Struct, frozen=True, gc=False):
+    """What one shard counted since the previous ``take_counts()`` (differences, not totals:
+    the once-a-second round adds them to its counters as they are, and a busy shard's round
+    copies and compares nothing)."""
+
+    packets_received: dict[tuple[str, int], int]  # (dispatch type or "", op) -> packets
+    packets_sent: dict[int, int]  # op -> packets
+    commands_sent: int
+    confirmed_events: int
+    heartbeats_acked: int

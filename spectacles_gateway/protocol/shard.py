@@ -54,6 +54,7 @@ from .events import (
     IdentifySent,
     Notice,
     NoticeKind,
+    ShardCounts,
     ShardStats,
 )
 from .identify import MAX_PAYLOAD_BYTES
@@ -131,7 +132,7 @@ class ShardProtocol(Sending):
         self._gap: tuple[str, str, int | None, float] | None = None
         self.fatal_code: int | None = None
         self.last_close = ""
-        # Running totals for metrics (see stats()).
+        # Counted since the last take_counts(), for metrics.
         self._packets_received: dict[tuple[str, int], int] = {}
         self._packets_sent: dict[int, int] = {}
         self._commands_sent = 0
@@ -150,7 +151,7 @@ class ShardProtocol(Sending):
         return out
 
     def stats(self) -> ShardStats:
-        """A read-only snapshot for status reports and metrics."""
+        """A read-only snapshot of the state, for status reports."""
         return ShardStats(
             phase=self.phase.value,
             ready=self.phase is Phase.READY,
@@ -158,17 +159,26 @@ class ShardProtocol(Sending):
             seq=self.seq,
             confirmed_seq=self.confirmed_seq,
             latency=self._latency,
-            heartbeats_acked=self._heartbeats_acked,
             last_close=self.last_close,
             fatal_code=self.fatal_code,
-            packets_received=dict(self._packets_received),
-            packets_sent=dict(self._packets_sent),
-            commands_sent=self._commands_sent,
             commands_waiting=len(self._commands),
-            confirmed_events=self._confirmed_events,
             guilds_pending=len(self._guilds),
             publishing=self.publishing,
         )
+
+    def take_counts(self) -> ShardCounts:
+        """What was counted since the last call (for metrics: one reader takes them)."""
+        counts = ShardCounts(
+            self._packets_received,
+            self._packets_sent,
+            self._commands_sent,
+            self._confirmed_events,
+            self._heartbeats_acked,
+        )
+        self._packets_received = {}
+        self._packets_sent = {}
+        self._commands_sent = self._confirmed_events = self._heartbeats_acked = 0
+        return counts
 
     def take_gap(self, reason: str, now: float) -> Gap | None:
         """This shard stops for good (its generation retires): where its events end, for

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from sys import intern
 from typing import Any
 
-__all__ = ["Aggregator", "Counter", "Gauge", "Histogram", "Registry", "render"]
+__all__ = ["Aggregator", "Counter", "Gauge", "Histogram", "Registry", "render", "render_tables"]
 
 Labels = tuple[str, ...]
 #: One changed series: (family name, label values, value); a histogram's value is its
@@ -227,73 +227,115 @@ class Histogram(Family):
 # ---------------------------------------------------------------------------- the supervisor
 
 
+#: One source's series: family name -> label values -> last value. Keyed by family first, so a
+#: series costs one dict slot, its label tuple and its value (512 busy shards: ~6,000 series).
+Tables = dict[str, dict[Labels, Any]]
+
+
 class Aggregator:
     """The last values of every source (a worker slot), plus what dead sources left behind."""
 
     def __init__(self, families: dict[str, Family]) -> None:
         self.families = families
-        self._live: dict[object, dict[tuple[str, Labels], Any]] = {}
-        self._retired: dict[tuple[str, Labels], Any] = {}
+        self._live: dict[object, Tables] = {}
+        self._retired: Tables = {}
         #: Formatted series names for :func:`render`, kept from one scrape to the next.
         self.prefixes: Prefixes = {}
 
     def update(self, source: object, samples: Iterable[Sample]) -> int:
         """Take a source's changed series; returns how many were of unknown families."""
-        table = self._live.setdefault(source, {})
+        tables = self._live.get(source)
+        if tables is None:
+            tables = self._live[source] = {}
         families = self.families
         unknown = 0
         for name, labels, value in samples:
-            key = (name, tuple(labels))
-            if name not in families:
-                unknown += 1
-            elif value is None:
+            table = tables.get(name)
+            if table is None:
+                if name not in families:
+                    unknown += 1
+                    continue
+                table = tables[intern(name)] = {}
+            key = tuple(labels)
+            if value is None:
                 table.pop(key, None)
             elif key in table:
                 table[key] = value  # the key kept is the first one
             else:
-                # A new series: its strings interned, so that the shard ids, event names and
-                # family names of thousands of series (and of every worker) are one object
-                # each, not one per series and report (512 busy shards: 1.3 MiB less).
-                table[(intern(name), tuple(map(intern, labels)))] = value
+                # A new series: its strings interned, so that the shard ids, event names of
+                # thousands of series (and of every worker) are one object each, not one per
+                # series and report.
+                table[tuple(map(intern, key))] = value
         return unknown
 
     def retire(self, source: object) -> None:
         """A source died: keep its counters and histograms, forget its gauges."""
-        table = self._live.pop(source, None)
-        if not table:
+        tables = self._live.pop(source, None)
+        if not tables:
             return
         retired = self._retired
-        for key, value in table.items():
-            if not self.families[key[0]].cumulative:
+        for name, table in tables.items():
+            if not table or not self.families[name].cumulative:
                 continue
-            old = retired.get(key)
-            retired[key] = value if old is None else _add(old, value)
+            kept = retired.get(name)
+            if kept is None:
+                retired[name] = table  # no longer the source's: taken as it is
+                continue
+            for labels, value in table.items():
+                old = kept.get(labels)
+                kept[labels] = value if old is None else _add(old, value)
 
     def forget(self, name: str, keep: Any) -> None:
         """Drop the retired series of family ``name`` whose labels ``keep(labels)`` rejects."""
-        for key in [k for k in self._retired if k[0] == name and not keep(k[1])]:
-            del self._retired[key]
+        table = self._retired.get(name)
+        if table:
+            for labels in [labels for labels in table if not keep(labels)]:
+                del table[labels]
+
+    def merged(self, own: Registry | None = None) -> Tables:
+        """Every series of every source (and of ``own``, the supervisor's registry), the
+        values of several sources combined by their family's mode."""
+        out: Tables = {}
+        sources: list[Tables] = [self._retired, *self._live.values()]
+        if own is not None:
+            mine: Tables = {}
+            for name, labels, value in own.everything():
+                mine.setdefault(name, {})[labels] = value
+            sources.append(mine)
+        families = self.families
+        for tables in sources:
+            for name, table in tables.items():
+                if not table:
+                    continue
+                merged = out.get(name)
+                if merged is None:
+                    out[name] = dict(table)
+                    continue
+                family = families[name]
+                mode = "sum" if family.kind != "gauge" else family.mode
+                for labels, value in table.items():
+                    old = merged.get(labels)
+                    if old is None:
+                        merged[labels] = value
+                    elif mode == "sum":
+                        merged[labels] = _add(old, value)
+                    elif mode == "max":
+                        merged[labels] = max(old, value)
+                    else:
+                        merged[labels] = min(old, value)
+        return out
 
     def combined(self, own: Registry | None = None) -> dict[tuple[str, Labels], Any]:
-        out: dict[tuple[str, Labels], Any] = {}
-        tables: list[dict[tuple[str, Labels], Any]] = [self._retired, *self._live.values()]
-        if own is not None:
-            tables.append({(n, labels): v for n, labels, v in own.everything()})
-        families = self.families
-        for table in tables:
-            for key, value in table.items():
-                old = out.get(key)
-                if old is None:
-                    out[key] = value
-                    continue
-                family = families[key[0]]
-                if family.kind != "gauge" or family.mode == "sum":
-                    out[key] = _add(old, value)
-                elif family.mode == "max":
-                    out[key] = max(old, value)
-                else:
-                    out[key] = min(old, value)
-        return out
+        """:meth:`merged`, keyed by (family name, label values)."""
+        return {
+            (name, labels): value
+            for name, table in self.merged(own).items()
+            for labels, value in table.items()
+        }
+
+    def render(self, own: Registry | None = None) -> bytes:
+        """The Prometheus text of every series (a scrape), with the cached series names."""
+        return render_tables(self.families, self.merged(own), self.prefixes)
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -322,12 +364,13 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
 
 
 #: Text before the value of each sample line of one series (a histogram's: one per bucket, then
-#: ``_sum`` and ``_count``), kept between scrapes: label sets rarely change, formatting them is
-#: most of a scrape's cost at thousands of shards.
-Prefixes = dict[tuple[str, Labels], tuple[str, ...]]
+#: ``_sum`` and ``_count``), by family name and label values, kept between scrapes: label sets
+#: rarely change, formatting them is most of a scrape's cost at thousands of shards. A series
+#: with one sample line (not a histogram) has its text as a string, not a tuple of one.
+Prefixes = dict[str, dict[Labels, str | tuple[str, ...]]]
 
 
-def _prefixes(family: Family, labels: Labels) -> tuple[str, ...]:
+def _prefixes(family: Family, labels: Labels) -> str | tuple[str, ...]:
     name, names = family.name, family.labelnames
     if family.kind == "histogram":
         les = [f'le="{_number(b)}"' for b in family.buckets] + ['le="+Inf"']
@@ -337,7 +380,7 @@ def _prefixes(family: Family, labels: Labels) -> tuple[str, ...]:
             f"{name}_count{_labels(names, labels)} ",
         )
     sample = f"{name}_total" if family.kind == "counter" else name
-    return (f"{sample}{_labels(names, labels)} ",)
+    return f"{sample}{_labels(names, labels)} "
 
 
 def render(
@@ -347,29 +390,36 @@ def render(
 ) -> bytes:
     """The Prometheus text exposition format (0.0.4) of ``values``. ``prefixes`` (the
     :class:`Aggregator`'s) keeps each series' formatted name and labels for the next scrape."""
+    tables: Tables = {}
+    for (name, labels), value in values.items():
+        tables.setdefault(name, {})[labels] = value
+    return render_tables(families, tables, prefixes)
+
+
+def render_tables(
+    families: dict[str, Family], tables: Tables, prefixes: Prefixes | None = None
+) -> bytes:
+    """:func:`render` of series by family name and label values."""
     if prefixes is None:
         prefixes = {}
-    elif len(prefixes) > 2 * len(values) + 1024:
-        prefixes.clear()  # series that went away
-    by_family: dict[str, list[tuple[Labels, Any]]] = {}
-    for (name, labels), value in values.items():
-        by_family.setdefault(name, []).append((labels, value))
     lines: list[str] = []
     add = lines.append
     finite = math.isfinite
     for name, family in families.items():
-        series = by_family.get(name)
+        series = tables.get(name)
         if not series:
             continue
-        series.sort()
+        known = prefixes.get(name)
+        if known is None or len(known) > 2 * len(series) + 1024:
+            known = prefixes[name] = {}  # (anew: series that went away)
         add(f"# HELP {name} {family.documentation}")
         add(f"# TYPE {name} {family.kind}")
         histogram = family.kind == "histogram"
-        for labels, value in series:
-            key = (name, labels)
-            text = prefixes.get(key)
+        for labels in sorted(series):
+            value = series[labels]
+            text = known.get(labels)
             if text is None:
-                text = prefixes[key] = _prefixes(family, labels)
+                text = known[labels] = _prefixes(family, labels)
             if histogram:
                 cumulative = 0.0
                 for prefix, count in zip(text, value[:-2], strict=False):
@@ -379,6 +429,6 @@ def render(
                 add(text[-1] + _number(value[-1]))
             else:
                 v = float(value)
-                add(text[0] + (repr(v) if finite(v) else _number(v)))
+                add(text + (repr(v) if finite(v) else _number(v)))  # type: ignore[operator]  # a str
     lines.append("")
     return "\n".join(lines).encode()

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from spectacles_gateway import metrics
 from spectacles_gateway.protocol.identify import IdentifyPacer
-from spectacles_gateway.telemetry import Aggregator, render
+from spectacles_gateway.telemetry import Aggregator
 
 from .fleet import FleetSide
 from .httpd import Response
@@ -212,8 +212,7 @@ class Routes:
 
     def __call__(self, path: str, query: str) -> Response:
         if path == self.metrics_path:
-            values = self.aggregator.combined(metrics.REGISTRY)
-            body = render(self.aggregator.families, values, self.aggregator.prefixes)
+            body = self.aggregator.render(metrics.REGISTRY)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/healthz", "/livez", "/health"):
             return Response(200, b"ok\n")

@@ -25,10 +25,10 @@ from spectacles_gateway.protocol.events import ShardCounts
 def counts(count: int) -> ShardCounts:
     received = {(t, 0): count for t in TYPES}
     received[("", 11)] = 1
-    return ShardCounts(received, {1: 1}, 0, count * len(TYPES), 1)
+    return ShardCounts(received, {1: 1}, 0, count * len(TYPES), 1, 0.05)
 
 
-def by_labels(shard_id: int, counts: ShardCounts, latency: float | None) -> int:
+def by_labels(shard_id: int, counts: ShardCounts) -> int:
     """The baseline: every series looked up by its labels, every round."""
     shard = str(shard_id)
     for (t, op), count in counts.packets_received.items():
@@ -44,7 +44,7 @@ def best_round(record: Any, shards: int, rounds: int) -> float:
         taken = {s: counts(r % 3 + 1) for s in range(shards)}
         started = time.perf_counter()
         for s in range(shards):
-            record(s, taken[s], 0.05)
+            record(s, taken[s])
         best = min(best, time.perf_counter() - started)
     return best
 

@@ -114,6 +114,8 @@ class Worker(Observation):
         # the periodic work looks at these only, so idle shards cost nothing.
         self._changed: set[int] = set()
         self._unsaved: set[int] = set()
+        self._uncounted: set[int] = set()
+        self._counted_at = -math.inf
         self._status_changes: dict[int, ShardStatus] = {}
         self._received_series: dict[tuple[str, str, int], Any] = {}
         self._sent_series: dict[tuple[str, int], Any] = {}
@@ -538,7 +540,7 @@ class Worker(Observation):
         progress = self.broker.take_progress()
         if progress is not None:
             self._apply(progress)
-        self.observe()
+        self.observe(final=True)
         await self.persist_sessions(final=True)
         await self.store.aclose()
         close_gate = getattr(self.gate, "aclose", None)

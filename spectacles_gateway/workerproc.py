@@ -44,6 +44,7 @@ from .control import (
     Status,
 )
 from .limits import raise_soft, shortfall, worker_need
+from .observation import COUNTS_EVERY
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -215,8 +216,9 @@ MANY_SERIES = 1000
 #: (seconds): decoding and adding up 4,600 series cost the supervisor about 1 ms, so at 512
 #: shards x 2 events/s every 5 s cost it 2.1-2.3 µs per event (60 s windows), every 10 s
 #: about half a µs less. Prometheus scrapes every 15 s or more; the final report carries
-#: whatever is left.
-METRICS_EVERY = 10.0
+#: whatever is left. (The worker's round moves hundreds of busy shards' counts into their
+#: series as often: :data:`~.observation.COUNTS_EVERY`.)
+METRICS_EVERY = COUNTS_EVERY
 
 
 def metrics_due(changed: int, since_last: float) -> bool:
@@ -305,7 +307,7 @@ async def _run(start: Start, settings: Settings, sock: socket.socket) -> int:
     finally:
         watcher.cancel()
         with contextlib.suppress(Exception):
-            worker.observe()
+            worker.observe(final=True)
             link.send(reports.status(final=True))  # final sessions, after the broker flushed
             await link.drain(2.0)
         if link.transport is not None:

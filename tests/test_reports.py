@@ -82,7 +82,7 @@ def test_packet_counters_add_what_each_round_took() -> None:
         for _ in range(acks):
             core.receive(j({"op": 11}), 1.0)
         core.confirm(seq, "sess-1")
-        confirmed.append(round_._record_counts(7, core.take_counts(), 0.05))
+        confirmed.append(round_._record_counts(7, core.take_counts()))
     label = "test-reports"
     assert metrics.packets_received.labels("MESSAGE_CREATE", "0", label).value() == 24
     assert metrics.packets_received.labels("", "11", label).value() == 4
@@ -95,3 +95,62 @@ def test_packet_counters_add_what_each_round_took() -> None:
         (label, "MESSAGE_CREATE", 0),
         (label, "", 11),
     }
+
+
+def test_many_busy_shards_counts_wait_in_their_cores_and_none_is_lost() -> None:
+    """Over FEW_BUSY busy shards, the round notes every status each second but moves the
+    counts into the counters at most every COUNTS_EVERY seconds (or at the end)."""
+    from spectacles_gateway import metrics
+    from spectacles_gateway.observation import COUNTS_EVERY, FEW_BUSY, Observation
+
+    label = "test-reports-many"
+    round_ = Observation()
+    round_.counter_label = label
+    round_._received_series = {}
+    round_._sent_series = {}
+    round_._published = {}
+    round_._latencies = []
+    round_._status_changes = {}
+    round_._uncounted = set()
+    round_._counted_at = float("-inf")
+    now = [0.0]
+    round_._clock = lambda: now[0]
+    round_.broker = SimpleNamespace(name="stdio")  # type: ignore[assignment]
+    cores = {
+        shard: make_core(shard_id=shard, shard_count=FEW_BUSY + 1) for shard in range(FEW_BUSY + 1)
+    }
+    for core in cores.values():
+        connected_ready(core)
+    runners: Any = {
+        s: SimpleNamespace(stats=c.stats, take_counts=c.take_counts, session=c.session)
+        for s, c in cores.items()
+    }
+    round_.runners = runners
+    series = metrics.packets_received.labels("MESSAGE_CREATE", "0", label)
+
+    def second(seq: int, shards: range) -> None:
+        for shard in shards:
+            cores[shard].receive(dispatch(seq), now[0])
+        round_._changed = set(shards)
+        round_.observe()
+        status = round_.status_changes()[0]
+        assert set(status) == set(shards) and {s.seq for s in status.values()} == {seq}
+
+    second(2, range(FEW_BUSY + 1))  # the first round counts
+    assert series.value() == FEW_BUSY + 1
+    for seq in range(3, 3 + int(COUNTS_EVERY) - 1):
+        now[0] += 1.0
+        second(seq, range(FEW_BUSY + 1))
+        assert series.value() == FEW_BUSY + 1  # waiting in the cores
+    now[0] += 1.0
+    second(20, range(5))  # few busy now, but the shards still to count are many: it is time
+    assert series.value() == (FEW_BUSY + 1) * int(COUNTS_EVERY) + 5
+    now[0] += 1.0
+    second(21, range(FEW_BUSY))  # few: counted at once
+    assert series.value() == (FEW_BUSY + 1) * int(COUNTS_EVERY) + 5 + FEW_BUSY
+    now[0] += 1.0
+    second(22, range(FEW_BUSY + 1))
+    now[0] += 1.0
+    round_._changed = set()
+    round_.observe(final=True)  # the end: everything
+    assert series.value() == (FEW_BUSY + 1) * (int(COUNTS_EVERY) + 1) + 5 + FEW_BUSY

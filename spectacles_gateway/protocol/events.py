@@ -170,3 +170,4 @@ class ShardCounts(msgspec.Struct, frozen=True, gc=False):
     commands_sent: int
     confirmed_events: int
     heartbeats_acked: int
+    latency: float | None  # seconds, the last heartbeat round trip (of any time)

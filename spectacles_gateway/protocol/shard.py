@@ -174,6 +174,7 @@ class ShardProtocol(Sending):
             self._commands_sent,
             self._confirmed_events,
             self._heartbeats_acked,
+            self._latency,
         )
         self._packets_received = {}
         self._packets_sent = {}

@@ -1,5 +1,6 @@
-"""What a worker reports once a second: counts moved into the metrics, and the status and
-session of every shard whose core changed since the last report (idle shards cost nothing).
+"""What a worker reports once a second: the status and session of every shard whose core
+changed since the last report (idle shards cost nothing), and what the shards counted moved
+into the metrics (with hundreds of busy shards, every :data:`COUNTS_EVERY` seconds).
 
 A mixin of :class:`~.worker.Worker`: the state it reads is declared here and set up there.
 """

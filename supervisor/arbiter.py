@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import selectors
 import signal
 import socket
@@ -23,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -52,7 +51,6 @@ from spectacles_gateway.protocol.state import Session
 from spectacles_gateway.telemetry import Aggregator
 
 from .channel import ControlChannel
-from .fleet import FleetOptions, FleetSide
 from .generations import Generations
 from .httpd import HttpServer
 from .lifecycle import Lifecycle, describe_exit
@@ -69,11 +67,21 @@ from .reshard import Reshard, ReshardOptions
 from .slots import WorkerSlot
 from .status import Routes
 
+if TYPE_CHECKING:
+    from .fleet import FleetOptions, FleetSide
+
 __all__ = ["Supervisor", "SupervisorOptions", "describe_exit"]
 
 log = logging.getLogger("spectacles_gateway.supervisor")
 
 TICK = 1.0  # seconds between two rounds of periodic work (deadlines inside are kept exactly)
+
+
+def jitter() -> float:
+    """``random.random()``; the module is loaded at the first restart, not at start-up."""
+    import random
+
+    return random.random()
 
 
 @dataclass
@@ -95,7 +103,7 @@ class SupervisorOptions:
     reshard: ReshardOptions | None = None
     generation: int = 0  # the generation the store says is current (see .generation)
     notifier: Any = None  # sdnotify.Notifier or None
-    rand: Callable[[], float] = random.random
+    rand: Callable[[], float] = jitter
 
 
 class Supervisor(Lifecycle, Generations):
@@ -127,6 +135,8 @@ class Supervisor(Lifecycle, Generations):
         self.started = time.monotonic()
         self.fleet: FleetSide | None = None
         if options.fleet is not None:
+            from .fleet import FleetSide  # fleet mode only
+
             self.fleet = FleetSide(
                 options.fleet,
                 options.shard_count,

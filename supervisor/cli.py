@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from spectacles_gateway.config import (
     SIMULATED_TOKEN,
@@ -31,10 +32,12 @@ from spectacles_gateway.protocol.identify import SessionBudget
 from spectacles_gateway.shardspec import parse_shard_spec
 
 from .arbiter import Supervisor, SupervisorOptions
-from .fleet import FleetOptions
 from .plan import describe_ids, group_shards, worker_count
 from .reshard import ReshardOptions
-from .simulate import Simulated, start_simulator
+
+if TYPE_CHECKING:  # fleet mode and --simulate only: loaded then
+    from .fleet import FleetOptions
+    from .simulate import Simulated
 
 __all__ = ["main"]
 
@@ -156,6 +159,8 @@ def prepare(loaded: Loaded, argv: list[str], simulated: Simulated | None) -> Sup
     fleet: FleetOptions | None = None
     if settings.fleet.name:
         # The fleet decides which shards run here: the workers start empty and get shards.
+        from .fleet import FleetOptions  # fleet mode only
+
         fleet = FleetOptions(
             name=settings.fleet.name,
             member=settings.fleet.member,
@@ -273,6 +278,8 @@ def run(loaded: Loaded, argv: list[str]) -> int:
                 count = loaded.settings.shards.count or (
                     max(parse_shard_spec(loaded.cli.shards)) + 1 if loaded.cli.shards else 1
                 )
+                from .simulate import start_simulator  # --simulate only
+
                 simulated = start_simulator(count, rate=5.0)
             options = prepare(loaded, argv, simulated)
         except Fatal as exc:

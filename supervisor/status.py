@@ -8,18 +8,20 @@ from __future__ import annotations
 import json
 import time
 from functools import cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from spectacles_gateway import metrics
 from spectacles_gateway.protocol.identify import IdentifyPacer
 from spectacles_gateway.telemetry import Aggregator
 
-from .fleet import FleetSide
 from .httpd import Response
 from .plan import describe_ids
 from .reshard import Reshard
 from .slots import WorkerSlot
+
+if TYPE_CHECKING:
+    from .fleet import FleetSide
 
 __all__ = ["Routes", "View", "human", "page", "progress", "readiness", "shard_columns", "status"]
 

@@ -32,8 +32,20 @@ WORKER_ONLY = [
 IO = ["asyncio", "socket", "ssl", "selectors", "uvloop", "websockets"]
 #: What the supervisor uses rarely, loaded only then (issue 14: its fixed memory): HTTPS for
 #: ``GET /gateway/bot`` (a child process asks), the shard map's file, --simulate's prctl, the
-#: TOML parser (a configuration file) and difflib (a suggestion for a key we do not know).
-RARELY = ["ssl", "http.client", "email", "importlib.resources", "ctypes", "tomllib", "difflib"]
+#: TOML parser (a configuration file), difflib (a suggestion for a key we do not know), fleet
+#: mode, --simulate, and random (the jitter of a worker's restart).
+RARELY = [
+    "ssl",
+    "http.client",
+    "email",
+    "importlib.resources",
+    "ctypes",
+    "tomllib",
+    "difflib",
+    "supervisor.fleet",
+    "supervisor.simulate",
+    "random",
+]
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -77,6 +89,8 @@ def test_the_supervisor_loads_what_it_rarely_uses_only_when_used(statement: str)
         "load(['--config', path], {'DISCORD_TOKEN': 't'})"
     )
     assert {"tomllib", "difflib"} <= used
+    used = loaded_after(f"{statement}\nimport supervisor.arbiter; supervisor.arbiter.jitter()")
+    assert "random" in used
 
 
 def test_the_protocol_core_loads_no_io() -> None:

@@ -17,9 +17,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+import msgspec
 
 from .protocol.urls import tls_kept
 
@@ -38,8 +39,7 @@ class BadToken(Exception):
     """Discord answered 401: the token is wrong or was reset. Fatal: never retry."""
 
 
-@dataclass(frozen=True)
-class GatewayBot:
+class GatewayBot(msgspec.Struct, frozen=True):
     url: str
     shards: int
     total: int
@@ -202,7 +202,7 @@ def main() -> int:
     request = json.loads(sys.stdin.buffer.read())
     try:
         bot = fetch_gateway_bot(request["base_url"], request["token"])
-        out = {"kind": "bot", "value": asdict(bot)}
+        out = {"kind": "bot", "value": msgspec.structs.asdict(bot)}
     except BadToken as exc:
         out = {"kind": "bad_token", "value": str(exc)}
     except RuntimeError as exc:

@@ -14,7 +14,7 @@ reads and sets the process's limit. Dependency-free (the supervisor imports it).
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "SUPERVISOR_RESERVE",
@@ -49,8 +49,7 @@ def supervisor_need(workers: int, http_clients: int) -> int:
     return SUPERVISOR_RESERVE + PER_WORKER * max(0, workers) + max(0, http_clients)
 
 
-@dataclass(frozen=True)
-class OpenFiles:
+class OpenFiles(NamedTuple):
     """The open-file limit of this process: before and after :func:`raise_soft`."""
 
     before: int

@@ -523,3 +523,12 @@ def test_sent_and_confirmed_tallies_for_metrics() -> None:
     assert (counts.confirmed_events, counts.heartbeats_acked) == (1, 1)
     with pytest.raises(CommandRejected, match="not a gateway payload"):
         core.queue_command(b"nope", 0.3)
+
+
+def test_a_shard_config_never_shows_its_token() -> None:
+    config = make().config
+    assert config.token == TOKEN
+    for text in (repr(config), str(config), f"{config!r}", repr([config])):
+        assert TOKEN not in text and "token" not in text
+        assert "shard_id=1" in text and "intents=513" in text
+    assert "token" not in dict(config.__rich_repr__())

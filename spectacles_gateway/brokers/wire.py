@@ -6,7 +6,6 @@ Bodies are built from the raw bytes of ``d`` without parsing or re-serialising t
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -97,8 +96,7 @@ class CommandError(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(msgspec.Struct, frozen=True):
     """A command for Discord: the packet to send and where to send it."""
 
     packet: bytes  # compact JSON ``{"op":..,"d":..}``

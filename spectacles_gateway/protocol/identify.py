@@ -12,7 +12,6 @@ window and margin for the leases it takes across hosts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -91,8 +90,7 @@ def identify_payload(
     return payload
 
 
-@dataclass
-class SessionBudget:
+class SessionBudget(msgspec.Struct):
     """``session_start_limit`` from ``/gateway/bot``, on our clock."""
 
     total: int
@@ -113,11 +111,10 @@ class SessionBudget:
         self.remaining = max(0, self.remaining - 1)
 
 
-@dataclass
-class _Bucket:
+class _Bucket(msgspec.Struct, gc=False):  # (ints and a set of ints: no cycles)
     holder: int | None = None  # shard holding the permit
     free_at: float = 0.0  # when the next identify of this bucket may be sent
-    waiting: set[int] = field(default_factory=set)
+    waiting: set[int] = msgspec.field(default_factory=set)
 
 
 class IdentifyPacer:

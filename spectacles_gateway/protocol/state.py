@@ -1,11 +1,17 @@
-"""The shard core's plain types: its phase, its configuration, a session, a connect plan."""
+"""The shard core's plain types: its phase, its configuration, a session, a connect plan.
+
+msgspec structs, not dataclasses, as in :mod:`spectacles_gateway.config.schema`: the supervisor
+loads this module too, and ``dataclasses`` would bring ``inspect`` (and ``ast``, ``dis``,
+``tokenize``) into a process that uses none of them (about 0.9 MiB).
+"""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+import msgspec
 
 from .identify import identify_payload
 
@@ -29,8 +35,7 @@ class ConnectPlan(NamedTuple):
     reason: str
 
 
-@dataclass
-class Session:
+class Session(msgspec.Struct):
     """What a RESUME needs. ``seq`` is the last *confirmed* sequence number."""
 
     session_id: str
@@ -38,11 +43,10 @@ class Session:
     resume_url: str | None
 
 
-@dataclass(frozen=True)
-class ShardConfig:
+class ShardConfig(msgspec.Struct, frozen=True):
     shard_id: int
     shard_count: int
-    token: str = field(repr=False)
+    token: str  # never in repr(): see __repr__
     intents: int
     gateway_url: str  # bare base URL: from /gateway/bot or an override
     version: int = 10
@@ -50,7 +54,7 @@ class ShardConfig:
     compress: str | None = "zstd-stream"
     large_threshold: int = 250
     presence: Mapping[str, Any] | None = None
-    properties: Mapping[str, str] = field(
+    properties: Mapping[str, str] = msgspec.field(
         default_factory=lambda: {
             "os": "linux",
             "browser": "spectacles-gateway",
@@ -72,6 +76,15 @@ class ShardConfig:
     #: Start in standby: connect, identify and read, publish nothing until
     #: :meth:`~.shard.ShardProtocol.start_publishing` (the new generation of a reshard).
     standby: bool = False
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.__struct_fields__ if name != "token"
+        )
+        return f"ShardConfig({shown})"
+
+    def __rich_repr__(self) -> Any:
+        return [(n, getattr(self, n)) for n in self.__struct_fields__ if n != "token"]
 
     def identify_payload(self) -> bytes:
         """The IDENTIFY this shard sends (raises ValueError when it is over 4096 bytes)."""

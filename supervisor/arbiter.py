@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -84,8 +83,7 @@ def jitter() -> float:
     return random.random()
 
 
-@dataclass
-class SupervisorOptions:
+class SupervisorOptions(msgspec.Struct):
     groups: list[tuple[int, ...]]
     shard_count: int
     max_concurrency: int

@@ -17,7 +17,8 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import msgspec
 
 __all__ = ["HttpServer", "Response"]
 
@@ -29,8 +30,7 @@ CLIENT_TIMEOUT = 5.0
 ACCEPT_PAUSE = 0.5
 
 
-@dataclass
-class Response:
+class Response(msgspec.Struct):
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
@@ -48,12 +48,11 @@ _REASONS = {
 }
 
 
-@dataclass
-class _Client:
+class _Client(msgspec.Struct):
     sock: socket.socket
     started: float
     local: bool = False  # a loopback peer: may POST
-    inbuf: bytearray = field(default_factory=bytearray)
+    inbuf: bytearray = msgspec.field(default_factory=bytearray)
     outbuf: bytes = b""
 
 

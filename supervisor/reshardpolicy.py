@@ -8,8 +8,9 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from spectacles_gateway.discovery import GatewayBot
 from spectacles_gateway.protocol.identify import SessionBudget
@@ -84,8 +85,7 @@ def budget_wait(budget: SessionBudget, needed: int, reserve: int, now: float) ->
     return max(0.0, budget.reset_at - now)
 
 
-@dataclass(frozen=True)
-class ReshardOptions:
+class ReshardOptions(msgspec.Struct, frozen=True):
     policy: str  # "off", "recommended", "manual"
     check_interval: float
     budget_reserve: int
@@ -153,8 +153,7 @@ class Host(Protocol):
     def kill(self, slot: WorkerSlot) -> None: ...
 
 
-@dataclass
-class ReshardRun:
+class ReshardRun(msgspec.Struct):
     """One reshard in progress."""
 
     target: int
@@ -162,16 +161,16 @@ class ReshardRun:
     generation: int
     started: float
     source: int  # the shard count it started from
-    slots: list[WorkerSlot] = field(default_factory=list)
-    owner: dict[int, WorkerSlot] = field(default_factory=dict)
-    sessions: dict[int, Session | None] = field(default_factory=dict)
+    slots: list[WorkerSlot] = msgspec.field(default_factory=list)
+    owner: dict[int, WorkerSlot] = msgspec.field(default_factory=dict)
+    sessions: dict[int, Session | None] = msgspec.field(default_factory=dict)
     deadline: float = 0.0
     waiting: str = ""  # why it waits, for logs and /status
-    published: set[int] = field(default_factory=set)  # slot indexes that said they publish
+    published: set[int] = msgspec.field(default_factory=set)  # slot indexes that said they publish
     overlap_until: float = 0.0
     guilds_pending: int = -1
     guilds_moved: float = 0.0
-    old: list[WorkerSlot] = field(default_factory=list)  # retired or retiring
+    old: list[WorkerSlot] = msgspec.field(default_factory=list)  # retired or retiring
     retire_deadline: float = 0.0
     covered: frozenset[int] = frozenset()  # running shards refused for good, covered by us
     identifies: int = 0  # IDENTIFYs the new generation sent

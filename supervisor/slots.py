@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from spectacles_gateway.control import ShardStatus
 
@@ -15,8 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["WorkerSlot"]
 
 
-@dataclass
-class WorkerSlot:
+class WorkerSlot(msgspec.Struct):
     """One worker's place: it keeps its shards and its pending input across restarts."""
 
     index: int
@@ -31,11 +31,11 @@ class WorkerSlot:
     stall_killed: bool = False
     fatal: bool = False
     rolling: bool = False
-    status: dict[int, ShardStatus] = field(default_factory=dict)
+    status: dict[int, ShardStatus] = msgspec.field(default_factory=dict)
     ready_count: int = 0  # shards of ``status`` that are ready, kept as reports come in
     broker: bool = False
     #: stdin commands for this worker not yet handed to its control channel (bytes, bodies).
-    pending_input: deque[bytes] = field(default_factory=deque)
+    pending_input: deque[bytes] = msgspec.field(default_factory=deque)
     pending_bytes: int = 0
     #: Which generation of shards it runs (a reshard adds slots of the next one), with how
     #: many shards in all (0: the supervisor's count); in standby until the switch.
@@ -44,7 +44,8 @@ class WorkerSlot:
     standby: bool = False
     #: Retired by a reshard: it closes its shards with 1000 and leaves for good.
     retiring: bool = False
-    shard_set: frozenset[int] = field(init=False)
+    #: ``shards`` as a set, kept in step with it (set in ``__post_init__``, not passed).
+    shard_set: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         self.shard_set = frozenset(self.shards)

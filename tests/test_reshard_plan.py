@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from spectacles_gateway.control import ShardStatus
@@ -382,7 +383,7 @@ def test_posts_are_answered_on_loopback_only() -> None:
 
 def fleet_reshard(**kw: Any) -> tuple[Reshard, FakeHost]:
     reshard, host = make(**kw)
-    reshard.options = ReshardOptions(**{**reshard.options.__dict__, "fleet": True})
+    reshard.options = msgspec.structs.replace(reshard.options, fleet=True)
     return reshard, host
 
 

@@ -102,3 +102,19 @@ def test_the_check_sees_an_import_it_must_refuse() -> None:
     """The check itself can fail: importing the transport does load websockets and asyncio."""
     modules = loaded_after("import supervisor.cli, spectacles_gateway.transport")
     assert {"websockets", "asyncio"} <= modules
+
+
+#: What none of the supervisor's code needs: ``dataclasses`` loads ``inspect``, which loads
+#: ``ast`` and ``dis`` (about 0.9 MiB of a supervisor's 20; our types are msgspec structs). msgspec loads ``inspect`` itself only when ``typing_extensions`` is installed,
+#: which none of our run-time dependencies needs; the check runs as without it.
+UNNEEDED = ["dataclasses", "inspect", "ast", "dis"]
+WITHOUT_TYPING_EXTENSIONS = "import sys\nsys.modules['typing_extensions'] = None\n"
+
+
+@SUPERVISOR_LOADS
+def test_the_supervisor_loads_no_introspection(statement: str) -> None:
+    modules = loaded_after(WITHOUT_TYPING_EXTENSIONS + statement)
+    assert not [m for m in UNNEEDED if m in modules]
+    # ... and the check sees them when they are used:
+    used = loaded_after(f"{WITHOUT_TYPING_EXTENSIONS}{statement}\nimport dataclasses")
+    assert set(UNNEEDED) <= used

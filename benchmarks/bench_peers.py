@@ -32,6 +32,8 @@ Usage: python benchmarks/bench_peers.py [--quick] [--runs 3] [--shapes saturated
        [--window 10] [--profile realistic] [--amqp-url amqp://guest:guest@127.0.0.1:5672/%2F]
        [--profile-worker FILE] (py-spy of the worker alone in the ``many`` shape)
        [--profile-supervisor FILE] (py-spy of the supervisor on stdio in the ``many`` shape)
+       [--base PYTHON] (the same clients from another checkout's venv, as ``<client>@base``)
+       [--rests 0.02,0.05] (our worker also as ``worker~S``, resting S s after a small flush)
 """
 
 from __future__ import annotations
@@ -112,7 +114,10 @@ url, shards, intents, events = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 plan = WorkerPlan(shard_ids=tuple(range(shards)), shard_count=shards, token="simulated-token",
                   intents=intents, gateway_url=url, events=frozenset(events.split(",")),
                   max_concurrency=shards)
-sys.exit(uvloop.run(Worker(plan, StdioBroker("json", stdout_fd=1)).run()))
+worker = Worker(plan, StdioBroker("json", stdout_fd=1))
+if len(sys.argv) > 5:  # worker~SECONDS: another rest after a small flush (see --rests)
+    worker.rest = float(sys.argv[5])
+sys.exit(uvloop.run(worker.run()))
 """
 
 HIKARI = r"""
@@ -373,8 +378,10 @@ class Client:
 
     def __init__(self, name: str, sim: SimProcess, shards: int, args: argparse.Namespace) -> None:
         self.name = name
-        # "<kind>@base": the same client from the --base checkout's interpreter.
-        self.kind, _, variant = name.partition("@")
+        # "<kind>@base": the same client from the --base checkout's interpreter; "worker~S":
+        # our worker resting S seconds after a small flush (--rests).
+        kind, _, variant = name.partition("@")
+        self.kind, _, self.rest = kind.partition("~")
         self.python = Path(args.base) if variant == "base" else Path(sys.executable)
         self.sim = sim
         self.shards = shards
@@ -393,7 +400,7 @@ class Client:
         url = self.sim.gateway
         if self.kind == "worker":
             argv = [str(self.python), "-c", WORKER, url, str(self.shards), str(INTENTS),
-                    ",".join(EVENTS)]  # fmt: skip
+                    ",".join(EVENTS), *([self.rest] if self.rest else [])]  # fmt: skip
         elif self.kind == "hikari":
             argv = [sys.executable, "-c", HIKARI, url, str(self.shards), str(INTENTS)]
         else:
@@ -693,6 +700,13 @@ async def main() -> None:
         help="also run our clients (as worker@base, ...) with this interpreter: a checkout's "
         "venv, measured in the same run for a before/after comparison",
     )
+    parser.add_argument(
+        "--rests",
+        default="",
+        metavar="SECONDS,...",
+        help="also run our worker (as worker~S) resting S seconds after a small flush instead "
+        "of worker.REST: latency against CPU per event, in the same run",
+    )
     parser.add_argument("--profile-worker", default="", metavar="FILE")
     parser.add_argument("--profile-supervisor", default="", metavar="FILE")
     parser.add_argument("--spy-flags", default="", help="more py-spy flags, e.g. --native")
@@ -706,11 +720,15 @@ async def main() -> None:
     for name in [*args.clients, *shapes]:
         if name not in CLIENTS + SHAPES:
             parser.error(f"unknown client or shape {name!r}")
+    if args.rests and "worker" in args.clients:
+        at = args.clients.index("worker") + 1
+        rests = [f"worker~{float(r):g}" for r in args.rests.split(",") if r]
+        args.clients[at:at] = rests
     if args.base:
         args.clients = [
             name
             for kind in args.clients
-            for name in ((kind,) if kind == "hikari" else (f"{kind}@base", kind))
+            for name in ((kind,) if kind == "hikari" or "~" in kind else (f"{kind}@base", kind))
         ]
     print(f"bench_peers: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"clients {','.join(args.clients)}, seed {args.seed}")  # fmt: skip

@@ -42,17 +42,23 @@ class Registry:
             raise ValueError(f"metric {family.name} is defined twice")
         self.families[family.name] = family
 
-    def changes(self) -> list[Sample]:
+    def changes(self, limit: int | None = None) -> list[Sample]:
         """The series that changed since the last call, with their current values; a series
-        that was removed comes with the value None."""
+        that was removed comes with the value None. With ``limit``, at most that many changed
+        series (every removed one): the others stay for the next call."""
         dirty = self.dirty
         removed = self.removed
         if not dirty and not removed:
             return []
         out: list[Sample] = [(name, labels, None) for name, labels in removed]
-        out += [(child.family.name, child.labels, child.value()) for child in dirty]
-        dirty.clear()
         removed.clear()
+        if limit is None or len(dirty) <= limit:
+            out += [(child.family.name, child.labels, child.value()) for child in dirty]
+            dirty.clear()
+        else:
+            for _ in range(limit):
+                child = dirty.pop()
+                out.append((child.family.name, child.labels, child.value()))
         return out
 
     def get_sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:

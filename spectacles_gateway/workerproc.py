@@ -213,12 +213,11 @@ class SupervisorGate:
 #: Up to this many changed metric series go in every report (once a second) ...
 MANY_SERIES = 1000
 #: ... more (hundreds of busy shards, a series per shard and event type) at most this often
-#: (seconds), then MANY_SERIES a report until all have gone: decoding and adding up 4,600 series
-#: cost the supervisor about 1 ms, so at 512
-#: shards x 2 events/s every 5 s cost it 2.1-2.3 µs per event (60 s windows), every 10 s
-#: about half a µs less. Prometheus scrapes every 15 s or more; the final report carries
-#: whatever is left. (The worker's round moves hundreds of busy shards' counts into their
-#: series as often: :data:`~.observation.COUNTS_EVERY`.)
+#: (seconds), then MANY_SERIES a report until all have gone: decoding and adding up 4,600
+#: series cost the supervisor about 1 ms, so at 512 shards x 2 events/s every 5 s cost it
+#: 2.1-2.3 µs per event (60 s windows), every 10 s about half a µs less. Prometheus scrapes
+#: every 15 s or more; the final report carries whatever is left. (The worker's round moves
+#: hundreds of busy shards' counts into their series as often: ``observation.COUNTS_EVERY``.)
 METRICS_EVERY = COUNTS_EVERY
 
 

@@ -61,6 +61,20 @@ def test_many_changed_series_wait_and_nothing_is_lost() -> None:
     assert set(sent.values()) == {METRICS_EVERY - 1}  # every count, none lost
 
 
+def test_few_series_go_at_once_and_the_final_report_takes_the_rest() -> None:
+    reports, packets, now = make()
+    packets.labels(0).inc()
+    assert [labels for _, labels, _ in reports.status().metrics] == [("0",)]
+    now[0] += 1.0
+    packets.labels(1).inc()
+    assert [labels for _, labels, _ in reports.status().metrics] == [("1",)]
+    for shard in range(MANY_SERIES + 1):
+        packets.labels(shard).inc()
+    now[0] += 1.0
+    assert reports.status().metrics == []
+    assert len(reports.status(final=True).metrics) == MANY_SERIES + 1
+
+
 def test_packet_counters_add_what_each_round_took() -> None:
     """The once-a-second round adds what a real core counted since the last round, through
     counters it looks up once (this label is this test's alone)."""

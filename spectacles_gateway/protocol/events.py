@@ -142,8 +142,8 @@ Event = (
 
 
 class ShardStats(msgspec.Struct, frozen=True, gc=False):
-    """A read-only snapshot of one shard's state for status reports and metrics (what it
-    counted is taken apart: :class:`ShardCounts`)."""
+    """A read-only snapshot of one shard's state, for status reports (what it counted for
+    the metrics is taken apart: :class:`ShardCounts`)."""
 
     phase: str
     ready: bool

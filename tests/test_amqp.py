@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from pika import frame, spec
 
 from spectacles_gateway.brokers.amqp import AmqpBroker
@@ -137,6 +139,56 @@ def test_big_bodies_are_split_at_the_frame_size_like_pika() -> None:
         timestamp=int.from_bytes(built[built.index(b"s:2") + 3 :][:8]),
     )
     assert built == pika_frames(1, "g", "GUILD_CREATE", props, msgpack_string(data), 4096 - 8)
+    assert builder.event_data(built) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fmt=st.sampled_from(["msgpack", "json"]),
+    persistent=st.booleans(),
+    frame_max=st.sampled_from([4096, 70000, 131072]),
+    shard_id=st.sampled_from([0, 1, 1023, 2**31 - 1, 2**31]),
+    seq=st.one_of(st.none(), st.integers(-(2**40), 2**40)),
+    session=st.text(min_size=0, max_size=300),
+    size=st.sampled_from([0, 1, 31, 32, 33, 4087, 4088, 65530, 65535, 65536, 70000, 140000]),
+    twice=st.booleans(),
+)
+@example("msgpack", False, 131072, 3, 5, "\u00e9" * 200, 33, True)  # a 400-byte id: hashed
+def test_every_event_frame_path_is_what_pika_writes(
+    fmt: str,
+    persistent: bool,
+    frame_max: int,
+    shard_id: int,
+    seq: int | None,
+    session: str,
+    size: int,
+    twice: bool,
+) -> None:
+    """Both paths of FrameBuilder.event (the cached common case and the general one, chosen by
+    body size, seq range, shard cache and message id length) against pika's own marshalling."""
+    builder = FrameBuilder(
+        exchange="gateway", expiration_ms=5000, persistent=persistent, fmt=fmt,
+        frame_max=frame_max, channel=2, generation=7,
+    )  # fmt: skip
+    data = (b'{"x":"' + b"y" * size + b'"}')[:size]
+    if twice:  # the second event of a shard comes from the caches
+        builder.event("TYPING_START", shard_id, 1, "s", b"{}")
+    built = builder.event("MESSAGE_CREATE", shard_id, seq, session, data)
+    body = msgpack_string(data) if fmt == "msgpack" else data
+    mid = message_id(session, seq, shard_id)
+    header_at = 7 + int.from_bytes(built[3:7]) + 1  # after the method frame
+    stamp_at = header_at + 7 + int.from_bytes(built[header_at + 3 : header_at + 7]) - 8
+    headers: dict[str, int] = {"shard_id": shard_id, "generation": 7}
+    if seq is not None:
+        headers["seq"] = seq
+    props = spec.BasicProperties(
+        headers=headers,
+        delivery_mode=2 if persistent else None,
+        expiration="5000",
+        message_id=mid.decode(),
+        timestamp=int.from_bytes(built[stamp_at : stamp_at + 8]),
+    )
+    assert built == pika_frames(2, "gateway", "MESSAGE_CREATE", props, body, frame_max - 8)
     assert builder.event_data(built) == data
 
 

@@ -57,6 +57,12 @@ _i64 = struct.Struct(">q").pack
 _u64 = struct.Struct(">Q").pack
 
 _I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
+#: What follows the message id in the frames of a small event: its timestamp, the header
+#: frame's end, the body frame's head, and the msgpack string header (of each size).
+_tail_fix = struct.Struct(">QBBHIB").pack
+_tail_16 = struct.Struct(">QBBHIBH").pack
+_tail_32 = struct.Struct(">QBBHIBI").pack
+_tail_raw = struct.Struct(">QBBHI").pack
 
 
 def short_string(value: str | bytes) -> bytes:
@@ -144,8 +150,6 @@ class FrameBuilder:
     generation: int = 0
     _methods: dict[str, bytes] = field(default_factory=dict, repr=False)
     _shards: dict[int, bytes] = field(default_factory=dict, repr=False)
-    _ts_second: int = field(default=-1, repr=False)
-    _ts: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in ("msgpack", "json"):
@@ -159,6 +163,12 @@ class FrameBuilder:
         # Between the headers table and the message id: delivery mode, expiration.
         self._middle = (b"\x02" if self.persistent else b"") + short_string(str(self.expiration_ms))
         self._msgpack = self.fmt == "msgpack"
+        # Property bytes besides the headers table's cached prefix and the message id: flags,
+        # seq, delivery mode and expiration, the id's length, the timestamp; plus the class,
+        # weight and body size before them (the header frame's payload size).
+        self._props_fixed = 12 + 2 + 4 + len(self._middle) + 1 + 8
+        self._seq_middle = struct.Struct(f">i{len(self._middle)}sB").pack
+        self._small_max = self.body_max - 5  # the largest msgpack header is 5 bytes
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -172,6 +182,59 @@ class FrameBuilder:
             method = _method_frame(self.channel, self.exchange, event, self.mandatory)
             if len(self._methods) < 4096:
                 self._methods[event] = method
+        n = len(data)
+        prefix = self._shards.get(shard_id)
+        if (
+            prefix is None
+            or seq is None
+            or not _I32_MIN <= seq <= _I32_MAX
+            or not 0 < n <= self._small_max
+        ):
+            return self._event(method, shard_id, seq, session, data)
+        mid = f"{session}:{seq}".encode()
+        if len(mid) > 255:  # not a session id of Discord's: message_id hashes it
+            return self._event(method, shard_id, seq, session, data)
+        # The common case, in three packs and one join: a shard seen before, an int32 seq, a
+        # short message id, a body in one frame.
+        now = int(time.time())
+        if self._msgpack:
+            if n < 32:
+                size = n + 1
+                tail = _tail_fix(now, 0xCE, FRAME_BODY, self.channel, size, 0xA0 | n)
+            elif n < 65536:
+                size = n + 3
+                tail = _tail_16(now, 0xCE, FRAME_BODY, self.channel, size, 0xDA, n)
+            else:
+                size = n + 5
+                tail = _tail_32(now, 0xCE, FRAME_BODY, self.channel, size, 0xDB, n)
+        else:
+            size = n
+            tail = _tail_raw(now, 0xCE, FRAME_BODY, self.channel, size)
+        return b"".join(
+            (
+                method,
+                _content_head.pack(
+                    FRAME_HEADER,
+                    self.channel,
+                    self._props_fixed + len(prefix) + len(mid),
+                    BASIC_CLASS,
+                    0,
+                    size,
+                    self._flags,
+                ),
+                prefix,
+                self._seq_middle(seq, self._middle, len(mid)),
+                mid,
+                tail,
+                data,
+                FRAME_END,
+            )
+        )
+
+    def _event(
+        self, method: bytes, shard_id: int, seq: int | None, session: str, data: bytes
+    ) -> bytes:
+        """Any event: the general case of :meth:`event`, which also fills its cache."""
         if seq is not None and _I32_MIN <= seq <= _I32_MAX and shard_id in self._shards:
             table = self._shards[shard_id] + _i32(seq)
         else:
@@ -180,34 +243,23 @@ class FrameBuilder:
                 self._shards[shard_id] = table[:-4]
         mid = message_id(session, seq, shard_id)
         now = int(time.time())
-        if now != self._ts_second:
-            self._ts_second = now
-            self._ts = _u64(now)
         head = msgpack_header(len(data)) if self._msgpack else b""
         body_size = len(head) + len(data)
         props_size = 2 + len(table) + len(self._middle) + 1 + len(mid) + 8
         header = _content_head.pack(
             FRAME_HEADER, self.channel, 12 + props_size, BASIC_CLASS, 0, body_size, self._flags
         )
-        if 0 < body_size <= self.body_max:
-            return b"".join(
-                (
-                    method,
-                    header,
-                    table,
-                    self._middle,
-                    _u8(len(mid)),
-                    mid,
-                    self._ts,
-                    FRAME_END,
-                    _frame_head.pack(FRAME_BODY, self.channel, body_size),
-                    head,
-                    data,
-                    FRAME_END,
-                )
-            )
-        parts = [method, header, table, self._middle, _u8(len(mid)), mid, self._ts, FRAME_END]
-        self._body_frames(parts, head + data)
+        parts: list[bytes | memoryview] = [
+            method,
+            header,
+            table,
+            self._middle,
+            _u8(len(mid)),
+            mid,
+            _u64(now),
+            FRAME_END,
+        ]
+        self._body_frames(parts, head, data)
         return b"".join(parts)
 
     def event_data(self, frames: bytes) -> bytes:
@@ -224,16 +276,25 @@ class FrameBuilder:
         header = _content_head.pack(
             FRAME_HEADER, self.channel, 12 + 2 + len(props), BASIC_CLASS, 0, len(body), flags
         )
-        parts = [method, header, props, FRAME_END]
-        self._body_frames(parts, body)
+        parts: list[bytes | memoryview] = [method, header, props, FRAME_END]
+        self._body_frames(parts, b"", body)
         return b"".join(parts)
 
-    def _body_frames(self, parts: list[bytes], body: bytes) -> None:
+    def _body_frames(self, parts: list[bytes | memoryview], head: bytes, body: bytes) -> None:
+        """Body frames of ``head + body`` at most ``frame_max`` each, without copying ``body``
+        (the one join of the caller copies it once)."""
         step = self.body_max
         channel = self.channel
         view = memoryview(body)
-        for start in range(0, len(body), step):
-            chunk = view[start : start + step]
-            parts.append(_frame_head.pack(FRAME_BODY, channel, len(chunk)))
-            parts.append(bytes(chunk))
+        total = len(head) + len(body)
+        start = 0  # in head + body
+        while start < total:
+            size = min(step, total - start)
+            parts.append(_frame_head.pack(FRAME_BODY, channel, size))
+            if start < len(head):
+                parts.append(head[start:])
+                parts.append(view[: size - (len(head) - start)])
+            else:
+                parts.append(view[start - len(head) : start - len(head) + size])
             parts.append(FRAME_END)
+            start += size

@@ -9,7 +9,12 @@ Clients (each its own process, CPU read from /proc over the measured window):
 - ``amqp``: ``spectacles-supervise`` publishing to RabbitMQ with confirms (a pika consumer in
   another process drains the queue; neither it nor RabbitMQ is counted);
 - ``hikari``: hikari's ``GatewayShardImpl`` (zstd-stream, uvloop, orjson when installed),
-  counting every dispatch it hands to its event manager.
+  counting every dispatch it hands to its event manager;
+- ``bare``: the floor, not a product: per shard a uvloop protocol that splits websocket frames,
+  zstd-decompresses each message and counts the dispatches, and nothing else (no JSON, no
+  state, no output, no heartbeat timing); ``bare~S`` also rests S s after each turn that read
+  something, as our worker does. What reading and decompressing alone cost on this machine at
+  each shape: where a goal lies below the floor, no client can meet it here.
 
 Shapes:
 
@@ -28,12 +33,13 @@ min-max over ``--runs`` repetitions (clients alternated within each repetition).
 Needs ``pip install -e '.[bench]'`` (hikari, orjson, py-spy), RabbitMQ for ``amqp``.
 
 Usage: python benchmarks/bench_peers.py [--quick] [--runs 3] [--shapes saturated,paced,many]
-       [--clients worker,stdio,amqp,hikari] [--events 200000] [--rate 8000] [--shards 512]
+       [--clients worker,stdio,amqp,hikari,bare] [--events 200000] [--rate 8000] [--shards 512]
        [--window 10] [--profile realistic] [--amqp-url amqp://guest:guest@127.0.0.1:5672/%2F]
        [--profile-worker FILE] (py-spy of the worker alone in the ``many`` shape)
        [--profile-supervisor FILE] (py-spy of the supervisor on stdio in the ``many`` shape)
        [--base PYTHON] (the same clients from another checkout's venv, as ``<client>@base``)
-       [--rests 0.02,0.05] (our worker also as ``worker~S``, resting S s after a small flush)
+       [--rests 0.01,0.05] (our worker and the bare client also as ``worker~S``, ``bare~S``,
+       resting S s after a small flush / a turn that read)
 """
 
 from __future__ import annotations
@@ -157,6 +163,98 @@ async def main():
         event_manager=manager, event_factory=factory) for i in range(shards)]
     await asyncio.gather(*(s.start() for s in gateway))
     await asyncio.Event().wait()
+
+uvloop.run(main())
+"""
+
+BARE = r"""
+import asyncio, base64, json, os, struct, sys, time
+import uvloop
+try:
+    from compression import zstd
+except ImportError:
+    from backports import zstd
+
+url, shards, intents = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rest = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # bare~S: rest like our worker
+resting = False
+host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+count = 0
+out = sys.stdout
+conns = []
+
+def frame(text):
+    # A client frame: FIN + text, masked with a zero key (the payload as it is).
+    data = text.encode()
+    n = len(data)
+    head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + struct.pack(">H", n)
+    return head + b"\0\0\0\0" + data
+
+class Bare(asyncio.Protocol):
+    # The floor: read, split frames, decompress, count. No JSON, no state, no output.
+    def __init__(self, shard):
+        self.shard, self.buf, self.open = shard, b"", False
+        self.zstd = zstd.ZstdDecompressor()
+        self.hello = True
+
+    def connection_made(self, transport):
+        self.t = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write((f"GET /?v=10&encoding=json&compress=zstd-stream HTTP/1.1\r\n"
+                         f"Host: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+
+    def data_received(self, data):
+        global count, resting
+        if rest and not resting:
+            resting = True
+            asyncio.get_running_loop().call_soon(pause)
+        buf = self.buf + data if self.buf else data
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            self.open, buf = True, buf[end + 4:]
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            length, start = buf[pos + 1] & 0x7F, pos + 2
+            if length == 126:
+                length, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
+            elif length == 127:
+                length, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
+            if start + length > n:
+                break
+            if buf[pos] & 0x0F == 2:
+                text = self.zstd.decompress(buf[start:start + length])
+                if self.hello:
+                    self.hello = False
+                    self.t.write(frame(json.dumps({"op": 2, "d": {
+                        "token": "simulated-token", "intents": intents,
+                        "properties": {"os": "linux", "browser": "bare", "device": "bare"},
+                        "shard": [self.shard, shards]}})))
+                elif text[:6] == b'{"t":"':  # a dispatch (its event name is a string)
+                    count += 1
+                    if count % 1000 == 0:
+                        out.write("%d %.6f\n" % (count, time.perf_counter()))
+                        out.flush()
+            pos = start + length
+        self.buf = buf[pos:] if pos < n else b""
+
+def pause():
+    # After a turn that read something, sleep: what arrives meanwhile is read in one turn.
+    global resting
+    resting = False
+    time.sleep(rest)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for i in range(shards):
+        conns.append((await loop.create_connection(lambda i=i: Bare(i), host, int(port)))[1])
+    while True:
+        await asyncio.sleep(30)
+        for c in conns:
+            c.t.write(frame('{"op":1,"d":null}'))
 
 uvloop.run(main())
 """
@@ -403,6 +501,9 @@ class Client:
                     ",".join(EVENTS), *([self.rest] if self.rest else [])]  # fmt: skip
         elif self.kind == "hikari":
             argv = [sys.executable, "-c", HIKARI, url, str(self.shards), str(INTENTS)]
+        elif self.kind == "bare":
+            argv = [sys.executable, "-c", BARE, url, str(self.shards), str(INTENTS),
+                    *([self.rest] if self.rest else [])]  # fmt: skip
         else:
             argv = [str(self.python.parent / "spectacles-supervise")]
         if self.kind == "amqp":
@@ -458,7 +559,7 @@ class Client:
         return {name: context_switches(pid) for name, pid in self.pids().items()}
 
     async def seq_check(self) -> str:
-        if self.kind == "hikari":
+        if self.kind in ("hikari", "bare"):
             return "n/a"
         if self.kind == "amqp":
             assert self.consumer is not None and self.consumer.stdin is not None
@@ -559,7 +660,7 @@ def _delivered_floor(client: Client, total: int) -> int:
 
 
 SHAPES = ("saturated", "paced", "many")
-CLIENTS = ("worker", "stdio", "amqp", "hikari")
+CLIENTS = ("worker", "stdio", "amqp", "hikari", "bare")
 
 
 def sim_config(shape: str, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
@@ -720,15 +821,17 @@ async def main() -> None:
     for name in [*args.clients, *shapes]:
         if name not in CLIENTS + SHAPES:
             parser.error(f"unknown client or shape {name!r}")
-    if args.rests and "worker" in args.clients:
-        at = args.clients.index("worker") + 1
-        rests = [f"worker~{float(r):g}" for r in args.rests.split(",") if r]
-        args.clients[at:at] = rests
+    for kind in ("worker", "bare"):
+        if args.rests and kind in args.clients:
+            at = args.clients.index(kind) + 1
+            args.clients[at:at] = [f"{kind}~{float(r):g}" for r in args.rests.split(",") if r]
     if args.base:
         args.clients = [
             name
             for kind in args.clients
-            for name in ((kind,) if kind == "hikari" or "~" in kind else (f"{kind}@base", kind))
+            for name in (
+                (kind,) if kind in ("hikari", "bare") or "~" in kind else (f"{kind}@base", kind)
+            )
         ]
     print(f"bench_peers: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"clients {','.join(args.clients)}, seed {args.seed}")  # fmt: skip

@@ -7,7 +7,9 @@ must stay sans-I/O. Each check imports the module in a fresh interpreter and rea
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -105,8 +107,9 @@ def test_the_check_sees_an_import_it_must_refuse() -> None:
 
 
 #: What none of the supervisor's code needs: ``dataclasses`` loads ``inspect``, which loads
-#: ``ast`` and ``dis`` (about 0.9 MiB of a supervisor's 20; our types are msgspec structs). msgspec loads ``inspect`` itself only when ``typing_extensions`` is installed,
-#: which none of our run-time dependencies needs; the check runs as without it.
+#: ``ast`` and ``dis`` (about 0.9 MiB of a supervisor's 20; our types are msgspec structs).
+#: msgspec loads ``inspect`` itself when it can import ``typing_extensions``; the command keeps
+#: it out (``supervisor.entry``, checked below), and these checks run as without it.
 UNNEEDED = ["dataclasses", "inspect", "ast", "dis"]
 WITHOUT_TYPING_EXTENSIONS = "import sys\nsys.modules['typing_extensions'] = None\n"
 
@@ -118,3 +121,31 @@ def test_the_supervisor_loads_no_introspection(statement: str) -> None:
     # ... and the check sees them when they are used:
     used = loaded_after(f"{WITHOUT_TYPING_EXTENSIONS}{statement}\nimport dataclasses")
     assert set(UNNEEDED) <= used
+
+
+def test_the_command_keeps_typing_extensions_out() -> None:
+    """The ``spectacles-supervise`` entry point, through to a configuration error (exit 78,
+    after the configuration and its msgspec types were loaded), loads neither
+    ``typing_extensions`` nor what it would bring, though it is installed here; the CLI's
+    ``main`` called directly does load it: the check can fail."""
+    if importlib.util.find_spec("typing_extensions") is None:
+        pytest.skip("typing_extensions is not installed: nothing to keep out")
+    code = (
+        "import json, sys\nfrom supervisor.{module} import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 78, exc.code\n"
+        "print(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None)))"
+    )
+    env = {"PATH": os.environ.get("PATH", "")}  # no token: the configuration is refused
+
+    def loaded_by(module: str) -> set[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", code.format(module=module)],
+            capture_output=True, text=True, check=True, timeout=t(60), env=env,
+        )  # fmt: skip
+        assert "config key 'token'" in result.stderr
+        return set(json.loads(result.stdout))
+
+    modules = loaded_by("entry")
+    assert {"msgspec", "spectacles_gateway.config"} <= modules
+    assert not [m for m in ["typing_extensions", *UNNEEDED] if m in modules]
+    assert {"typing_extensions", "inspect"} <= loaded_by("cli")

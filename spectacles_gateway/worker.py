@@ -60,14 +60,16 @@ FLUSH_EVENTS = 256
 #: The broker is flushed at most this often (seconds) while events come one read at a time:
 #: a write (a syscall, a wake-up of the reader) per few milliseconds instead of per event.
 FLUSH_INTERVAL = 0.005
-#: After a flush of fewer than REST_BELOW events, the worker rests: its loop sleeps this many
-#: seconds, and everything its connections received meanwhile is read in the next turn. Many
-#: shards at a few events per second each (every event alone on its socket) then cost one
-#: wake-up per REST for all of them, not one per event: about 40 % less CPU per event at
-#: 512 shards x 2 events/s (benchmarks/bench_peers.py), for at most REST more latency. A busy
-#: worker (REST_BELOW events or more per flush) never rests; an idle one has nothing to flush.
+#: After a flush, a worker that is not busy rests: its loop sleeps this many seconds, and
+#: everything its connections received meanwhile is read in the next turn. Events that arrive
+#: a few at a time (many shards at a few events per second each, or one shard at a few
+#: thousand) then cost one wake-up per REST for all of them, not one or more per event: at
+#: 512 shards x 2 events/s about 40 % less CPU per event, at one shard x 8,000 events/s about
+#: half (benchmarks/bench_peers.py), for at most REST more latency. Busy means that the loop's
+#: thread used more than BUSY_SHARE of the time since the previous flush: a busy worker never
+#: rests (its reads are big already), and a flush that carried no event never does.
 REST = 0.01
-REST_BELOW = 64
+BUSY_SHARE = 0.5
 
 
 class Worker(Observation):
@@ -103,9 +105,11 @@ class Worker(Observation):
         self._wake_scheduled = False
         self._unflushed = 0  # events published since the broker was last flushed
         self._flushed_at = -math.inf  # ... when (the loop's clock)
-        #: Seconds the loop sleeps after flushing a small batch (:data:`REST`; 0: never).
+        #: Seconds the loop sleeps after a flush when not busy (:data:`REST`; 0: never).
         self.rest = REST
         self._sleep = time.sleep
+        self._cpu_clock = time.thread_time  # the loop's thread: what "busy" is measured by
+        self._cpu_at = 0.0  # ... at the last flush
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: list[asyncio.Task[None]] = []
         self._saved = self.shards.saved
@@ -247,11 +251,15 @@ class Worker(Observation):
         self._wake_scheduled = False
         count = self._unflushed
         self._unflushed = 0
-        self._flushed_at = (self._loop or self._running_loop()).time()
+        now = (self._loop or self._running_loop()).time()
+        cpu = self._cpu_clock()
+        idle = cpu - self._cpu_at < BUSY_SHARE * (now - self._flushed_at)
+        self._flushed_at = now
+        self._cpu_at = cpu
         progress = self.broker.flush()
         if progress is not None:
             self._apply(progress)
-        if 0 < count < REST_BELOW and self.rest > 0:
+        if count and idle and self.rest > 0:
             self._sleep(self.rest)  # blocks the loop on purpose: see REST
 
     def _apply(self, progress: Progress) -> None:

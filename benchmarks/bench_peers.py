@@ -819,7 +819,7 @@ async def main() -> None:
     args.clients = [c for c in args.clients.split(",") if c]
     shapes = [s for s in args.shapes.split(",") if s]
     for name in [*args.clients, *shapes]:
-        if name not in CLIENTS + SHAPES:
+        if name.partition("~")[0] not in CLIENTS + SHAPES:  # worker~0.05: a rest of its own
             parser.error(f"unknown client or shape {name!r}")
     for kind in ("worker", "bare"):
         if args.rests and kind in args.clients:

@@ -85,6 +85,31 @@ def pika_frames(
     return out
 
 
+def pika_props(
+    built: bytes,
+    shard_id: int,
+    generation: int,
+    seq: int | None,
+    session: str,
+    persistent: bool,
+    expiration: str,
+) -> spec.BasicProperties:
+    """The properties pika would write for this event; the timestamp is read from ``built``
+    (the last 8 bytes of the content header frame, which follows the method frame)."""
+    header_at = 7 + int.from_bytes(built[3:7]) + 1
+    stamp_at = header_at + 7 + int.from_bytes(built[header_at + 3 : header_at + 7]) - 8
+    headers: dict[str, int] = {"shard_id": shard_id, "generation": generation}
+    if seq is not None:
+        headers["seq"] = seq
+    return spec.BasicProperties(
+        headers=headers,
+        delivery_mode=2 if persistent else None,
+        expiration=expiration,
+        message_id=message_id(session, seq, shard_id).decode(),
+        timestamp=int.from_bytes(built[stamp_at : stamp_at + 8]),
+    )
+
+
 @pytest.mark.parametrize(
     ("fmt", "persistent", "shard_id", "seq"),
     [
@@ -110,22 +135,12 @@ def test_event_frames_are_what_pika_writes(
     session = "9c3f1e2d4b5a69788796a5b4c3d2e1f0"
     for _ in range(2):  # the second time from the caches
         built = builder.event("MESSAGE_CREATE", shard_id, seq, session, data)
-        timestamp = int.from_bytes(built[built.index(b"\xce\x03") - 8 : built.index(b"\xce\x03")])
-        headers: dict[str, int] = {"shard_id": shard_id, "generation": shard_id % 3}
-        if seq is not None:
-            headers["seq"] = seq
-        props = spec.BasicProperties(
-            headers=headers,
-            delivery_mode=2 if persistent else None,
-            expiration="120000",
-            message_id=message_id(session, seq, shard_id).decode(),
-            timestamp=timestamp,
-        )
+        props = pika_props(built, shard_id, shard_id % 3, seq, session, persistent, "120000")
         body = msgpack_string(data) if fmt == "msgpack" else data
         assert built == pika_frames(3, "gateway", "MESSAGE_CREATE", props, body)
         assert message_body(built) == body
         assert builder.event_data(built) == data
-    assert abs(timestamp - __import__("time").time()) < 5
+    assert abs(props.timestamp - __import__("time").time()) < 5
 
 
 def test_big_bodies_are_split_at_the_frame_size_like_pika() -> None:
@@ -175,19 +190,7 @@ def test_every_event_frame_path_is_what_pika_writes(
         builder.event("TYPING_START", shard_id, 1, "s", b"{}")
     built = builder.event("MESSAGE_CREATE", shard_id, seq, session, data)
     body = msgpack_string(data) if fmt == "msgpack" else data
-    mid = message_id(session, seq, shard_id)
-    header_at = 7 + int.from_bytes(built[3:7]) + 1  # after the method frame
-    stamp_at = header_at + 7 + int.from_bytes(built[header_at + 3 : header_at + 7]) - 8
-    headers: dict[str, int] = {"shard_id": shard_id, "generation": 7}
-    if seq is not None:
-        headers["seq"] = seq
-    props = spec.BasicProperties(
-        headers=headers,
-        delivery_mode=2 if persistent else None,
-        expiration="5000",
-        message_id=mid.decode(),
-        timestamp=int.from_bytes(built[stamp_at : stamp_at + 8]),
-    )
+    props = pika_props(built, shard_id, 7, seq, session, persistent, "5000")
     assert built == pika_frames(2, "gateway", "MESSAGE_CREATE", props, body, frame_max - 8)
     assert builder.event_data(built) == data
 

@@ -124,11 +124,43 @@ async def test_a_partial_frame_waits_in_pikas_frame_buffer() -> None:
         conn.route_confirms(1, lambda tag, multiple, ok: seen.append(tag))
         conn._on_data_available(HEARTBEAT[:3])
         assert conn._frame_buffer == HEARTBEAT[:3]
-        conn._on_data_available(HEARTBEAT[3:] + ACK)  # after a partial frame: through pika
+        conn._on_data_available(HEARTBEAT[3:] + ACK)  # a heartbeat first: all of it to pika
         assert conn._frame_buffer == b""
         assert seen == []  # (channel 1 is not open: pika ignores the frame)
         conn._on_data_available(ACK)
         assert seen == [5]
+        # A confirm split between two reads: pika keeps its start, the fast path the rest.
+        received = conn.bytes_received
+        conn._on_data_available(ACK + ACK[:10])
+        assert conn._frame_buffer == ACK[:10] and seen == [5, 5]
+        conn._on_data_available(ACK[10:] + NACK)
+        assert conn._frame_buffer == b"" and seen == [5, 5, 5, 6]
+        assert conn.bytes_received == received + 3 * CONFIRM_FRAME_SIZE
+
+
+def test_a_confirm_split_between_two_reads_takes_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pika's own parser (which copies its whole buffer once per frame) sees none of it."""
+    seen: list[tuple[int, bool, bool]] = []
+    handed: list[bytes] = []
+
+    def pika_buffers(self: PikaConnection, data: bytes) -> None:
+        handed.append(data)
+        self._frame_buffer += data  # what pika does with a partial frame
+
+    monkeypatch.setattr(pika.connection.Connection, "_on_data_available", pika_buffers)
+    conn = PikaConnection.__new__(PikaConnection)
+    conn._frame_buffer = b""
+    conn.frames_received = conn.bytes_received = 0
+    conn.route_confirms(1, lambda tag, multiple, ok: seen.append((tag, multiple, ok)))
+    conn._on_data_available(ACK + NACK[:7])
+    assert handed == [NACK[:7]] and seen == [(5, True, True)]
+    conn._on_data_available(NACK[7:] + ACK)
+    assert handed == [NACK[:7]]
+    assert seen == [(5, True, True), (6, False, False), (5, True, True)]
+    assert conn._frame_buffer == b""
+    assert conn.frames_received == 3 and conn.bytes_received == 3 * CONFIRM_FRAME_SIZE
 
 
 async def test_a_raw_write_goes_out_and_its_confirm_takes_the_fast_path() -> None:

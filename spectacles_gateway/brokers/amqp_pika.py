@@ -10,8 +10,9 @@ but the two hot paths go around it, which no public pika API allows:
 - **Reading confirms.** ``Connection._on_data_available(data)`` is what pika's transport calls
   with every read from the socket; it appends to ``_frame_buffer`` and parses frames. Our
   override decodes the complete ``basic.ack``/``basic.nack`` frames of the publish channel at
-  the start of a read (21 fixed bytes each) itself, counting them in ``bytes_received`` and
-  ``frames_received`` (the heartbeat checker's sign of life), and hands the rest to pika.
+  the start of a read (21 fixed bytes each; a read that pika left a partial frame of goes on
+  from that frame) itself, counting them in ``bytes_received`` and ``frames_received`` (the
+  heartbeat checker's sign of life), and hands the rest to pika.
 
 Plus ``Connection._terminate_stream(error)`` to drop a socket that does not answer
 ``connection.close``, and the transport's socket for tests that stop reading it.
@@ -42,10 +43,12 @@ class PikaConnection(AsyncioConnection):  # type: ignore[misc]
 
     Under load RabbitMQ sends thousands of confirm frames per second; pika decodes each through
     its generic frame, method and callback-manager machinery (and copies its whole input buffer
-    once per frame). Measured: about 0.5 µs of CPU less per published message (~10 % of the
-    publisher) with the fast path. Everything else, including a confirm after any other frame
-    in the same read, goes through pika as usual.
+    once per frame: about 15 µs a frame in reads of thousands). Measured: about 0.5 µs of CPU
+    less per published message (~10 % of the publisher) with the fast path. Everything else,
+    including a confirm after any other frame in the same read, goes through pika as usual.
     """
+
+    _frame_buffer: bytes  # pika's: bytes read and not yet consumed as frames
 
     def __init__(
         self,
@@ -92,9 +95,15 @@ class PikaConnection(AsyncioConnection):  # type: ignore[misc]
 
     def _on_data_available(self, data_in: bytes) -> None:
         on_confirm = self._on_confirm
-        if on_confirm is None or self._frame_buffer:
+        if on_confirm is None:
             super()._on_data_available(data_in)
             return
+        if self._frame_buffer:
+            # A frame began in the previous read (a read can end anywhere, and under load a
+            # third of the confirms came after such a split): the stream goes on from there.
+            # pika's buffer holds only bytes it has not consumed (nor counted) yet.
+            data_in = self._frame_buffer + data_in
+            self._frame_buffer = b""
         pos = 0
         end = len(data_in)
         channel = self._fast_channel

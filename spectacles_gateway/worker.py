@@ -65,9 +65,9 @@ FLUSH_INTERVAL = 0.005
 #: a few at a time (many shards at a few events per second each, or one shard at a few
 #: thousand) then cost one wake-up per REST for all of them, not one or more per event: at
 #: 512 shards x 2 events/s about 40 % less CPU per event, at one shard x 8,000 events/s about
-#: half (benchmarks/bench_peers.py), for at most REST more latency. Busy means that the loop's
-#: thread used more than BUSY_SHARE of the time since the previous flush: a busy worker never
-#: rests (its reads are big already), and a flush that carried no event never does.
+#: a third less (benchmarks/bench_peers.py), for at most REST more latency. Busy means that
+#: the loop's thread used more than BUSY_SHARE of the time since the previous flush: a busy
+#: worker never rests (its reads are big already), nor does a flush that carried no event.
 REST = 0.01
 BUSY_SHARE = 0.5
 

@@ -282,19 +282,15 @@ class FrameBuilder:
 
     def _body_frames(self, parts: list[bytes | memoryview], head: bytes, body: bytes) -> None:
         """Body frames of ``head + body`` at most ``frame_max`` each, without copying ``body``
-        (the one join of the caller copies it once)."""
+        (the one join of the caller copies it once); none for an empty body, as pika."""
+        if not head and not body:
+            return
         step = self.body_max
         channel = self.channel
         view = memoryview(body)
-        total = len(head) + len(body)
-        start = 0  # in head + body
-        while start < total:
-            size = min(step, total - start)
-            parts.append(_frame_head.pack(FRAME_BODY, channel, size))
-            if start < len(head):
-                parts.append(head[start:])
-                parts.append(view[: size - (len(head) - start)])
-            else:
-                parts.append(view[start - len(head) : start - len(head) + size])
-            parts.append(FRAME_END)
-            start += size
+        first = min(step - len(head), len(body))  # the head goes in the first frame
+        parts += (_frame_head.pack(FRAME_BODY, channel, len(head) + first), head, view[:first])
+        parts.append(FRAME_END)
+        for start in range(first, len(body), step):
+            chunk = view[start : start + step]
+            parts += (_frame_head.pack(FRAME_BODY, channel, len(chunk)), chunk, FRAME_END)
